@@ -1,0 +1,37 @@
+"""``echolvfm train MODEL``: one readable training script per model, under :mod:`echolvfm_core.training`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+#: model name -> module in echolvfm_core.training exposing ``add_arguments(parser)`` and ``train(args) -> int``.
+TRAINERS = {
+    "vae": "vae",
+    "segmenter": "segmenter",
+    "ef-regressor": "ef_regressor",
+    "generator": "generator",
+    "jepa": "jepa",
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one of the bundled models on a prepared data set")
+    models = p.add_subparsers(dest="model", metavar="MODEL", required=True)
+    for name, module in TRAINERS.items():
+        mp = models.add_parser(name, help=f"train the {name}")
+        mp.add_argument("--data", required=True, help="folder written by `echolvfm prepare`")
+        mp.add_argument("--preset", default="demo", help="size / schedule preset (demo, tiny, ...)")
+        mp.add_argument("--out", required=True, help="output folder (checkpoints, final model, metrics)")
+        mp.add_argument("--seed", type=int, default=0)
+        mp.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+        mp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+        mp.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")
+        mp.set_defaults(func=_runner(module))
+
+
+def _runner(module: str):
+    def run(args: argparse.Namespace) -> int:
+        mod = importlib.import_module(f"echolvfm_core.training.{module}")
+        return int(mod.train(args) or 0)
+
+    return run
