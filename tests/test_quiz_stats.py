@@ -23,7 +23,7 @@ from echolvfm_core.quiz_stats import (
 
 
 def _records(reader, rr, rs, sr, ss, start=0):
-    """Records for one reader with the given confusion counts, on cases named c<start>...; truth order rr, rs, sr, ss."""
+    """Records of one reader with the given confusion counts, cases c<start>... in the order rr, rs, sr, ss."""
     cells = [("real", "real")] * rr + [("real", "synthetic")] * rs + [("synthetic", "real")] * sr
     cells += [("synthetic", "synthetic")] * ss
     return [
