@@ -1,0 +1,95 @@
+"""Pure parts of the app: frame composition, H.264 writing, figures, observed-frame choice, launch flags."""
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+
+from app import video as vid
+from app.engine import StudioEngine
+from app.figures import EFReadout, area_figure, ef_figure
+
+
+def test_side_by_side_with_contours_and_caption():
+    grey = np.zeros((3, 16, 16), np.float32)
+    mask = np.zeros((3, 8, 8), bool)
+    mask[:, 2:6, 2:6] = True
+    rgb = vid.to_rgb(vid.resize_frames(grey, 32))
+    assert rgb.shape == (3, 32, 32, 3) and rgb.dtype == np.uint8
+    drawn = vid.draw_contours(rgb, mask)
+    assert drawn.sum() > 0 and rgb.sum() == 0  # a copy, outlined only where the mask's border is
+    assert drawn[:, 16, 16].sum() == 0  # the inside of the square stays untouched
+    both = vid.side_by_side(drawn, vid.caption(rgb.copy(), "Original"), gap=4)
+    assert both.shape == (3, 32, 68, 3)
+    with pytest.raises(ValueError, match="same shape"):
+        vid.side_by_side(drawn, drawn[:2])
+
+
+def test_loop_to_length_repeats_cyclically():
+    frames = np.arange(3)[:, None, None] * np.ones((3, 2, 2))
+    assert vid.loop_to_length(frames, 7)[:, 0, 0].tolist() == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_write_h264_is_browser_playable(tmp_path):
+    rgb = np.zeros((5, 32, 48, 3), np.uint8)
+    rgb[:, :, :, 0] = np.arange(5)[:, None, None] * 40
+    path = vid.write_h264(rgb, tmp_path / "x.mp4", fps=25.0)
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        assert s.codec_context.name == "h264" and s.codec_context.pix_fmt == "yuv420p"
+        assert (s.codec_context.width, s.codec_context.height) == (48, 32)
+        assert len([f for f in c.decode(video=0)]) == 5
+    with pytest.raises(ValueError, match="even"):
+        vid.write_h264(np.zeros((2, 31, 48, 3), np.uint8), tmp_path / "odd.mp4", fps=25.0)
+
+
+def test_ef_figure_shows_interval_and_requested_line():
+    samples = np.random.default_rng(0).normal(40, 3, 200)
+    fig = ef_figure([EFReadout("Original", 55.0, None, None, None, None),
+                     EFReadout("Counterfactual", 38.0, samples, 40.0, 35.0, 45.0)], requested_ef=40)
+    kinds = [t.type for t in fig.data]
+    assert kinds.count("violin") == 1 and kinds.count("scatter") == 3
+    interval = [t for t in fig.data if t.type == "scatter" and t.error_x.array is not None][0]
+    assert interval.error_x.array[0] == pytest.approx(5.0) and interval.error_x.arrayminus[0] == pytest.approx(5.0)
+    assert any("requested 40" in a.text for a in fig.layout.annotations)
+
+
+def test_area_figure_time_axis_in_seconds():
+    fig = area_figure({"Original": np.array([10.0, 8.0, 6.0, 8.0])}, fps=2.0, markers={"Original": (0, 2)})
+    line = fig.data[0]
+    assert list(line.x) == [0.0, 0.5, 1.0, 1.5]
+    assert [t.text[0] for t in fig.data[1:]] == ["ED", "ES"]
+    with pytest.raises(ValueError):
+        area_figure({}, fps=0)
+
+
+@pytest.mark.parametrize("mode,expected", [
+    ("ed", (3,)), ("first_k", (0, 1, 2)), ("every_other", (0, 2, 4, 6, 8)), ("all", tuple(range(10))),
+])
+def test_observed_frames(mode, expected):
+    assert StudioEngine.observed_frames(mode, n_frames=12, length=10, k=3, ed_index=3) == expected
+
+
+def test_observed_frames_rejects_bad_requests():
+    with pytest.raises(ValueError, match="k must be"):
+        StudioEngine.observed_frames("first_k", 12, 10, k=11)
+    with pytest.raises(ValueError, match="Unknown"):
+        StudioEngine.observed_frames("random", 12, 10)
+
+
+def test_engine_reports_missing_models(tmp_path):
+    engine = StudioEngine(tmp_path, device="cpu")
+    assert engine.status() == {"vae": False, "generator": False, "segmenter": False, "ef_regressor": False}
+    with pytest.raises(Exception, match=r"generator is not bundled in .*generator yet"):
+        engine.model("generator")
+
+
+def test_launch_flags(tmp_path):
+    import launch
+
+    cfg = launch.parse_args(["--port", "7999", "--auth", "ann:se:cret", "--data", str(tmp_path), "--max-upload", "1GB"])
+    assert (cfg.host, cfg.port, cfg.auth, cfg.data, cfg.max_upload) == ("127.0.0.1", 7999, ("ann", "se:cret"),
+                                                                      tmp_path, "1gb")
+    for bad in (["--auth", "nopass"], ["--max-upload", "lots"], ["--data", str(tmp_path / "nope")]):
+        with pytest.raises(SystemExit):
+            launch.parse_args(bad)
