@@ -1,0 +1,24 @@
+"""Echo readers and writers.
+
+``load_echo(path)`` reads a DICOM, NIfTI (plain or CAMUS) or video file into an :class:`~echolvfm_core.echo.Echo`;
+``read_camus`` and ``read_echonet`` iterate over data-set folders; ``write_mp4``, ``write_gif`` and ``write_dicom``
+write loops. Heavy libraries (pydicom, nibabel, imageio, PyAV) are imported only when a function needs them.
+"""
+from .camus import CamusPatient, CamusView, read_camus
+from .echonet import EchoNetRecord, read_echonet
+from .load import detect_kind, load_echo, sample_echo_path
+from .writers import write_dicom, write_gif, write_mp4
+
+__all__ = [
+    "load_echo",
+    "detect_kind",
+    "sample_echo_path",
+    "read_camus",
+    "CamusPatient",
+    "CamusView",
+    "read_echonet",
+    "EchoNetRecord",
+    "write_mp4",
+    "write_gif",
+    "write_dicom",
+]
