@@ -1,0 +1,68 @@
+"""Metrics shared by training scripts, ``echolvfm evaluate`` and the app.
+
+Probabilistic regression (EF posteriors):
+
+* :func:`crps_samples` - continuous ranked probability score of a sample-based predictive distribution;
+* :func:`interval_coverage` - how often the truth lies in a central interval.
+
+Segmentation: :func:`dice`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["crps_samples", "interval_coverage", "dice"]
+
+
+def crps_samples(samples: np.ndarray, truth: float | np.ndarray) -> float | np.ndarray:
+    """Sample-based CRPS, ``E|X - y| - 0.5 E|X - X'|`` (Gneiting and Raftery, JASA 2007, eq. 21).
+
+    The second term uses all ordered pairs of the N samples (the "energy form" with the 1 / N^2 normaliser, i.e.
+    the CRPS of the empirical distribution of the samples), computed in O(N log N) from the sorted samples:
+    ``E|X - X'| = 2 / N^2 * sum_i (2 i - N - 1) x_(i)`` for i = 1..N.
+
+    Args:
+        samples: (N,) or (B, N) draws of the predictive distribution (same unit as ``truth``, e.g. EF in %).
+        truth: scalar or (B,) observed values.
+
+    Returns:
+        The CRPS (same unit as the inputs; lower is better): a float for (N,) samples, a (B,) array otherwise.
+    """
+    x = np.asarray(samples, dtype=np.float64)
+    single = x.ndim == 1
+    if single:
+        x = x[None]
+    if x.ndim != 2 or x.shape[1] < 1:
+        raise ValueError(f"samples must be (N,) or (B, N) with N >= 1; got shape {np.shape(samples)}.")
+    y = np.asarray(truth, dtype=np.float64).reshape(-1, 1)
+    if y.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"truth must be a scalar or ({x.shape[0]},); got shape {np.shape(truth)}.")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ValueError("samples and truth must be finite.")
+    n = x.shape[1]
+    term1 = np.abs(x - y).mean(axis=1)
+    xs = np.sort(x, axis=1)
+    weights = 2.0 * np.arange(1, n + 1) - n - 1
+    term2 = (xs * weights).sum(axis=1) / n**2  # = 0.5 * E|X - X'|
+    out = term1 - term2
+    return float(out[0]) if single else out
+
+
+def interval_coverage(lower: np.ndarray, upper: np.ndarray, truth: np.ndarray) -> float:
+    """Fraction of cases with ``lower <= truth <= upper``; all arrays (B,)."""
+    lo, hi, y = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (lower, upper, truth))
+    if not (len(lo) == len(hi) == len(y)) or len(y) == 0:
+        raise ValueError(f"lower, upper and truth must be non-empty and of one length; got {len(lo)}, {len(hi)}, {len(y)}.")
+    return float(np.mean((lo <= y) & (y <= hi)))
+
+
+def dice(pred: np.ndarray, target: np.ndarray, label: int) -> float:
+    """Dice overlap ``2 |P & T| / (|P| + |T|)`` of class ``label`` between two integer label maps of one shape.
+
+    Returns 1.0 when the class is absent from both maps.
+    """
+    p, t = np.asarray(pred) == label, np.asarray(target) == label
+    if p.shape != t.shape:
+        raise ValueError(f"pred and target must have one shape; got {p.shape} and {t.shape}.")
+    denom = int(p.sum()) + int(t.sum())
+    return 1.0 if denom == 0 else 2.0 * float((p & t).sum()) / denom

@@ -1,0 +1,91 @@
+"""A small (2+1)D convolutional video encoder: an echo clip -> one feature vector.
+
+Each residual block factorises a 3 x 3 x 3 convolution into a spatial 1 x 3 x 3 and a temporal 3 x 1 x 1
+convolution (Tran et al., "A Closer Look at Spatiotemporal Convolutions for Action Recognition", CVPR 2018), which
+keeps the clip encoder cheap enough for CPU training. It is a plain ``nn.Module``; the EF denoiser owns it and saves
+its configuration.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["VideoEncoder", "R2Plus1DBlock"]
+
+
+def _groups(channels: int) -> int:
+    for g in (8, 4, 2):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+class R2Plus1DBlock(nn.Module):
+    """Residual (2+1)D block: (B, C_in, T, H, W) -> (B, C_out, T / st, H / ss, W / ss)."""
+
+    def __init__(self, in_channels: int, out_channels: int, spatial_stride: int = 1, temporal_stride: int = 1):
+        super().__init__()
+        s, t = spatial_stride, temporal_stride
+        self.spatial1 = nn.Conv3d(in_channels, out_channels, (1, 3, 3), stride=(1, s, s), padding=(0, 1, 1), bias=False)
+        self.temporal1 = nn.Conv3d(out_channels, out_channels, (3, 1, 1), stride=(t, 1, 1), padding=(1, 0, 0), bias=False)
+        self.norm1 = nn.GroupNorm(_groups(out_channels), out_channels)
+        self.spatial2 = nn.Conv3d(out_channels, out_channels, (1, 3, 3), padding=(0, 1, 1), bias=False)
+        self.temporal2 = nn.Conv3d(out_channels, out_channels, (3, 1, 1), padding=(1, 0, 0), bias=False)
+        self.norm2 = nn.GroupNorm(_groups(out_channels), out_channels)
+        self.act = nn.SiLU()
+        if in_channels != out_channels or s != 1 or t != 1:
+            self.shortcut = nn.Sequential(
+                nn.Conv3d(in_channels, out_channels, 1, stride=(t, s, s), bias=False),
+                nn.GroupNorm(_groups(out_channels), out_channels),
+            )
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.norm1(self.temporal1(self.spatial1(x))))
+        h = self.norm2(self.temporal2(self.spatial2(h)))
+        return self.act(h + self.shortcut(x))
+
+
+class VideoEncoder(nn.Module):
+    """Clip encoder.
+
+    ``forward(video)``: video float (B, 1, T, H, W), grey levels in [0, 1] -> features float (B, feature_dim).
+
+    Args:
+        channels: output channels of the stem and of each stage; every stage after the first halves H and W,
+            stages listed in ``temporal_strides`` (by index) also halve T.
+        feature_dim: size of the output vector.
+        temporal_strides: per stage, 1 or 2.
+    """
+
+    def __init__(
+        self,
+        channels: tuple[int, ...] = (16, 32, 64, 128),
+        feature_dim: int = 128,
+        temporal_strides: tuple[int, ...] = (1, 1, 2, 2),
+    ):
+        super().__init__()
+        if len(temporal_strides) != len(channels):
+            raise ValueError(
+                f"temporal_strides needs one entry per stage ({len(channels)}); got {len(temporal_strides)}."
+            )
+        c0 = channels[0]
+        self.stem = nn.Sequential(
+            nn.Conv3d(1, c0, (1, 5, 5), stride=(1, 2, 2), padding=(0, 2, 2), bias=False),
+            nn.GroupNorm(_groups(c0), c0),
+            nn.SiLU(),
+        )
+        stages = []
+        prev = c0
+        for i, (c, t) in enumerate(zip(channels, temporal_strides)):
+            stages.append(R2Plus1DBlock(prev, c, spatial_stride=1 if i == 0 else 2, temporal_stride=t))
+            prev = c
+        self.stages = nn.Sequential(*stages)
+        self.proj = nn.Sequential(nn.LayerNorm(prev), nn.Linear(prev, feature_dim))
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        if video.ndim != 5 or video.shape[1] != 1:
+            raise ValueError(f"VideoEncoder expects video (B, 1, T, H, W); got {tuple(video.shape)}.")
+        h = self.stages(self.stem(2.0 * video - 1.0))
+        return self.proj(h.mean(dim=(2, 3, 4)))
