@@ -16,6 +16,8 @@ import plotly.graph_objects as go
 __all__ = ["EFReadout", "ef_figure", "area_figure"]
 
 _COLOURS = {"Original": "#4c78a8", "Counterfactual": "#e45756"}
+# A light look without plotly's template (which would add ~10 kB of JSON to every readout sent to the browser).
+_PLAIN = dict(template="none", plot_bgcolor="white", paper_bgcolor="white", font=dict(size=12))
 
 
 @dataclass(frozen=True)
@@ -67,11 +69,11 @@ def ef_figure(readouts: list[EFReadout], requested_ef: float | None = None) -> g
         fig.add_vline(x=requested_ef, line_dash="dash", line_color=_COLOURS["Counterfactual"],
                       annotation_text=f"requested {requested_ef:.0f} %", annotation_position="top")
     if not fig.data:
-        fig.add_annotation(text="No EF instrument is available.", showarrow=False, x=50, y=0.5)
+        return _empty("No EF instrument is available.")
     fig.update_layout(
-        xaxis=dict(title="Ejection fraction (%)", range=[0, 100]), yaxis=dict(title=None),
-        height=260, margin=dict(l=10, r=10, t=30, b=10), legend=dict(orientation="h", y=-0.35),
-        template="plotly_white",
+        xaxis=dict(title="Ejection fraction (%)", range=[0, 100], gridcolor="#e5e5e5", automargin=True),
+        yaxis=dict(title=None, automargin=True), height=340, margin=dict(l=10, r=10, t=30, b=10),
+        legend=dict(orientation="v", y=-0.3, yanchor="top", x=0), **_PLAIN,
     )
     return fig
 
@@ -103,11 +105,19 @@ def area_figure(curves: dict[str, np.ndarray], fps: float, unit: str = "px",
                     name=f"{label} {phase}",
                 ))
     if not fig.data:
-        fig.add_annotation(text="The LV segmenter is not available.", showarrow=False, x=0.5, y=0.5,
-                           xref="paper", yref="paper")
+        return _empty("The LV segmenter is not available.")
     fig.update_layout(
-        xaxis=dict(title="Time (s)"), yaxis=dict(title=f"LV area ({unit})"),
-        height=260, margin=dict(l=10, r=10, t=10, b=10), legend=dict(orientation="h", y=-0.3),
-        template="plotly_white",
+        xaxis=dict(title="Time (s)", gridcolor="#e5e5e5", automargin=True),
+        yaxis=dict(title=f"LV area ({unit})", gridcolor="#e5e5e5", automargin=True),
+        height=340, margin=dict(l=10, r=10, t=10, b=10), legend=dict(orientation="h", y=-0.25, yanchor="top"),
+        **_PLAIN,
     )
+    return fig
+
+
+def _empty(message: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.update_layout(xaxis=dict(visible=False), yaxis=dict(visible=False), height=120,
+                      margin=dict(l=10, r=10, t=10, b=10), **_PLAIN)
     return fig

@@ -63,13 +63,12 @@ def draw_contours(rgb: np.ndarray, masks: np.ndarray, colour: tuple[int, int, in
 
 
 def caption(rgb: np.ndarray, text: str, colour: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
-    """Write ``text`` in the top-left corner of every frame of (T, H, W, 3) uint8 ``rgb`` (in place; returned)."""
+    """Write ``text`` in the bottom-left corner of every frame of (T, H, W, 3) uint8 ``rgb`` (in place; returned)."""
     scale = max(rgb.shape[2] / 560.0, 0.35)
+    org = (6, rgb.shape[1] - 8)
     for frame in rgb:
-        cv2.putText(frame, text, (6, int(18 * scale / 0.5)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3,
-                    cv2.LINE_AA)
-        cv2.putText(frame, text, (6, int(18 * scale / 0.5)), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1,
-                    cv2.LINE_AA)
+        cv2.putText(frame, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(frame, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
     return rgb
 
 

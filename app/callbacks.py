@@ -1,0 +1,218 @@
+"""Plain callback functions of the Studio's Explore tab (the layout lives in :mod:`app.ui`).
+
+Each callback takes the per-session :class:`Session` (held in a ``gr.State``) and component values, calls the
+:class:`~app.engine.StudioEngine`, and returns component values. User errors (bad uploads, missing models,
+out-of-range values) become ``gr.Error`` with a one-sentence message and leave the session as it was, so the next
+request still works. Files are written into the session's own folder under the app's temporary folder, named with
+random tokens, and deleted when the session ends.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from echolvfm_core.echo import EchoLoadError
+
+from .engine import EF_RANGE, CounterfactualResult, LoadedCase, Measurement, ModelUnavailable, StudioEngine
+from .figures import EFReadout, area_figure, ef_figure
+
+__all__ = ["Session", "StudioCallbacks", "list_cases", "user_errors"]
+
+log = logging.getLogger(__name__)
+
+#: Most entries listed from a --data folder.
+MAX_CASES = 1000
+
+
+@dataclass
+class Session:
+    """Per-browser-session state: its folder, the loaded case (with its cached latents), the last result."""
+
+    folder: Path
+    case: LoadedCase | None = None
+    result: CounterfactualResult | None = None
+
+
+def user_errors(fn):
+    """Turn the errors a user can cause into ``gr.Error`` messages; log anything else and say so briefly."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (EchoLoadError, ModelUnavailable, ValueError) as exc:
+            raise gr.Error(str(exc), print_exception=False) from exc
+        except Exception as exc:  # noqa: BLE001 - the session must survive anything a request triggers
+            log.exception("request failed")
+            raise gr.Error(f"The request failed ({type(exc).__name__}); see the server log.",
+                           print_exception=False) from exc
+
+    return wrapped
+
+
+def list_cases(data_dir: Path | None) -> list[str]:
+    """Entries (files and folders, not hidden) of a --data folder, relative names, sorted; at most MAX_CASES."""
+    if data_dir is None:
+        return []
+    entries = sorted(p.name for p in Path(data_dir).iterdir() if not p.name.startswith((".", "_"))
+                     and (p.is_dir() or p.suffix.lower() not in {".md", ".csv", ".txt", ".json"}))
+    return entries[:MAX_CASES]
+
+
+def _readouts(case: LoadedCase | None, result: CounterfactualResult | None) -> list[EFReadout]:
+    out = []
+    for label, meas in (("Original", case.measurement if case else None),
+                        ("Counterfactual", result.measurement if result else None)):
+        if meas is None:
+            continue
+        post = meas.posterior
+        out.append(EFReadout(
+            label=label, segmentation_ef=meas.ef,
+            samples=None if post is None else post.samples,
+            mean=None if post is None else float(post.mean),
+            p05=None if post is None else float(post.p05),
+            p95=None if post is None else float(post.p95),
+        ))
+    return out
+
+
+def _fmt(ef: float | None) -> str:
+    return "n/a" if ef is None else f"{ef:.0f} %"
+
+
+def _ef_line(label: str, meas: Measurement | None) -> str:
+    if meas is None:
+        return f"**{label}**: not measured yet"
+    post = meas.posterior
+    posterior = "n/a" if post is None else f"{post.mean:.0f} % (90 % interval {post.p05:.0f}-{post.p95:.0f} %)"
+    return f"**{label}**: segmentation {_fmt(meas.ef)} · posterior {posterior}"
+
+
+class StudioCallbacks:
+    """The Explore tab's callbacks, bound to one engine, one work folder and an optional --data folder."""
+
+    def __init__(self, engine: StudioEngine, work_root: Path, data_dir: Path | None = None):
+        self.engine = engine
+        self.work_root = Path(work_root)
+        self.data_dir = None if data_dir is None else Path(data_dir)
+
+    # ------------------------------------------------------------------------------------------- sessions
+    def _session(self, state: Session | None, request: gr.Request | None) -> Session:
+        if state is not None:
+            return state
+        key = getattr(request, "session_hash", None) or secrets.token_hex(8)
+        return Session(folder=self.work_root / "sessions" / f"{key}-{secrets.token_hex(4)}")
+
+    @staticmethod
+    def drop_session(state: Session | None) -> None:
+        """Delete a session's files (``gr.State`` delete callback and unload)."""
+        if state is not None:
+            shutil.rmtree(state.folder, ignore_errors=True)
+
+    def unload(self, request: gr.Request) -> None:
+        """Delete the files of a closed browser session."""
+        key = getattr(request, "session_hash", None)
+        if key:
+            for folder in (self.work_root / "sessions").glob(f"{key}-*"):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    # -------------------------------------------------------------------------------------------- loading
+    def _loaded(self, session: Session, case: LoadedCase):
+        session.case, session.result = case, None
+        info = case.summary()
+        notes = "".join(f"\n\n> {n}" for n in case.measurement.notes)
+        text = (
+            f"**{case.name}** · {info['frames']} frames at {info['fps']:.1f} fps ({info['duration_s']:.1f} s) · "
+            f"sector {100 * info['sector_fraction']:.0f} % of the image · "
+            f"{info['model_size']} × {info['model_size']} model input\n\n"
+            + _ef_line("Measured EF of the original", case.measurement) + notes
+        )
+        ef_fig = ef_figure(_readouts(case, None))
+        area = case.measurement.lv_area
+        area_fig = area_figure({} if area is None else {"Original": area}, case.fps,
+                               markers={"Original": (case.measurement.ed_index, case.measurement.es_index)})
+        length = gr.update(value=case.n_frames, maximum=max(64, case.n_frames))
+        k = gr.update(maximum=case.n_frames)
+        missing = [self.engine.missing_message(n) for n in ("vae", "generator") if not self.engine.available(n)]
+        gen_note = (" ".join(missing) + " Counterfactuals are off until then.") if missing else ""
+        return session, str(case.video), text, info, ef_fig, area_fig, length, k, None, gen_note, None
+
+    @user_errors
+    def load_sample(self, state: Session | None, request: gr.Request):
+        session = self._session(state, request)
+        return self._loaded(session, self.engine.load(None, session.folder))
+
+    @user_errors
+    def load_upload(self, file: str | None, state: Session | None, request: gr.Request):
+        if not file:
+            raise gr.Error("Choose a file to upload first.", print_exception=False)
+        session = self._session(state, request)
+        return self._loaded(session, self.engine.load(file, session.folder, name=Path(file).name))
+
+    @user_errors
+    def load_case(self, choice: str | None, state: Session | None, request: gr.Request):
+        if self.data_dir is None:
+            raise gr.Error("The app was started without --data, so there are no cases to pick from.",
+                           print_exception=False)
+        if not choice or choice not in list_cases(self.data_dir):
+            raise gr.Error("Pick a case from the list.", print_exception=False)
+        session = self._session(state, request)
+        return self._loaded(session, self.engine.load(self.data_dir / choice, session.folder, name=choice))
+
+    # ----------------------------------------------------------------------------------- counterfactuals
+    @user_errors
+    def generate(self, state: Session | None, ef: float, mode: str, k: float, length: float, seed: float,
+                 reject: bool, reject_k: float, contours: bool):
+        """Slider release: the counterfactual video, a latency line and the raw numbers."""
+        if state is None or state.case is None:
+            raise gr.Error("Load an echo first.", print_exception=False)
+        if ef is None:
+            raise gr.Error(f"Type an EF between {EF_RANGE[0]:.0f} and {EF_RANGE[1]:.0f} %.", print_exception=False)
+        result = self.engine.counterfactual(
+            state.case, float(ef), state.folder, observed_mode=mode, k=int(k), length=int(length),
+            seed=int(seed or 0), reject_k=int(reject_k) if reject else 1, contours=bool(contours),
+        )
+        state.result = result
+        line = (f"Requested EF **{result.requested_ef:.0f} %** · generated in **{result.latency_ms:.0f} ms** · "
+                f"seed {result.seed} · {len(result.observed)} observed frame(s)"
+                + (f" · best of {result.candidates}" if result.candidates > 1 else ""))
+        return state, str(result.video), line, result.summary()
+
+    @user_errors
+    def measure(self, state: Session | None):
+        """After the video is shown: EF of the counterfactual by both instruments, the figures, a readout line."""
+        if state is None or state.case is None or state.result is None:
+            raise gr.Error("Generate a counterfactual first.", print_exception=False)
+        case, result = state.case, state.result
+        meas = self.engine.measure_result(result)
+        curves, markers = {}, {}
+        for label, m in (("Original", case.measurement), ("Counterfactual", meas)):
+            if m.lv_area is not None:
+                curves[label], markers[label] = m.lv_area, (m.ed_index, m.es_index)
+        text = "\n\n".join([
+            f"**Requested EF**: {result.requested_ef:.0f} %",
+            _ef_line("Counterfactual", meas),
+            _ef_line("Original", case.measurement),
+        ] + [f"> {n}" for n in meas.notes])
+        return (state, ef_figure(_readouts(case, result), result.requested_ef),
+                area_figure(curves, case.fps, markers=markers), text, {**case.summary(), **result.summary()})
+
+    @staticmethod
+    def new_seed() -> int:
+        """A fresh random seed for "Another sample"."""
+        return secrets.randbelow(2**31)
+
+    @user_errors
+    def export(self, state: Session | None):
+        """MP4, GIF and DICOM (marked synthetic) of the last counterfactual."""
+        if state is None or state.case is None or state.result is None:
+            raise gr.Error("Generate a counterfactual first.", print_exception=False)
+        return [str(p) for p in self.engine.export(state.case, state.result, state.folder / "export")]

@@ -1,0 +1,473 @@
+"""The model side of EchoLVFM Studio, free of Gradio: load an echo, make EF counterfactuals, measure them.
+
+:class:`StudioEngine` owns the bundled models (loaded once, lazily, on first use, under a lock) and turns user
+requests into plain dataclasses (:class:`LoadedCase`, :class:`CounterfactualResult`) plus files written into a
+folder the caller chooses (the session's folder in the app). Every feature that needs a model that is not bundled
+raises :class:`ModelUnavailable` with a one-sentence message instead of crashing; loading and preprocessing work
+without any model.
+
+Data flow (one slider move): cached latents of the case (B=1, C, T, h, w) -> one-step generator at the requested
+EF -> VAE decoder -> (optional rejection sampling / LV contours by the segmenter) -> side-by-side H.264 MP4.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from echolvfm_core.echo import Echo, EchoLoadError
+
+from . import video as vid
+
+__all__ = [
+    "StudioEngine",
+    "LoadedCase",
+    "CounterfactualResult",
+    "Measurement",
+    "ModelUnavailable",
+    "OBSERVED_MODES",
+    "MODEL_DESCRIPTIONS",
+    "EF_RANGE",
+]
+
+log = logging.getLogger(__name__)
+
+#: How the observed (kept) frames of the original are chosen; see :meth:`StudioEngine.observed_frames`.
+OBSERVED_MODES = {
+    "ed": "End-diastole only",
+    "first_k": "First k frames",
+    "every_other": "Every other frame (temporal upsampling)",
+    "all": "All frames",
+}
+
+#: Sub-folders of the models folder and what they hold, as named in messages.
+MODEL_DESCRIPTIONS = {
+    "vae": "video autoencoder",
+    "generator": "generator",
+    "segmenter": "LV segmenter",
+    "ef_regressor": "EF posterior model",
+}
+
+#: Requestable EF range in %.
+EF_RANGE = (10.0, 90.0)
+
+#: Side of each panel of the side-by-side video, in pixels (a multiple of 16 keeps H.264 happy).
+PANEL_SIZE = 256
+
+
+class ModelUnavailable(RuntimeError):
+    """A feature needs a model that is not in the models folder; the message says which and where."""
+
+
+@dataclass
+class Measurement:
+    """EF of one loop by the two instruments; fields are ``None`` when the instrument is not bundled.
+
+    Attributes:
+        ef: EF by LV segmentation (area-length), in %.
+        lv_area: (T,) LV cavity area per frame in pixels at model resolution.
+        lv_masks: (T, S, S) bool LV cavity masks (for contours).
+        ed_index / es_index: frames of the largest / smallest LV area.
+        posterior: the EF posterior of the diffusion-regression estimator (``samples``, ``mean``, ``sd``, ``p05``,
+            ``p95``, EF in %).
+        notes: why an instrument gave nothing.
+    """
+
+    ef: float | None = None
+    lv_area: np.ndarray | None = None
+    lv_masks: np.ndarray | None = None
+    ed_index: int | None = None
+    es_index: int | None = None
+    posterior: Any | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """JSON-ready numbers (EF in %)."""
+        post = self.posterior
+        return {
+            "segmentation_ef": None if self.ef is None else round(float(self.ef), 2),
+            "posterior_mean": None if post is None else round(float(post.mean), 2),
+            "posterior_p05": None if post is None else round(float(post.p05), 2),
+            "posterior_p95": None if post is None else round(float(post.p95), 2),
+            "ed_index": self.ed_index,
+            "es_index": self.es_index,
+        }
+
+
+@dataclass
+class LoadedCase:
+    """A loaded, preprocessed echo and everything computed from it once.
+
+    Attributes:
+        name: what the user picked (file name, "Built-in sample", a --data case).
+        echo: the preprocessed loop at model resolution, frames float32 (T, S, S) in [0, 1].
+        display: the preprocessed loop at display resolution, float32 (T, D, D) in [0, 1].
+        sector: (S, S) bool mask of the ultrasound sector.
+        fps: frame rate in frames per second.
+        video: H.264 MP4 of the display loop with the sector outlined.
+        measurement: EF of the original by the instruments that are bundled.
+        latents: encoded latents (1, C, T, h, w), cached after the first counterfactual (per session).
+    """
+
+    name: str
+    echo: Echo
+    display: np.ndarray
+    sector: np.ndarray
+    fps: float
+    video: Path
+    measurement: Measurement
+    latents: torch.Tensor | None = None
+
+    @property
+    def n_frames(self) -> int:
+        return self.echo.n_frames
+
+    def summary(self) -> dict:
+        """JSON-ready description of the case."""
+        return {
+            "name": self.name,
+            "frames": self.n_frames,
+            "fps": round(float(self.fps), 2),
+            "duration_s": round(self.n_frames / self.fps, 2),
+            "model_size": int(self.echo.height),
+            "sector_fraction": round(float(self.sector.mean()), 3),
+            "source_format": self.echo.source_format,
+            **{f"original_{k}": v for k, v in self.measurement.summary().items()},
+        }
+
+
+@dataclass
+class CounterfactualResult:
+    """One generated loop and how it was made.
+
+    Attributes:
+        requested_ef: EF asked for, in %.
+        frames: the generated loop, float32 (L, S, S) in [0, 1].
+        fps: frame rate (that of the original).
+        video: side-by-side H.264 MP4, original | counterfactual, L frames at ``fps``.
+        seed: the seed that produced it (reuse it to reproduce the loop).
+        observed: frame indices of the original that the generator kept.
+        candidates: number of candidates drawn (rejection sampling when > 1).
+        latency_ms: wall time of generation, decoding, selection and video writing.
+        measurement: the counterfactual's EF by the instruments (filled by :meth:`StudioEngine.measure`).
+    """
+
+    requested_ef: float
+    frames: np.ndarray
+    fps: float
+    video: Path
+    seed: int
+    observed: tuple[int, ...]
+    candidates: int
+    latency_ms: float
+    measurement: Measurement | None = None
+
+    def summary(self) -> dict:
+        out = {
+            "requested_ef": round(float(self.requested_ef), 2),
+            "frames": int(self.frames.shape[0]),
+            "seed": int(self.seed),
+            "observed_frames": list(self.observed),
+            "candidates": int(self.candidates),
+            "latency_ms": round(float(self.latency_ms), 1),
+        }
+        if self.measurement is not None:
+            out.update({f"counterfactual_{k}": v for k, v in self.measurement.summary().items()})
+        return out
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None`` / "auto" -> CUDA when present, else CPU; otherwise the named device (validated)."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Device {device!r} was requested but CUDA is not available here; use --device cpu.")
+    return dev
+
+
+class StudioEngine:
+    """Loads the bundled models lazily and serves the Studio's requests; safe to share between threads.
+
+    Args:
+        models_dir: folder with ``vae/``, ``generator/``, ``segmenter/`` and ``ef_regressor/`` sub-folders
+            (each a ``save_pretrained`` folder); missing sub-folders disable the features that need them.
+        device: "cpu", "cuda", "cuda:1" or "auto" (CUDA when present).
+    """
+
+    def __init__(self, models_dir: str | Path = "assets", device: str | None = "auto"):
+        self.models_dir = Path(models_dir)
+        self.device = resolve_device(device)
+        self._models: dict[str, Any] = {}
+        self._load_lock = threading.Lock()
+        # One model run at a time inside this process (the app also queues model events with concurrency 1).
+        self._run_lock = threading.RLock()
+
+    # ----------------------------------------------------------------------------------------------- models
+    def model_dir(self, name: str) -> Path:
+        if name not in MODEL_DESCRIPTIONS:
+            raise KeyError(f"unknown model {name!r}; expected one of {sorted(MODEL_DESCRIPTIONS)}.")
+        return self.models_dir / name
+
+    def available(self, name: str) -> bool:
+        """Whether ``models_dir/name`` holds a saved model (a ``config.json``)."""
+        return (self.model_dir(name) / "config.json").is_file()
+
+    def missing_message(self, name: str) -> str:
+        return f"The {MODEL_DESCRIPTIONS[name]} is not bundled in {self.model_dir(name)} yet."
+
+    def status(self) -> dict[str, bool]:
+        """Model name -> bundled or not (does not load anything)."""
+        return {name: self.available(name) for name in MODEL_DESCRIPTIONS}
+
+    def model(self, name: str) -> Any:
+        """The loaded model ``name`` (loaded on first use, once, in eval mode on :attr:`device`).
+
+        Raises:
+            ModelUnavailable: the model is not bundled.
+        """
+        if name in self._models:
+            return self._models[name]
+        if not self.available(name):
+            raise ModelUnavailable(self.missing_message(name))
+        with self._load_lock:
+            if name not in self._models:
+                log.info("loading %s from %s", name, self.model_dir(name))
+                self._models[name] = self._load_model(name)
+        return self._models[name]
+
+    def _load_model(self, name: str) -> Any:
+        path = str(self.model_dir(name))
+        if name == "vae":
+            from echolvfm_core.models.vae import EchoCodec
+
+            model = EchoCodec.from_pretrained(path)
+        elif name == "generator":
+            from echolvfm_core.pipelines.counterfactual import CounterfactualPipeline
+
+            return CounterfactualPipeline.from_pretrained(path, device=self.device)
+        elif name == "segmenter":
+            from echolvfm_core.estimators.segmentation import SegmentationEF
+
+            return SegmentationEF.from_pretrained(path, device=self.device)
+        else:
+            from echolvfm_core.estimators.ef_posterior import EFPosteriorEstimator
+
+            return EFPosteriorEstimator.from_pretrained(path, device=self.device)
+        return model.to(self.device).eval()
+
+    def model_card(self, name: str) -> str | None:
+        """The text of ``MODEL_CARD.md`` of a bundled model, or ``None``."""
+        card = self.model_dir(name) / "MODEL_CARD.md"
+        return card.read_text(encoding="utf-8") if card.is_file() else None
+
+    def metrics(self, name: str) -> dict | None:
+        """``metrics.json`` of a bundled model (as written by its training script), or ``None``."""
+        path = self.model_dir(name) / "metrics.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            log.warning("ignoring unreadable %s", path)
+            return None
+
+    # ----------------------------------------------------------------------------------------------- loading
+    def load(self, source: str | Path | None, out_dir: str | Path, name: str | None = None) -> LoadedCase:
+        """Read and preprocess an echo, write its display loop, measure its EF with the bundled instruments.
+
+        Args:
+            source: a file or folder accepted by :func:`echolvfm_core.io.load_echo`, or ``None`` for the built-in
+                sample (pydicom's apical four-chamber cine).
+            out_dir: folder for the display video.
+            name: label shown to the user (default: the file name).
+
+        Raises:
+            EchoLoadError: the input is not a readable echo loop (the message says why).
+        """
+        from echolvfm_core.io import load_echo, sample_echo_path
+        from echolvfm_core.preprocess import preprocess
+
+        if source is None:
+            source, name = sample_echo_path(), name or "Built-in sample (apical 4CH cine)"
+        path = Path(source)
+        echo = load_echo(path).require_loop("The Studio")
+        pre = preprocess(echo)
+        fps = float(pre.echo.fps or echo.fps or 0.0)
+        if fps <= 0:
+            raise EchoLoadError(f"{path.name} has no frame rate, so it cannot be shown as a loop.")
+        display = pre.display.frames
+        sector = np.asarray(pre.mask, dtype=bool)
+        rgb = vid.to_rgb(display)
+        rgb = vid.draw_contours(rgb, np.repeat(sector[None], len(rgb), axis=0), colour=(90, 170, 255))
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        video = vid.write_h264(rgb, out / f"{secrets.token_hex(8)}.mp4", fps)
+        case = LoadedCase(name=name or path.name, echo=pre.echo, display=display, sector=sector, fps=fps,
+                          video=video, measurement=Measurement())
+        case.measurement = self.measure(case.echo.frames)
+        return case
+
+    # ------------------------------------------------------------------------------------------ measurement
+    def measure(self, frames: np.ndarray, masks_only: bool = False) -> Measurement:
+        """EF of a loop by segmentation and by the posterior, with whatever instruments are bundled.
+
+        Args:
+            frames: float32 (T, S, S) in [0, 1] at model resolution.
+            masks_only: run only the segmenter (for contours), not the posterior.
+        """
+        m = Measurement()
+        with self._run_lock:
+            try:
+                seg = self.model("segmenter").measure(frames)
+                m.ef, m.lv_area = float(seg.ef), np.asarray(seg.lv_area, dtype=float)
+                m.lv_masks = np.asarray(seg.labels) == 1
+                m.ed_index, m.es_index = int(seg.ed_index), int(seg.es_index)
+            except ModelUnavailable as exc:
+                m.notes.append(f"{exc} Measured EF by segmentation is unavailable.")
+            if not masks_only:
+                try:
+                    m.posterior = self.model("ef_regressor").posterior(frames)
+                except ModelUnavailable as exc:
+                    m.notes.append(f"{exc} The EF posterior is unavailable.")
+        return m
+
+    # -------------------------------------------------------------------------------------- counterfactuals
+    @staticmethod
+    def observed_frames(mode: str, n_frames: int, length: int, k: int = 1, ed_index: int = 0) -> tuple[int, ...]:
+        """Frame indices of the original that the generator keeps, all < min(n_frames, length).
+
+        ``ed``: the end-diastolic frame; ``first_k``: frames 0..k-1; ``every_other``: 0, 2, 4, ... (the generator
+        fills the frames in between: temporal upsampling); ``all``: every frame.
+        """
+        limit = min(n_frames, length)
+        if mode == "ed":
+            if not 0 <= ed_index < limit:
+                raise ValueError(f"The end-diastolic frame {ed_index} lies outside the first {limit} frames.")
+            return (int(ed_index),)
+        if mode == "first_k":
+            if not 1 <= k <= limit:
+                raise ValueError(f"k must be between 1 and {limit} for this loop; got {k}.")
+            return tuple(range(k))
+        if mode == "every_other":
+            return tuple(range(0, limit, 2))
+        if mode == "all":
+            return tuple(range(limit))
+        raise ValueError(f"Unknown observed-frames mode {mode!r}; choose one of {sorted(OBSERVED_MODES)}.")
+
+    def latents(self, case: LoadedCase) -> torch.Tensor:
+        """The case's latents (1, C, T, h, w), encoded once and cached on the case."""
+        if case.latents is None:
+            vae = self.model("vae")
+            with self._run_lock, torch.no_grad():
+                x = torch.from_numpy(case.echo.frames).to(self.device)[None]
+                case.latents = vae.encode(x)
+        return case.latents
+
+    def counterfactual(
+        self,
+        case: LoadedCase,
+        ef: float,
+        out_dir: str | Path,
+        observed_mode: str = "ed",
+        k: int = 1,
+        length: int | None = None,
+        seed: int | None = None,
+        reject_k: int = 1,
+        contours: bool = False,
+    ) -> CounterfactualResult:
+        """Generate the case's heart at EF ``ef`` (%) and write the side-by-side video.
+
+        Args:
+            ef: requested EF in %, within :data:`EF_RANGE`.
+            observed_mode: one of :data:`OBSERVED_MODES`; ``k`` is used by "first_k".
+            length: output length in frames (default: the original's).
+            seed: seed of the generator's noise (default: a fresh random one, reported in the result).
+            reject_k: draw this many candidates and keep the one whose segmentation EF is closest to ``ef``
+                (needs the segmenter when > 1).
+            contours: outline the LV cavity (by the segmenter) on both panels.
+
+        Raises:
+            ModelUnavailable: the generator or the autoencoder is not bundled (or the segmenter, for rejection
+                sampling or contours).
+            ValueError: an argument is out of range.
+        """
+        t0 = time.perf_counter()
+        if not EF_RANGE[0] <= float(ef) <= EF_RANGE[1]:
+            raise ValueError(f"EF must be between {EF_RANGE[0]:.0f} and {EF_RANGE[1]:.0f} %; got {ef}.")
+        if reject_k < 1:
+            raise ValueError(f"The number of candidates must be at least 1; got {reject_k}.")
+        length = case.n_frames if length is None else int(length)
+        ed = case.measurement.ed_index if case.measurement.ed_index is not None else 0
+        observed = self.observed_frames(observed_mode, case.n_frames, length, k, ed)
+        seed = secrets.randbelow(2**31) if seed is None else int(seed)
+        generator = self.model("generator")
+        if reject_k > 1 or contours:
+            self.model("segmenter")  # fail before spending time on generation
+        latents = self.latents(case)
+        with self._run_lock:
+            frames = generator.generate_frames(
+                latents, ef=float(ef), observed=list(observed), length=length, seed=seed, n=reject_k,
+                vae=self.model("vae"),
+            )  # (n, L, S, S) float32 in [0, 1]
+        cf_meas = None
+        if reject_k > 1:
+            meas = [self.measure(f, masks_only=True) for f in frames]
+            best = int(np.argmin([abs(m.ef - float(ef)) for m in meas]))
+            frames, cf_meas = frames[best], meas[best]
+        else:
+            frames = frames[0]
+            if contours:
+                cf_meas = self.measure(frames, masks_only=True)
+        video = self._side_by_side(case, frames, float(ef), cf_meas, contours, Path(out_dir))
+        latency = (time.perf_counter() - t0) * 1000.0
+        return CounterfactualResult(requested_ef=float(ef), frames=frames, fps=case.fps, video=video, seed=seed,
+                                    observed=observed, candidates=reject_k, latency_ms=latency,
+                                    measurement=cf_meas)
+
+    def measure_result(self, result: CounterfactualResult) -> Measurement:
+        """Complete the counterfactual's measurement (segmentation EF and posterior) and return it."""
+        full = self.measure(result.frames)
+        result.measurement = full
+        return full
+
+    # ----------------------------------------------------------------------------------------------- export
+    def export(self, case: LoadedCase, result: CounterfactualResult, out_dir: str | Path) -> list[Path]:
+        """Write the counterfactual loop alone as MP4, GIF and DICOM (marked synthetic); returns the three paths."""
+        from echolvfm_core.io import write_dicom, write_gif, write_mp4
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"counterfactual_ef{result.requested_ef:.0f}_seed{result.seed}_{secrets.token_hex(4)}"
+        echo = case.echo.replace(frames=result.frames, labels=None, labelled=(), synthetic=True,
+                                 source_format="synthetic")
+        return [
+            Path(write_mp4(echo, out / f"{stem}.mp4")),
+            Path(write_gif(echo, out / f"{stem}.gif")),
+            Path(write_dicom(echo, out / f"{stem}.dcm")),
+        ]
+
+    # ----------------------------------------------------------------------------------------------- video
+    def _side_by_side(self, case: LoadedCase, frames: np.ndarray, ef: float, cf_meas: Measurement | None,
+                      contours: bool, out_dir: Path) -> Path:
+        length = frames.shape[0]
+        left = vid.to_rgb(vid.resize_frames(vid.loop_to_length(case.echo.frames, length), PANEL_SIZE))
+        right = vid.to_rgb(vid.resize_frames(frames, PANEL_SIZE))
+        if contours:
+            orig = case.measurement.lv_masks
+            if orig is not None:
+                left = vid.draw_contours(left, vid.loop_to_length(orig, length))
+            if cf_meas is not None and cf_meas.lv_masks is not None:
+                right = vid.draw_contours(right, cf_meas.lv_masks)
+        vid.caption(left, "Original")
+        vid.caption(right, f"SYNTHETIC  EF {ef:.0f} %", colour=(255, 120, 120))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return vid.write_h264(vid.side_by_side(left, right), out_dir / f"{secrets.token_hex(8)}.mp4", case.fps)

@@ -1,0 +1,103 @@
+"""Start EchoLVFM Studio from a :class:`StudioConfig` (flags are parsed in ``launch.py`` only).
+
+Offline and safe by construction: Gradio analytics off (environment set before Gradio is imported), fonts served
+locally by the default theme, no SSR / share link / run history / MCP server, a maximum upload size, and a
+controlled temporary folder (``GRADIO_TEMP_DIR``) that holds every upload and generated file: per-session files are
+deleted when the session ends, cached files older than an hour are swept every ten minutes, and the whole folder
+is removed when the server stops.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["StudioConfig", "prepare_environment", "create_demo", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StudioConfig:
+    """Everything ``launch.py`` can set.
+
+    Attributes:
+        host: interface to bind (127.0.0.1 keeps the app local).
+        port: TCP port.
+        device: "auto" (CUDA when present), "cpu", "cuda", ...
+        models: folder with vae/, generator/, segmenter/, ef_regressor/.
+        auth: (user, password) required to open the app, or ``None``.
+        data: optional folder of cases (CAMUS patients or echo files) to pick from.
+        max_upload: largest accepted upload, e.g. "200mb".
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 7860
+    device: str = "auto"
+    models: Path = Path("assets")
+    auth: tuple[str, str] | None = None
+    data: Path | None = None
+    max_upload: str = "200mb"
+
+
+def prepare_environment() -> Path:
+    """Create the controlled temporary folder and set the environment Gradio reads at import time.
+
+    Call before ``import gradio``. Returns the folder, made by ``tempfile.mkdtemp`` (under ``TMPDIR`` when set)
+    and removed at interpreter exit.
+    """
+    root = Path(tempfile.mkdtemp(prefix="echolvfm-studio-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    os.environ["GRADIO_TEMP_DIR"] = str(root)
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    return root
+
+
+def create_demo(config: StudioConfig, extra_tabs: Sequence[Callable[[], None]] = ()):
+    """Build the app (models are not loaded until first use). Returns ``(demo, engine)``."""
+    from .engine import StudioEngine
+    from .ui import build_demo
+
+    if config.data is not None and not Path(config.data).is_dir():
+        raise FileNotFoundError(config.data)
+    work_root = Path(os.environ.get("GRADIO_TEMP_DIR") or tempfile.gettempdir()) / "studio"
+    engine = StudioEngine(config.models, config.device)
+    return build_demo(engine, work_root, config.data, extra_tabs=extra_tabs), engine
+
+
+def serve(config: StudioConfig, block: bool = True, extra_tabs: Sequence[Callable[[], None]] = ()):
+    """Launch the app on ``config.host:config.port``; with ``block=False`` return the running demo."""
+    if "GRADIO_TEMP_DIR" not in os.environ:
+        prepare_environment()
+    import gradio as gr
+
+    from .ui import CSS
+
+    demo, _ = create_demo(config, extra_tabs)
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(
+        server_name=config.host,
+        server_port=config.port,
+        auth=config.auth,
+        max_file_size=config.max_upload,
+        share=False,
+        ssr_mode=False,
+        mcp_server=False,
+        pwa=False,
+        enable_monitoring=False,
+        run_history=False,
+        footer_links=["api", "settings"],
+        show_error=True,
+        quiet=True,
+        prevent_thread_lock=not block,
+        theme=gr.themes.Default(),
+        css=CSS,
+    )
+    return demo

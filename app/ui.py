@@ -1,0 +1,183 @@
+"""Layout of EchoLVFM Studio: builds the ``gr.Blocks`` and wires events to :class:`app.callbacks.StudioCallbacks`.
+
+Nothing here runs a model or parses flags: :func:`build_demo` only lays out components and connects them. Every
+event that runs a model shares one queue (``concurrency_id="model"``, one at a time), so concurrent users wait in
+line instead of thrashing the CPU. Other tabs (the quiz, its results) are added by passing builder functions in
+``extra_tabs``; each is called inside ``gr.Tabs()`` after the Explore and About tabs.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import gradio as gr
+
+from .callbacks import StudioCallbacks, list_cases
+from .engine import EF_RANGE, MODEL_DESCRIPTIONS, OBSERVED_MODES, StudioEngine
+
+__all__ = ["build_demo", "about_markdown", "MODEL_QUEUE", "CSS"]
+
+#: concurrency_id shared by every event that runs a model.
+MODEL_QUEUE = "model"
+
+_HEADER = """# EchoLVFM Studio
+Load an apical four-chamber echo, then drag the EF slider: the same heart is generated at the ejection fraction you
+ask for, next to the original, and its EF is measured back. **Generated loops are synthetic: for teaching and
+research, not for diagnosis.**"""
+
+#: Extra CSS, passed to ``launch(css=...)`` (Gradio 6 takes theme and CSS at launch).
+CSS = """
+#cf-video video, #orig-video video { background: #000; }
+.readout p { margin: 0.2em 0; }
+"""
+
+
+def about_markdown(engine: StudioEngine) -> str:
+    """The About panel: what the model is, its training data, measured EF adherence (from the bundled model cards
+    and ``metrics.json`` files), and the synthetic-data warning."""
+    parts = [
+        "## About EchoLVFM Studio",
+        "**What the model is.** EchoLVFM is a latent video generative model: a video autoencoder compresses the "
+        "echo loop into a small latent video, and a one-step MeanFlow generator, conditioned on a target ejection "
+        "fraction and on the frames of the original that you choose to keep (end-diastole by default), produces "
+        "the latent of the same heart beating at that EF; the decoder turns it back into a loop. The EF of every "
+        "generated loop is measured back by two independent instruments: an LV segmenter with the area-length "
+        "method, and a diffusion-regression EF estimator that returns a posterior (mean and 90 % interval).",
+        "**Generated loops are synthetic.** They are not acquisitions of any patient, must not be used for "
+        "diagnosis or treatment decisions, and downloaded files are marked as synthetic (DICOM: a derived, "
+        "synthetic image with the reason in its description).",
+    ]
+    for name, what in MODEL_DESCRIPTIONS.items():
+        parts.append(f"### {what[0].upper() + what[1:]} (`{name}`)")
+        if not engine.available(name):
+            parts.append(f"Not trained yet: {engine.missing_message(name)}")
+            continue
+        card = engine.model_card(name)
+        metrics = engine.metrics(name)
+        if card:
+            body = card.strip()
+            if body.startswith("# "):
+                body = body.split("\n", 1)[1].strip() if "\n" in body else ""
+            parts.append(body.replace("\n# ", "\n#### ").replace("\n## ", "\n#### "))
+        else:
+            parts.append("Bundled, without a model card.")
+        if metrics:
+            rows = "\n".join(f"| {k} | {_fmt_metric(v)} |" for k, v in metrics.items() if not isinstance(v, dict | list))
+            if rows:
+                parts.append("| Metric (metrics.json) | Value |\n|---|---|\n" + rows)
+        else:
+            parts.append("No measured metrics (metrics.json) are bundled with this model yet.")
+    return "\n\n".join(parts)
+
+
+def _fmt_metric(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _status_markdown(engine: StudioEngine) -> str:
+    missing = [engine.missing_message(n) for n, ok in engine.status().items() if not ok]
+    if not missing:
+        return ""
+    return "> **Some models are missing**, so some features are off: " + " ".join(missing)
+
+
+def build_demo(engine: StudioEngine, work_root: Path, data_dir: Path | None = None,
+               extra_tabs: Sequence[Callable[[], None]] = ()) -> gr.Blocks:
+    """Lay out the Studio and connect its events.
+
+    Args:
+        engine: the shared model engine (models load lazily on first use).
+        work_root: folder for per-session files (inside the app's controlled temporary folder).
+        data_dir: optional folder of cases to pick from (--data).
+        extra_tabs: functions that add further ``gr.Tab`` s (quiz, results), called inside the tab set.
+    """
+    cb = StudioCallbacks(engine, work_root, data_dir)
+    cases = list_cases(data_dir)
+    lo, hi = EF_RANGE
+    with gr.Blocks(title="EchoLVFM Studio", analytics_enabled=False, delete_cache=(600, 3600)) as demo:
+        state = gr.State(None, delete_callback=StudioCallbacks.drop_session)
+        gr.Markdown(_HEADER)
+        status = _status_markdown(engine)
+        if status:
+            gr.Markdown(status, elem_id="model-status")
+        with gr.Tabs():
+            with gr.Tab("Explore", id="explore"):
+                with gr.Row():
+                    with gr.Column(scale=1, min_width=320):
+                        with gr.Accordion("Load an echo", open=True):
+                            sample_btn = gr.Button("Built-in sample", elem_id="sample-btn")
+                            upload = gr.File(label="Upload DICOM, NIfTI, AVI, MP4, GIF or WebM",
+                                             file_types=None, type="filepath", elem_id="upload")
+                            case_dd = gr.Dropdown(choices=cases, value=None, label=f"Case from {data_dir}",
+                                                  visible=bool(cases), elem_id="case-dd")
+                        orig_video = gr.Video(label="Loaded echo (preprocessed, sector outlined)",
+                                              autoplay=True, loop=True, interactive=False, elem_id="orig-video")
+                        case_md = gr.Markdown("Loading the built-in sample…", elem_classes="readout",
+                                              elem_id="case-md")
+                    with gr.Column(scale=2, min_width=480):
+                        with gr.Row():
+                            ef_slider = gr.Slider(lo, hi, value=40, step=1, label="Requested EF (%)",
+                                                  info="Release to generate", scale=4, elem_id="ef-slider")
+                            ef_box = gr.Number(value=40, minimum=lo, maximum=hi, precision=0,
+                                               label="EF (type + Enter)", scale=1, elem_id="ef-box")
+                        cf_video = gr.Video(label="Original | counterfactual (synthetic)", autoplay=True,
+                                            loop=True, interactive=False, elem_id="cf-video")
+                        latency_md = gr.Markdown("", elem_id="latency-md")
+                        with gr.Row():
+                            mode = gr.Radio([(v, k) for k, v in OBSERVED_MODES.items()], value="ed",
+                                            label="Observed frames", scale=3)
+                            k = gr.Slider(1, 64, value=4, step=1, label="k (first k frames)", scale=1)
+                            length = gr.Slider(4, 64, value=32, step=1, label="Output length (frames)", scale=1)
+                        with gr.Row():
+                            seed = gr.Number(value=0, precision=0, label="Seed", scale=1, elem_id="seed")
+                            another = gr.Button("Another sample", scale=1, elem_id="another-btn")
+                            contours = gr.Checkbox(value=False, label="LV contour", scale=1)
+                            reject = gr.Checkbox(value=False, label="Rejection sampling", scale=1)
+                            reject_k = gr.Slider(2, 16, value=4, step=1, label="Candidates k", scale=1)
+                        readout_md = gr.Markdown("", elem_classes="readout", elem_id="readout-md")
+                        with gr.Row():
+                            ef_plot = gr.Plot(label="EF: posterior (violin, mean, 90 % interval) and segmentation")
+                            area_plot = gr.Plot(label="LV area over time")
+                        with gr.Accordion("Download the counterfactual (marked synthetic)", open=False):
+                            export_btn = gr.Button("Prepare MP4, GIF and DICOM")
+                            downloads = gr.File(label="Downloads", file_count="multiple", interactive=False)
+                        with gr.Accordion("Raw numbers", open=False):
+                            raw = gr.JSON(label="Readouts", elem_id="raw-json")
+            with gr.Tab("About", id="about"):
+                gr.Markdown(about_markdown(engine))
+            for add_tab in extra_tabs:
+                add_tab()
+
+        model = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1)
+        load_out = [state, orig_video, case_md, raw, ef_plot, area_plot, length, k, cf_video, latency_md,
+                    downloads]
+        gen_in = [state, ef_slider, mode, k, length, seed, reject, reject_k, contours]
+        gen_out = [state, cf_video, latency_md, raw]
+        meas_out = [state, ef_plot, area_plot, readout_md, raw]
+
+        def then_generate(event):
+            """After a successful load, show the counterfactual at the slider's EF (when the generator is bundled)."""
+            if not engine.available("generator"):
+                return event
+            return (event.success(cb.generate, gen_in, gen_out, api_visibility="private", **model)
+                    .success(cb.measure, [state], meas_out, api_visibility="private", **model))
+
+        # Slider release (always the last position) and typed EF both generate, then measure.
+        ef_slider.change(None, [ef_slider], [ef_box], js="(v) => v", queue=False)
+        ef_slider.release(cb.generate, gen_in, gen_out, api_name="counterfactual", trigger_mode="always_last",
+                          **model).success(cb.measure, [state], meas_out, api_name="measure", **model)
+        ef_box.submit(None, [ef_box], [ef_slider], js="(v) => v", queue=False)
+        ef_box.submit(cb.generate, [state, ef_box, *gen_in[2:]], gen_out, api_visibility="private",
+                      trigger_mode="always_last", **model).success(
+            cb.measure, [state], meas_out, api_visibility="private", **model)
+        another.click(cb.new_seed, None, [seed], api_visibility="private", queue=False).then(
+            cb.generate, gen_in, gen_out, api_visibility="private", **model).success(
+            cb.measure, [state], meas_out, api_visibility="private", **model)
+        export_btn.click(cb.export, [state], [downloads], api_name="export", **model)
+        # Loading (registered after the public generate/measure endpoints so those keep their plain API names).
+        then_generate(demo.load(cb.load_sample, [state], load_out, api_name="load_sample", **model))
+        then_generate(sample_btn.click(cb.load_sample, [state], load_out, api_visibility="private", **model))
+        then_generate(upload.upload(cb.load_upload, [upload, state], load_out, api_name="load_upload", **model))
+        then_generate(case_dd.input(cb.load_case, [case_dd, state], load_out, api_name="load_case", **model))
+        demo.unload(cb.unload)
+    return demo

@@ -1,0 +1,57 @@
+"""Start EchoLVFM Studio: ``python launch.py`` serves http://127.0.0.1:7860 with the bundled models.
+
+Flags: --host, --port, --device, --models DIR, --auth USER:PASS, --data DIR, --max-upload SIZE.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+from app.server import StudioConfig, prepare_environment
+
+
+def parse_args(argv: list[str] | None = None) -> StudioConfig:
+    """Parse the command line into a :class:`StudioConfig` (exits with a usage message on bad flags)."""
+    p = argparse.ArgumentParser(prog="launch.py", description="EchoLVFM Studio: EF counterfactual echocardiograms.")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--models", type=Path, default=Path(__file__).resolve().parent / "assets",
+                   help="folder with vae/, generator/, segmenter/, ef_regressor/ (default: the bundled assets/)")
+    p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this user name and password")
+    p.add_argument("--data", type=Path, default=None, help="a CAMUS or echo folder to pick cases from")
+    p.add_argument("--max-upload", default="200mb", metavar="SIZE",
+                   help="largest accepted upload, e.g. 200mb or 1gb (default 200mb)")
+    args = p.parse_args(argv)
+    auth = None
+    if args.auth is not None:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            p.error("--auth must be USER:PASS with a non-empty user name and password.")
+        auth = (user, password)
+    if not re.fullmatch(r"\d+(\.\d+)?\s*(b|kb|mb|gb)", args.max_upload.strip().lower()):
+        p.error(f"--max-upload must look like 200mb or 1gb; got {args.max_upload!r}.")
+    if args.data is not None and not args.data.is_dir():
+        p.error(f"--data {args.data} is not a folder.")
+    if not 0 < args.port < 65536:
+        p.error(f"--port must be between 1 and 65535; got {args.port}.")
+    return StudioConfig(host=args.host, port=args.port, device=args.device, models=args.models, auth=auth,
+                        data=args.data, max_upload=args.max_upload.strip().lower())
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    prepare_environment()  # before Gradio is imported: temp folder, analytics off
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from app.server import serve
+
+    print(f"EchoLVFM Studio on http://{config.host}:{config.port} (models: {config.models})", flush=True)
+    serve(config, block=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
