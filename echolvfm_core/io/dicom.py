@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -125,29 +126,42 @@ def _check_modality(ds, frames: int, what: str) -> None:
         )
 
 
-def _grey_frames(ds, arr: np.ndarray, frames: int, what: str) -> np.ndarray:
-    """(T, H, W) float32 grey in [0, 1] from a decoded pixel array (pydicom already converted YBR to RGB)."""
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+def _grey_frames(ds, arr: np.ndarray, photometric: str, frames: int, what: str) -> np.ndarray:
+    """(T, H, W) float32 grey in [0, 1] from decoded pixel data in its ``photometric`` interpretation.
+
+    YBR_FULL(_422) gives its Y channel (the luma) directly; RGB and PALETTE COLOR give Rec. 601 luma of the RGB;
+    MONOCHROME1 is inverted. Colour data is first checked for looking like a colour photograph.
+    """
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     bits = int(ds.get("BitsStored", 8) or 8)
+    full = float(2**bits - 1)
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 
         rgb = apply_color_lut(arr, ds).reshape((frames,) + arr.shape[-2:] + (3,))
         # LUT entries are 8-bit, or 16-bit spanning the full 16-bit range.
         scale = 255.0 if int(rgb.max()) <= 255 else 65535.0
-    elif samples == 3:
-        rgb = arr.reshape((frames,) + arr.shape[-3:])
-        scale = float(2**bits - 1)
-    if photometric == "PALETTE COLOR" or samples == 3:
         check_not_photo([rgb[0], rgb[frames // 2]], scale, what)
         return luma(rgb, scale)
+    if samples == 3:
+        colour = arr.reshape((frames,) + arr.shape[-3:])
+        if photometric in ("YBR_FULL", "YBR_FULL_422"):
+            from pydicom.pixels import convert_color_space
+
+            check_not_photo(list(convert_color_space(colour[[0, frames // 2]], "YBR_FULL", "RGB")), full, what)
+            return np.clip(colour[..., 0].astype(np.float32) / np.float32(full), 0.0, 1.0)
+        if photometric != "RGB":
+            raise EchoLoadError(
+                f"{what} uses the {photometric} colour encoding; accepted are MONOCHROME1/2, RGB, YBR_FULL(_422) "
+                "and PALETTE COLOR."
+            )
+        check_not_photo([colour[0], colour[frames // 2]], full, what)
+        return luma(colour, full)
     if samples != 1:
         raise EchoLoadError(f"{what} has {samples} samples per pixel; only grey (1) or colour (3) images are accepted.")
     mono = arr.reshape((frames,) + arr.shape[-2:])
     if not np.issubdtype(mono.dtype, np.integer):
         raise EchoLoadError(f"{what} holds floating-point pixel data; only integer ultrasound pixel data is accepted.")
-    full = float(2**bits - 1)
     grey = mono.astype(np.float32)
     if int(ds.get("PixelRepresentation", 0) or 0) == 1:
         grey += np.float32(2 ** (bits - 1))
@@ -172,12 +186,16 @@ def read_dicom(path: str | Path, limits: LoadLimits | None = None) -> Echo:
     limits = limits or LoadLimits.from_env()
     try:
         # Values larger than 4 KiB (pixel data above all) are read only when accessed, after the limit checks.
-        ds = pydicom.dcmread(path, defer_size="4 KB")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path, defer_size="4 KB")
     except InvalidDicomError as exc:
         raise EchoLoadError(f"{what} is not a DICOM file ({exc}); give a DICOM, NIfTI or video file.") from exc
     except (OSError, EOFError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise EchoLoadError(f"{what} is a corrupt or truncated DICOM file and could not be read ({exc}).") from exc
 
+    if any("End of file reached" in str(w.message) for w in caught):
+        raise EchoLoadError(f"{what} is a truncated DICOM file (it ends before its data does); give the complete file.")
     if not any(k in ds for k in PIXEL_KEYWORDS):
         raise EchoLoadError(f"{what} is a DICOM file without pixel data; give a DICOM ultrasound image or cine loop.")
     try:
@@ -189,14 +207,20 @@ def read_dicom(path: str | Path, limits: LoadLimits | None = None) -> Echo:
     _check_modality(ds, frames, what)
     limits.check(frames, rows, cols, what)
 
+    from pydicom.pixels import get_decoder
+
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is None:
+        raise EchoLoadError(f"{what} has no transfer syntax in its file meta header, so its pixel data cannot be read.")
     try:
-        arr = ds.pixel_array
+        arr, meta = get_decoder(syntax).as_array(ds, as_rgb=False)
     except Exception as exc:  # decoders raise many types (ValueError, RuntimeError, plugin-specific errors)
         raise EchoLoadError(
             f"{what} has pixel data that could not be decoded ({type(exc).__name__}: {exc}); the file may be "
             "truncated or use an unsupported compression."
         ) from exc
-    grey = _grey_frames(ds, np.asarray(arr), frames, what)
+    photometric = str(meta.get("photometric_interpretation") or ds.get("PhotometricInterpretation", "")).upper()
+    grey = _grey_frames(ds, np.asarray(arr), photometric.strip(), frames, what)
     fps = dicom_fps(ds) if frames > 1 else None
     return Echo(
         frames=np.ascontiguousarray(grey, dtype=np.float32),
