@@ -9,10 +9,11 @@ Durability and concurrency choices:
   would already give that; ``FULL`` additionally ``fsync``\\s the WAL at every commit, so a committed answer also
   survives a power cut or kernel crash. Answers arrive at human pace (seconds apart), so one ``fsync`` per answer
   costs nothing noticeable.
-* **One connection per call**, closed at the end: no connection is ever shared between threads or processes, and
-  any number of server threads / worker processes can use the same file. ``timeout`` (SQLite's busy timeout) makes a
-  writer wait for another writer's lock instead of failing; ``BEGIN IMMEDIATE`` takes the write lock up front so that
-  read-then-write transactions cannot deadlock.
+* **One connection per thread** (per process), kept open and never shared: any number of server threads and worker
+  processes can use the same file. ``timeout`` (SQLite's busy timeout) makes a writer wait for another writer's
+  lock instead of failing; ``BEGIN IMMEDIATE`` takes the write lock up front so that read-then-write transactions
+  cannot deadlock. (Start worker processes with ``spawn``, or fork before any thread touches the database: a fork
+  taken while another thread is inside SQLite copies that thread's in-process lock state.)
 * **Idempotent answers.** ``answers`` has ``UNIQUE(study, reader, case_id)``; the first committed answer of a reader
   to a case is final. Submitting again (a double click, a retried request after a lost response) stores nothing and
   returns the stored answer with ``duplicate=True``; it is not an error, so retries are safe, and an answer cannot
@@ -24,7 +25,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -184,59 +187,62 @@ class QuizStore:
         self.path = Path(path)
         self.timeout = float(timeout)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-        try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise ValueError(
-                    f"Quiz database {self.path} could not be switched to WAL journaling (got {mode!r}); "
-                    "put it on a local file system."
-                )
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                raise ValueError(
-                    f"Quiz database {self.path} has schema version {version}; "
-                    f"this code reads version {SCHEMA_VERSION}."
-                )
-            conn.execute("BEGIN IMMEDIATE")
+        self._local = threading.local()
+        conn = self._connect()
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise ValueError(
+                f"Quiz database {self.path} could not be switched to WAL journaling (got {mode!r}); "
+                "put it on a local file system."
+            )
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise ValueError(
+                f"Quiz database {self.path} has schema version {version}; this code reads version {SCHEMA_VERSION}."
+            )
+        with self._write() as conn:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
 
     # -- connections --------------------------------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.row_factory = sqlite3.Row
+        """This thread's connection, opened on first use (and again in a forked child, which must not reuse its
+        parent's). Keeping it open avoids a WAL checkpoint at every call, which SQLite runs when the last
+        connection to a database closes."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None or self._local.pid != os.getpid():
+            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.row_factory = sqlite3.Row
+            self._local.conn, self._local.pid = conn, os.getpid()
         return conn
+
+    def close(self) -> None:
+        """Close the calling thread's connection (other threads' connections close when their threads end)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            conn.close()
+        self._local.conn = None
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction on a fresh connection: BEGIN IMMEDIATE, COMMIT on success, ROLLBACK on error."""
+        """A write transaction: BEGIN IMMEDIATE, COMMIT on success, ROLLBACK on error."""
         conn = self._connect()
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            yield conn
             conn.execute("COMMIT")
-        finally:
-            conn.close()
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     def _read(self, sql: str, params: Sequence = ()) -> list[sqlite3.Row]:
-        conn = self._connect()
-        try:
-            return conn.execute(sql, params).fetchall()
-        finally:
-            conn.close()
+        return self._connect().execute(sql, params).fetchall()
 
     # -- studies and cases --------------------------------------------------------------------------------------
 

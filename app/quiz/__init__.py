@@ -1,0 +1,44 @@
+"""Blinded real-vs-synthetic realism quiz, without UI code: the SQLite store, study setup and reader sessions.
+
+The UI layer creates a :class:`ReaderSession` per request from the database path, study ID and reader ID, shows
+:meth:`ReaderSession.next_case` (a :class:`CaseView`, which never holds the truth) and passes the reader's click to
+:meth:`ReaderSession.answer`. Statistics come from :func:`echolvfm_core.quiz_stats.summarize` over
+:meth:`QuizStore.answer_records`.
+"""
+from .store import AnswerRow, CaseRecord, QuizStore, ReaderRecord, StudyRecord, SubmitResult, results_to_csv
+from .study import (
+    MIN_REAL_POOL,
+    AnswerFeedback,
+    CaseView,
+    Progress,
+    ReaderSession,
+    Study,
+    SynthFn,
+    VideoSpec,
+    conform_case,
+    create_study,
+    load_study,
+    reader_order,
+)
+
+__all__ = [
+    "QuizStore",
+    "StudyRecord",
+    "CaseRecord",
+    "ReaderRecord",
+    "AnswerRow",
+    "SubmitResult",
+    "results_to_csv",
+    "MIN_REAL_POOL",
+    "VideoSpec",
+    "Study",
+    "SynthFn",
+    "CaseView",
+    "AnswerFeedback",
+    "Progress",
+    "ReaderSession",
+    "create_study",
+    "load_study",
+    "conform_case",
+    "reader_order",
+]
