@@ -84,6 +84,10 @@ def _readouts(case: LoadedCase | None, result: CounterfactualResult | None) -> l
     return out
 
 
+def _unit(meas: Measurement) -> str:
+    return "mm²" if meas.area_unit == "mm^2" else meas.area_unit
+
+
 def _fmt(ef: float | None) -> str:
     return "n/a" if ef is None else f"{ef:.0f} %"
 
@@ -137,7 +141,7 @@ class StudioCallbacks:
         )
         ef_fig = ef_figure(_readouts(case, None))
         area = case.measurement.lv_area
-        area_fig = area_figure({} if area is None else {"Original": area}, case.fps,
+        area_fig = area_figure({} if area is None else {"Original": area}, case.fps, _unit(case.measurement),
                                markers={"Original": (case.measurement.ed_index, case.measurement.es_index)})
         length = gr.update(value=case.n_frames, maximum=max(64, case.n_frames))
         k = gr.update(maximum=case.n_frames)
@@ -192,7 +196,7 @@ class StudioCallbacks:
         if state is None or state.case is None or state.result is None:
             raise gr.Error("Generate a counterfactual first.", print_exception=False)
         case, result = state.case, state.result
-        meas = self.engine.measure_result(result)
+        meas = self.engine.measure_result(case, result)
         curves, markers = {}, {}
         for label, m in (("Original", case.measurement), ("Counterfactual", meas)):
             if m.lv_area is not None:
@@ -202,8 +206,9 @@ class StudioCallbacks:
             _ef_line("Counterfactual", meas),
             _ef_line("Original", case.measurement),
         ] + [f"> {n}" for n in meas.notes])
-        return (state, ef_figure(_readouts(case, result), result.requested_ef),
-                area_figure(curves, case.fps, markers=markers), text, {**case.summary(), **result.summary()})
+        ef_fig = ef_figure(_readouts(case, result), result.requested_ef)
+        area_fig = area_figure(curves, case.fps, _unit(case.measurement), markers=markers)
+        return state, ef_fig, area_fig, text, {**case.summary(), **result.summary()}
 
     @staticmethod
     def new_seed() -> int:

@@ -73,7 +73,7 @@ class Measurement:
 
     Attributes:
         ef: EF by LV segmentation (area-length), in %.
-        lv_area: (T,) LV cavity area per frame in pixels at model resolution.
+        lv_area: (T,) LV cavity area per frame, in ``area_unit`` ("mm^2" with pixel spacing, else "px").
         lv_masks: (T, S, S) bool LV cavity masks (for contours).
         ed_index / es_index: frames of the largest / smallest LV area.
         posterior: the EF posterior of the diffusion-regression estimator (``samples``, ``mean``, ``sd``, ``p05``,
@@ -83,6 +83,7 @@ class Measurement:
 
     ef: float | None = None
     lv_area: np.ndarray | None = None
+    area_unit: str = "px"
     lv_masks: np.ndarray | None = None
     ed_index: int | None = None
     es_index: int | None = None
@@ -313,26 +314,32 @@ class StudioEngine:
         video = vid.write_h264(rgb, out / f"{secrets.token_hex(8)}.mp4", fps)
         case = LoadedCase(name=name or path.name, echo=pre.echo, display=display, sector=sector, fps=fps,
                           video=video, measurement=Measurement())
-        case.measurement = self.measure(case.echo.frames)
+        case.measurement = self.measure(case.echo.frames, case.echo.spacing_mm)
         return case
 
     # ------------------------------------------------------------------------------------------ measurement
-    def measure(self, frames: np.ndarray, masks_only: bool = False) -> Measurement:
+    def measure(self, frames: np.ndarray, spacing_mm: tuple[float, float] | None = None,
+                masks_only: bool = False) -> Measurement:
         """EF of a loop by segmentation and by the posterior, with whatever instruments are bundled.
 
         Args:
             frames: float32 (T, S, S) in [0, 1] at model resolution.
-            masks_only: run only the segmenter (for contours), not the posterior.
+            spacing_mm: (row, col) pixel size in mm on that grid (areas in mm² then), or ``None`` (pixels).
+            masks_only: run only the segmenter (for contours and rejection sampling), not the posterior.
         """
+        from echolvfm_core.estimators.segmentation import SegmentationError
+
         m = Measurement()
         with self._run_lock:
             try:
-                seg = self.model("segmenter").measure(frames)
-                m.ef, m.lv_area = float(seg.ef), np.asarray(seg.lv_area, dtype=float)
+                seg = self.model("segmenter").measure(frames, spacing_mm)
+                m.ef, m.lv_area, m.area_unit = float(seg.ef), np.asarray(seg.lv_area, dtype=float), seg.area_unit
                 m.lv_masks = np.asarray(seg.labels) == 1
                 m.ed_index, m.es_index = int(seg.ed_index), int(seg.es_index)
             except ModelUnavailable as exc:
                 m.notes.append(f"{exc} Measured EF by segmentation is unavailable.")
+            except SegmentationError as exc:
+                m.notes.append(f"The segmenter could not measure this loop: {exc}")
             if not masks_only:
                 try:
                     m.posterior = self.model("ef_regressor").posterior(frames)
@@ -420,22 +427,22 @@ class StudioEngine:
             )  # (n, L, S, S) float32 in [0, 1]
         cf_meas = None
         if reject_k > 1:
-            meas = [self.measure(f, masks_only=True) for f in frames]
+            meas = [self.measure(f, case.echo.spacing_mm, masks_only=True) for f in frames]
             best = int(np.argmin([abs(m.ef - float(ef)) for m in meas]))
             frames, cf_meas = frames[best], meas[best]
         else:
             frames = frames[0]
             if contours:
-                cf_meas = self.measure(frames, masks_only=True)
+                cf_meas = self.measure(frames, case.echo.spacing_mm, masks_only=True)
         video = self._side_by_side(case, frames, float(ef), cf_meas, contours, Path(out_dir))
         latency = (time.perf_counter() - t0) * 1000.0
         return CounterfactualResult(requested_ef=float(ef), frames=frames, fps=case.fps, video=video, seed=seed,
                                     observed=observed, candidates=reject_k, latency_ms=latency,
                                     measurement=cf_meas)
 
-    def measure_result(self, result: CounterfactualResult) -> Measurement:
+    def measure_result(self, case: LoadedCase, result: CounterfactualResult) -> Measurement:
         """Complete the counterfactual's measurement (segmentation EF and posterior) and return it."""
-        full = self.measure(result.frames)
+        full = self.measure(result.frames, case.echo.spacing_mm)
         result.measurement = full
         return full
 

@@ -1,0 +1,71 @@
+"""The Explore tab's callbacks in-process, without models: loading works, every model feature says what is missing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import pytest
+
+from app.callbacks import StudioCallbacks, list_cases
+from app.engine import StudioEngine
+from app.ui import about_markdown, build_demo
+
+
+@pytest.fixture()
+def callbacks(tmp_path):
+    return StudioCallbacks(StudioEngine(tmp_path / "models", device="cpu"), tmp_path / "work")
+
+
+def test_sample_loads_without_models_and_generation_says_what_is_missing(callbacks):
+    out = callbacks.load_sample(None, None)
+    session, video, text, info = out[:4]
+    assert Path(video).is_file() and Path(video).parent.parent == callbacks.work_root / "sessions"
+    assert info["frames"] >= 10 and info["fps"] > 0 and 0.1 < info["sector_fraction"] < 0.9
+    assert "segmenter is not bundled" in text and "posterior model is not bundled" in text
+    assert "generator is not bundled" in out[9]
+    with pytest.raises(gr.Error, match=r"(autoencoder|generator) is not bundled in .* yet"):
+        callbacks.generate(session, 40, "ed", 4, info["frames"], 0, False, 4, False)
+    with pytest.raises(gr.Error, match="Generate a counterfactual first"):
+        callbacks.measure(session)
+    callbacks.drop_session(session)
+    assert not session.folder.exists()
+
+
+def test_bad_upload_is_a_message_and_keeps_the_session(callbacks, tmp_path):
+    session = callbacks.load_sample(None, None)[0]
+    case = session.case
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an echo")
+    with pytest.raises(gr.Error) as err:
+        callbacks.load_upload(str(bad), session, None)
+    assert "notes.txt" in err.value.message and "Traceback" not in err.value.message
+    assert session.case is case  # the loaded case survives
+    with pytest.raises(gr.Error, match="between 10 and 90"):
+        callbacks.generate(session, None, "ed", 4, 30, 0, False, 4, False)
+
+
+def test_cases_from_a_data_folder(tmp_path, sample_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "README.md").write_text("x")
+    (data / ".hidden").write_text("x")
+    (data / "echo1").write_bytes(Path(sample_path).read_bytes())  # extensionless DICOM
+    assert list_cases(data) == ["echo1"]
+    cb = StudioCallbacks(StudioEngine(tmp_path / "models", device="cpu"), tmp_path / "work", data)
+    info = cb.load_case("echo1", None, None)[3]
+    assert info["name"] == "echo1" and info["source_format"] == "dicom"
+    with pytest.raises(gr.Error, match="Pick a case"):
+        cb.load_case("../etc/passwd", None, None)
+
+
+def test_about_and_layout_without_models(tmp_path):
+    engine = StudioEngine(tmp_path, device="cpu")
+    about = about_markdown(engine)
+    assert about.count("Not trained yet") == 4 and "must not be used for diagnosis" in about
+    demo = build_demo(engine, tmp_path / "work")
+    names = {d.get("api_name") for d in demo.config["dependencies"] if d.get("api_visibility") == "public"}
+    assert {"load_sample", "load_upload", "counterfactual", "measure", "export"} <= names
+    model_fns = [f for f in demo.fns.values() if f.api_name in ("load_sample", "counterfactual", "measure")]
+    assert len(model_fns) == 3 and all(f.concurrency_id == "model" and f.concurrency_limit == 1 for f in model_fns)
+    release = [d for d in demo.config["dependencies"] if d.get("api_name") == "counterfactual"][0]
+    assert release["trigger_mode"] == "always_last" and release["targets"][0][1] == "release"
