@@ -82,3 +82,17 @@ def test_report_errors(tmp_path, capsys):
     assert "pick one with --study" in capsys.readouterr().err
     assert main(["quiz", "report", str(db), "--study", "nope"]) == 2
     assert main(["quiz", "report", str(db), "--study", "second", "--json"]) == 0
+
+
+def test_results_figures(db):
+    from app.quiz.results import accuracy_figure, confusion_figure, study_report
+
+    r = study_report(QuizStore(db), "paper")
+    heat = confusion_figure(r["confusion"]).data[0]
+    assert [list(row) for row in heat.z] == [[59, 61], [40, 80]]
+    assert heat.text[0][0] == "59<br>(49 %)"
+    bars = accuracy_figure(r["per_confidence"], "By confidence", "confidence").data[0]
+    assert list(bars.x) == ["1", "2", "3", "4", "5"] and bars.y[2] == pytest.approx(100 * 139 / 240)
+    assert bars.y[0] is None  # no answers at confidence 1: a gap, not 0 %
+    by_ef = accuracy_figure(r["per_ef_bin"], "By EF", "EF (%)").data[0]
+    assert list(by_ef.x)[-1] == "unknown"  # the real cases carry no EF here

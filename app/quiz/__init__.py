@@ -3,7 +3,8 @@
 The UI layer creates a :class:`ReaderSession` per request from the database path, study ID and reader ID, shows
 :meth:`ReaderSession.next_case` (a :class:`CaseView`, which never holds the truth) and passes the reader's click to
 :meth:`ReaderSession.answer`. Statistics come from :func:`echolvfm_core.quiz_stats.summarize` over
-:meth:`QuizStore.answer_records`.
+:meth:`QuizStore.answer_records`; :mod:`app.quiz.results` turns them into the report dict, its text and plotly
+figures (imported on its own, as it loads plotly).
 """
 from .store import AnswerRow, CaseRecord, QuizStore, ReaderRecord, StudyRecord, SubmitResult, results_to_csv
 from .study import (
