@@ -27,7 +27,7 @@ __all__ = ["Sector", "CropGeometry", "Preprocessed", "find_sector", "preprocess"
 NO_SECTOR = "No ultrasound sector was found in the image; expected a B-mode echo with a fan-shaped sector."
 
 # Detection constants. Grey levels are in [0, 1]; lengths are fractions of the longer image side.
-_DETECT_SIDE = 256  # detection runs on frames shrunk to at most this many pixels a side
+_DETECT_SIDE = 256  # detection runs on per-pixel maps shrunk to at most this many pixels a side
 _SMOOTH = 0.02  # box filter size for the temporal-variation and intensity maps
 _MOTION_FLOOR = 0.002  # temporal std (after smoothing) that counts as moving tissue, at least
 _INTENSITY_STEP = 0.04  # a still's fan must be this much brighter than its background (5th percentile)
@@ -108,6 +108,8 @@ class Preprocessed:
     Attributes:
         echo: the echo on the model grid, frames float32 (T, size, size) in [0, 1], 0 outside the fan; labels,
             ``labelled``, clinical info and ``source_format`` carried over; ``spacing_mm`` scaled to grid pixels.
+            Labels are cropped and resized but not blanked outside the fan (CAMUS experts draw the myocardium past
+            the fan's edge); labels outside the crop window are cut.
         display: the same at ``display_size`` for the UI.
         sector: the fan in the input's pixel coordinates.
         mask: bool (size, size), the fan on the model grid.
@@ -131,7 +133,9 @@ def find_sector(frames: np.ndarray) -> Sector:
     while burned-in text, ECG traces, rulers and logos stay still. Stills, and loops without usable motion, are
     searched by intensity: the fan is the large bright region on a dark background, with thin overlays removed by a
     morphological opening. Either way the largest connected component is kept, holes are filled and the region is
-    replaced by its convex hull, which bridges dark cavities and signal dropout inside the fan.
+    replaced by its convex hull, which bridges dark cavities and signal dropout inside the fan. The hull must stand
+    out from its surroundings, cover at least 5 % of the image and narrow towards the top; its straight edges give
+    the apex, and the fan's thin tip (near-field clutter, nearly static) is grown back along them.
 
     Args:
         frames: float32 (T, H, W), grey levels in [0, 1]; (H, W) is accepted for one still.
@@ -152,7 +156,10 @@ def find_sector(frames: np.ndarray) -> Sector:
     h, w = frames.shape[1:]
     # Reduce over time at full resolution, then detect on maps of at most _DETECT_SIDE pixels a side (speed) and
     # draw the hull at full resolution.
-    maps = {"brightest": frames.max(axis=0)}
+    brightest = frames.max(axis=0)
+    if not (float(frames.min()) >= 0.0 and float(brightest.max()) <= 1.0 + 1e-3):
+        raise ValueError("find_sector expects grey levels in [0, 1]; scale the frames first (e.g. uint8 / 255).")
+    maps = {"brightest": brightest}
     if frames.shape[0] >= 2:
         maps["std"] = frames.std(axis=0)
     scale = min(1.0, _DETECT_SIDE / max(h, w))
@@ -178,7 +185,7 @@ def find_sector(frames: np.ndarray) -> Sector:
         edges = _edges(mask)
         apex = _apex(mask, edges)
         if edges is not None and apex[0] < np.argmax(mask.any(axis=1)) - 1:
-            tip = _extend_tip(polygon, mask, edges, apex[0], frames.max(axis=0), background + _TIP_STEP)
+            tip = _extend_tip(polygon, mask, edges, apex[0], brightest, background + _TIP_STEP)
             mask = _fill(tip, (h, w))
         ys, xs = np.nonzero(mask)
         bbox = (int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1)

@@ -129,6 +129,12 @@ def test_no_sector_raises(make):
         preprocess(Echo(frames=frames, fps=30.0))
 
 
+def test_grey_levels_must_be_in_unit_range():
+    frames, _, _ = scanner_loop(t=2)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        find_sector(frames * 255)
+
+
 def test_photograph_raises():
     skdata = pytest.importorskip("skimage.data")
     photo = skdata.astronaut().astype(np.float32) / 255.0 @ LUMA
