@@ -39,7 +39,7 @@ class EFDenoiserConfig:
     encoder_channels: tuple[int, ...] = (16, 32, 64, 128)
     temporal_strides: tuple[int, ...] = (1, 1, 2, 2)
     feature_dim: int = 128
-    hidden_dim: int = 256
+    hidden_dim: int = 128
     num_blocks: int = 3
     ef_mean: float = 55.0
     ef_std: float = 12.0
@@ -91,7 +91,7 @@ class EFDenoiser(ModelMixin, ConfigMixin):
         encoder_channels: tuple[int, ...] = (16, 32, 64, 128),
         temporal_strides: tuple[int, ...] = (1, 1, 2, 2),
         feature_dim: int = 128,
-        hidden_dim: int = 256,
+        hidden_dim: int = 128,
         num_blocks: int = 3,
         ef_mean: float = 55.0,
         ef_std: float = 12.0,
@@ -158,19 +158,27 @@ class EFDenoiser(ModelMixin, ConfigMixin):
         age: torch.Tensor | None = None,
         sex: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Predicted noise (B,) of the noisy z-scored EF ``sample`` (B,) at integer ``timestep`` (B,).
+        """Predicted noise (B,) of the noisy z-scored EF ``sample`` (B,) at integer ``timestep`` (B,) or (1,).
 
         Pass either ``features`` (with optional ``age`` / ``sex``) or a precomputed ``cond`` from
-        :meth:`condition` (what the sampler does, so the conditioning is computed once per clip).
+        :meth:`condition`. ``cond`` (and ``timestep``) may have batch 1 and are then shared by all B samples: the
+        sampler denoises many trajectories of one clip this way, computing the conditioning once per step.
         """
         if (features is None) == (cond is None):
             raise ValueError("EFDenoiser.forward needs exactly one of features or cond.")
         if cond is None:
             cond = self.condition(features, age, sex)
-        if sample.ndim != 1 or sample.shape[0] != cond.shape[0]:
-            raise ValueError(f"sample must be (B,) with B = {cond.shape[0]}; got {tuple(sample.shape)}.")
-        temb = self.time_embed(self.time_proj(timestep.reshape(-1).expand(sample.shape[0])).to(cond.dtype))
-        c = nn.functional.silu(temb + cond)
+        b = sample.shape[0]
+        if sample.ndim != 1 or cond.shape[0] not in (1, b):
+            raise ValueError(f"sample must be (B,) with B = cond's batch ({cond.shape[0]}) or any B for batch-1 cond; got {tuple(sample.shape)}.")
+        timestep = timestep.reshape(-1)
+        if timestep.shape[0] not in (1, b):
+            raise ValueError(f"timestep must be (B,) = ({b},) or (1,); got {tuple(timestep.shape)}.")
+        if timestep.shape[0] != cond.shape[0]:
+            timestep = timestep.expand(b)
+            cond = cond.expand(b, -1)
+        temb = self.time_embed(self.time_proj(timestep).to(cond.dtype))
+        c = nn.functional.silu(temb + cond)  # (1 or B, hidden_dim)
         h = self.input_proj(sample[:, None].to(cond.dtype))
         for block in self.blocks:
             h = block(h, c)

@@ -1,0 +1,329 @@
+"""EF by segmentation: frames -> per-frame labels -> LV area curve -> ED / ES frames -> area-length (and Simpson) EF.
+
+The network is :class:`~echolvfm_core.models.segmenter.LVSegmenter`; the geometry (volumes, ED / ES detection) is
+:mod:`echolvfm_core.ef`. The measurement can also be made from given labels (:func:`measure_labels`), e.g. from
+expert or phantom labels, which checks the EF path without a network.
+
+    seg = SegmentationEF.from_pretrained()            # assets/segmenter
+    m = seg.measure(pre.echo.frames, pre.echo.spacing_mm)
+    m.ef, m.ed_index, m.es_index, m.lv_area
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+
+from .. import ef as efm
+from ..echo import Echo, EchoLoadError
+from ..metrics import dice
+from ..models.segmenter import LVSegmenter
+
+__all__ = [
+    "EFMeasurement",
+    "SegmentationEF",
+    "SegmentationError",
+    "measure_labels",
+    "keep_largest_components",
+    "evaluate_segmentation",
+    "default_segmenter_dir",
+]
+
+log = logging.getLogger(__name__)
+
+
+class SegmentationError(ValueError):
+    """The labels do not allow an EF measurement (e.g. no LV cavity was found)."""
+
+
+def default_segmenter_dir() -> Path:
+    """The bundled segmenter: ``assets/segmenter`` at the repository root."""
+    return Path(__file__).resolve().parents[2] / "assets" / "segmenter"
+
+
+@dataclass(frozen=True)
+class EFMeasurement:
+    """EF of a loop measured on its LV labels.
+
+    Attributes:
+        labels: uint8 (T, H, W), 0 background, 1 LV cavity, 2 myocardium, 3 left atrium.
+        lv_area: (T,) LV cavity area per frame, mm^2 with spacing else pixels.
+        ed_index, es_index: end-diastolic and end-systolic frame of the first measured beat.
+        ef: area-length EF in % (mean over the measured beats).
+        ef_simpson: single-plane method-of-discs EF in % (same beats).
+        edv, esv: area-length volumes of the first beat, ml with spacing else cubic pixels.
+        beats: (ed, es) frame pairs that were measured.
+        beats_ef: area-length EF of every beat, in %.
+        area_unit, volume_unit: "mm^2" / "ml" with spacing, "px" / "px^3" without.
+        phases_found: False when no cardiac cycle was detected on the area curve and the largest and smallest
+            areas were used instead.
+    """
+
+    labels: np.ndarray
+    lv_area: np.ndarray
+    ed_index: int
+    es_index: int
+    ef: float
+    ef_simpson: float
+    edv: float
+    esv: float
+    beats: tuple[tuple[int, int], ...]
+    beats_ef: tuple[float, ...]
+    area_unit: str
+    volume_unit: str
+    phases_found: bool
+
+    def to_dict(self) -> dict:
+        """JSON-friendly summary (everything but the label maps)."""
+        return {
+            "ef": round(self.ef, 3),
+            "ef_simpson": round(self.ef_simpson, 3),
+            "ed_index": self.ed_index,
+            "es_index": self.es_index,
+            "edv": round(self.edv, 4),
+            "esv": round(self.esv, 4),
+            "volume_unit": self.volume_unit,
+            "lv_area": [round(float(a), 3) for a in self.lv_area],
+            "area_unit": self.area_unit,
+            "beats": [list(b) for b in self.beats],
+            "beats_ef": [round(e, 3) for e in self.beats_ef],
+            "phases_found": self.phases_found,
+        }
+
+
+def keep_largest_components(labels: np.ndarray) -> np.ndarray:
+    """Per frame and per class 1-3, keep only the largest 8-connected component (the rest becomes background).
+
+    Args:
+        labels: integer (T, H, W) or (H, W) label maps.
+
+    Returns:
+        uint8 array of the same shape.
+    """
+    a = np.asarray(labels)
+    single = a.ndim == 2
+    stack = (a[None] if single else a).astype(np.uint8, copy=True)
+    if stack.ndim != 3:
+        raise ValueError(f"labels must be (H, W) or (T, H, W); got shape {a.shape}.")
+    structure = np.ones((3, 3), dtype=bool)
+    for frame in stack:
+        for cls in (1, 2, 3):
+            comp, n = ndi.label(frame == cls, structure=structure)
+            if n > 1:
+                sizes = np.bincount(comp.ravel())
+                sizes[0] = 0
+                frame[(comp > 0) & (comp != int(np.argmax(sizes)))] = 0
+    return stack[0] if single else stack
+
+
+def _beats(area: np.ndarray, present: np.ndarray) -> tuple[list[tuple[int, int]], bool]:
+    """(ED, ES) pairs on the area curve of the frames with a cavity; fallback largest / smallest area."""
+    idx = np.flatnonzero(present)
+    curve = area[idx]
+    phases = efm.detect_ed_es(curve)
+    beats = []
+    for e in phases.ed:
+        later = [s for s in phases.es if s > e]
+        if later:
+            beats.append((int(idx[e]), int(idx[later[0]])))
+    if beats:
+        return beats, True
+    return [(int(idx[np.argmax(curve)]), int(idx[np.argmin(curve)]))], False
+
+
+def measure_labels(labels: np.ndarray, spacing_mm: tuple[float, float] | None = None) -> EFMeasurement:
+    """EF of a labelled loop: LV area curve -> ED / ES (:func:`echolvfm_core.ef.detect_ed_es`) -> volumes -> EF.
+
+    Each ED frame followed by an ES frame is one beat; ``ef`` is the mean over beats. Frames without an LV cavity
+    are left out of the curve (their area is reported as 0). A curve without a detectable cycle falls back to the
+    frames of largest and smallest area.
+
+    Args:
+        labels: integer (T, H, W) label maps, T >= 2, CAMUS labels, apical view in clinical orientation.
+        spacing_mm: (row, col) pixel size in mm, or None to measure in pixels (EF is the same for square pixels).
+
+    Raises:
+        EchoLoadError: fewer than 2 frames (a still cannot give an EF).
+        SegmentationError: fewer than 2 frames hold an LV cavity.
+    """
+    lab = np.asarray(labels)
+    if lab.ndim != 3:
+        raise ValueError(f"labels must be a (T, H, W) stack; got shape {lab.shape}.")
+    if lab.shape[0] < 2:
+        raise EchoLoadError("EF measurement needs a loop of at least 2 frames, but the input is a single still frame.")
+    lab = lab.astype(np.uint8, copy=False)
+    area = efm.lv_areas(lab, spacing_mm)
+    present = area > 0
+    if present.sum() < 2:
+        raise SegmentationError(
+            f"An LV cavity was found in {int(present.sum())} of {len(lab)} frames; EF needs at least 2 "
+            "(is this an apical four-chamber view?)."
+        )
+    beats, found = _beats(area, present)
+    frames = sorted({i for b in beats for i in b})
+    pos = {f: k for k, f in enumerate(frames)}
+    vols = {m: efm.lv_volumes(lab[frames], spacing_mm, method=m) for m in efm.METHODS}
+
+    def beat_ef(method: str, e: int, s: int) -> float:
+        v = vols[method]
+        return float(efm.ejection_fraction(v[pos[e]], v[pos[s]]))
+
+    al = tuple(beat_ef("area_length", e, s) for e, s in beats)
+    simpson = [beat_ef("simpson", e, s) for e, s in beats]
+    e0, s0 = beats[0]
+    with_spacing = spacing_mm is not None
+    return EFMeasurement(
+        labels=lab,
+        lv_area=area,
+        ed_index=e0,
+        es_index=s0,
+        ef=float(np.mean(al)),
+        ef_simpson=float(np.mean(simpson)),
+        edv=float(vols["area_length"][pos[e0]]),
+        esv=float(vols["area_length"][pos[s0]]),
+        beats=tuple(beats),
+        beats_ef=al,
+        area_unit="mm^2" if with_spacing else "px",
+        volume_unit="ml" if with_spacing else "px^3",
+        phases_found=found,
+    )
+
+
+class SegmentationEF:
+    """LV segmenter + EF measurement (inference only).
+
+    Args:
+        model: a trained :class:`LVSegmenter`.
+        device: torch device for the network (default: the model's).
+        cleanup: keep only the largest connected component of every class in every frame.
+        batch_size: frames per network call.
+    """
+
+    def __init__(self, model: LVSegmenter, device: str | torch.device | None = None, cleanup: bool = True,
+                 batch_size: int = 32):
+        self.model = model.eval()
+        if device is not None:
+            self.model.to(device)
+        self.cleanup = cleanup
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
+                        **kwargs) -> "SegmentationEF":
+        """Load a ``save_pretrained`` folder (default: the bundled ``assets/segmenter``)."""
+        path = Path(path) if path is not None else default_segmenter_dir()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(2, "No segmenter (config.json) in this folder", str(path))
+        return cls(LVSegmenter.from_pretrained(str(path)), device=device, **kwargs)
+
+    @property
+    def size(self) -> int:
+        return int(self.model.config.sample_size)
+
+    def _check_frames(self, frames: np.ndarray) -> np.ndarray:
+        f = np.asarray(frames)
+        if f.ndim != 3:
+            raise ValueError(f"frames must be a (T, H, W) stack; got shape {f.shape}.")
+        if f.shape[1:] != (self.size, self.size):
+            raise ValueError(
+                f"frames must be {self.size} x {self.size} (the segmenter's grid; run preprocess(echo, "
+                f"size={self.size}) first); got {f.shape[1]} x {f.shape[2]}."
+            )
+        if not np.issubdtype(f.dtype, np.floating):
+            raise ValueError(f"frames must be float grey levels in [0, 1]; got dtype {f.dtype}.")
+        if not np.all(np.isfinite(f)) or f.min() < 0 or f.max() > 1:
+            raise ValueError("frames must be finite grey levels in [0, 1].")
+        return f
+
+    @torch.no_grad()
+    def segment(self, frames: np.ndarray) -> np.ndarray:
+        """Labels of every frame: float (T, S, S) in [0, 1] -> uint8 (T, S, S) with values 0-3."""
+        f = self._check_frames(frames)
+        x = torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32))
+        labels = self.model.predict(x, batch_size=self.batch_size).numpy().astype(np.uint8)
+        return keep_largest_components(labels) if self.cleanup else labels
+
+    def measure(self, frames: np.ndarray, spacing_mm: tuple[float, float] | None = None) -> EFMeasurement:
+        """Segment a loop and measure its EF (see :func:`measure_labels`).
+
+        Args:
+            frames: float (T, S, S) grey levels in [0, 1] on the model grid (``preprocess(echo).echo.frames``), T >= 2.
+            spacing_mm: (row, col) pixel size in mm on that grid, or None (areas in pixels).
+        """
+        f = self._check_frames(frames)
+        if f.shape[0] < 2:
+            raise EchoLoadError("EF measurement needs a loop of at least 2 frames, but the input is a single still frame.")
+        return measure_labels(self.segment(f), spacing_mm)
+
+    #: Alias of :meth:`measure`.
+    measure_ef = measure
+
+    def measure_echo(self, echo: Echo) -> EFMeasurement:
+        """Measure a preprocessed :class:`Echo` (frames on the model grid; its ``spacing_mm`` is used)."""
+        echo.require_loop("EF measurement by segmentation")
+        return self.measure(echo.frames, echo.spacing_mm)
+
+
+def evaluate_segmentation(
+    segmenter: SegmentationEF,
+    images: np.ndarray,
+    labels: np.ndarray,
+    patients: Sequence[str],
+    phases: Sequence[str],
+) -> dict:
+    """Dice per class and segmentation EF error on expert-labelled ED / ES frames (e.g. ``RealFrames``).
+
+    ``ef_mae`` compares, per patient with both an ED and an ES frame, the area-length EF from the predicted labels
+    with the EF from the expert labels (pixel units; EF is unitless).
+
+    Args:
+        images: uint8 (N, S, S) or float (N, S, S) in [0, 1].
+        labels: integer (N, S, S) expert labels.
+        patients, phases: per frame, the patient id and "ED" / "ES".
+
+    Returns:
+        ``{dice_lv, dice_myo, dice_la, ef_mae, n, n_patients, ef_failures}``: Dice are means over the N frames; n
+        is N; ``ef_failures`` counts patients whose predicted labels gave no EF (left out of ``ef_mae``).
+    """
+    imgs = np.asarray(images)
+    gt = np.asarray(labels)
+    if imgs.ndim != 3 or gt.shape != imgs.shape or len(patients) != len(imgs) or len(phases) != len(imgs):
+        raise ValueError(
+            f"images (N, S, S), labels (N, S, S), patients (N) and phases (N) must agree; got {imgs.shape}, "
+            f"{gt.shape}, {len(patients)}, {len(phases)}."
+        )
+    if len(imgs) == 0:
+        raise ValueError("evaluate_segmentation needs at least one frame.")
+    x = imgs.astype(np.float32) / 255.0 if imgs.dtype == np.uint8 else imgs.astype(np.float32)
+    pred = segmenter.segment(x)
+    out = {
+        f"dice_{name}": float(np.mean([dice(p, t, cls) for p, t in zip(pred, gt)]))
+        for cls, name in ((1, "lv"), (2, "myo"), (3, "la"))
+    }
+    by_patient: dict[str, dict[str, int]] = {}
+    for i, (pid, ph) in enumerate(zip(patients, phases)):
+        by_patient.setdefault(str(pid), {})[str(ph).upper()] = i
+    errors, failures = [], 0
+    for pid, idx in by_patient.items():
+        if "ED" not in idx or "ES" not in idx:
+            continue
+        ref = efm.ef_from_pair(gt[idx["ED"]], gt[idx["ES"]]).ef
+        try:
+            est = efm.ef_from_pair(pred[idx["ED"]], pred[idx["ES"]]).ef
+        except ValueError as exc:
+            log.warning("patient %s: no EF from predicted labels (%s)", pid, exc)
+            failures += 1
+            continue
+        errors.append(abs(est - ref))
+    out.update(
+        ef_mae=float(np.mean(errors)) if errors else float("nan"),
+        n=int(len(imgs)),
+        n_patients=len(errors),
+        ef_failures=failures,
+    )
+    return out
