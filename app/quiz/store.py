@@ -200,11 +200,12 @@ class QuizStore:
             raise ValueError(
                 f"Quiz database {self.path} has schema version {version}; this code reads version {SCHEMA_VERSION}."
             )
-        with self._write() as conn:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if version == 0:  # a new file (CREATE ... IF NOT EXISTS makes a concurrent first open harmless)
+            with self._write() as conn:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     # -- connections --------------------------------------------------------------------------------------------
 
