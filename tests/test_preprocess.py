@@ -309,3 +309,14 @@ def test_resample_time_needs_fps():
         resample_time(Echo(frames=np.zeros((3, 4, 4), np.float32)), 30.0)
     with pytest.raises(ValueError, match="positive"):
         resample_time(_ramp_echo(), 0.0)
+
+
+def test_normalisation_brings_dark_sample_to_common_brightness(pydicom_sample):
+    from echolvfm_core.preprocess import NORMALISED_P98
+
+    raw = preprocess(pydicom_sample, normalize=False)
+    norm = preprocess(pydicom_sample)
+    assert np.percentile(raw.echo.frames[:, raw.mask], 98) < 0.5  # the sample is dark as delivered
+    assert np.percentile(norm.echo.frames[:, norm.mask], 98) == pytest.approx(NORMALISED_P98, abs=0.02)
+    assert np.all(norm.echo.frames[:, ~norm.mask] == 0)  # a gain keeps black black
+    assert np.percentile(norm.display.frames, 99.9) <= 1.0
