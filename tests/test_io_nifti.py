@@ -39,7 +39,7 @@ def make_patient(root, pid="patient0001", view="4CH", n=6, *, stored_reversed=Fa
     """A synthetic CAMUS patient folder; returns (folder, display images (n, H, W) in ED -> ES order)."""
     folder = root / pid
     folder.mkdir(parents=True, exist_ok=True)
-    imgs, labs = map(np.stack, zip(*(heart(t, n) for t in range(n))))
+    imgs, labs = map(np.stack, zip(*(heart(t, n) for t in range(n)), strict=True))
     stem = f"{pid}_{view}"
     if ed_es:
         for phase, i in (("ED", 0), ("ES", n - 1)):
@@ -227,4 +227,4 @@ def test_camus_clinical_orientation_all_patients(camus_root):
     assert n_patients == 449 and splits == {"train": 399, "valid": 50}
     assert above == n, f"LV above LA in only {above}/{n} frames"
     assert right / n > 0.75 and np.median(x_rel) > 0.5, f"LV on the right in {right}/{n} frames"
-    print(f"read_camus 449 patients (ED+ES, 4CH, with labels): {elapsed:.1f} s; LV right {right}/{n}, above LA {above}/{n}")
+    print(f"read_camus, 449 patients (4CH ED+ES + labels): {elapsed:.1f} s; LV right {right}/{n}, above LA {above}/{n}")

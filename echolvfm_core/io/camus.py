@@ -69,7 +69,7 @@ class CamusView:
 
 @dataclass
 class CamusPatient:
-    """A CAMUS patient: ``patient_id`` like "patient0001", ``split`` ("train", "valid", "test" or None), views by name."""
+    """A CAMUS patient: ``patient_id`` ("patient0001"), ``split`` ("train" / "valid" / "test" / None), views by name."""
 
     patient_id: str
     split: str | None

@@ -5,7 +5,6 @@ are. Size limits are checked from the header (Rows, Columns, NumberOfFrames) bef
 """
 from __future__ import annotations
 
-import logging
 import math
 import struct
 import warnings
@@ -17,8 +16,6 @@ from ..echo import Echo, EchoLoadError, LoadLimits
 from ._common import check_not_photo, display_name, luma
 
 __all__ = ["read_dicom", "is_dicom_file", "dicom_fps", "dicom_spacing_mm"]
-
-log = logging.getLogger(__name__)
 
 #: Ultrasound SOP classes: US Image, US Multi-frame Image and their retired predecessors.
 US_SOP_CLASSES = {
@@ -203,7 +200,9 @@ def read_dicom(path: str | Path, limits: LoadLimits | None = None) -> Echo:
         declared = ds.get("NumberOfFrames")
         frames = 1 if declared is None or str(declared).strip() == "" else int(declared)
     except (AttributeError, TypeError, ValueError) as exc:
-        raise EchoLoadError(f"{what} lacks a valid Rows / Columns / NumberOfFrames header; it is not a usable image.") from exc
+        raise EchoLoadError(
+            f"{what} lacks a valid Rows / Columns / NumberOfFrames header; it is not a usable image."
+        ) from exc
     _check_modality(ds, frames, what)
     limits.check(frames, rows, cols, what)
 

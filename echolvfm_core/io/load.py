@@ -53,7 +53,9 @@ def detect_kind(path: str | Path) -> str:
     if not path.exists():
         raise EchoLoadError(f"No file at {what}; {ACCEPTED}.")
     if path.is_dir():
-        raise EchoLoadError(f"{what} is a folder, not a file; {ACCEPTED} (data set folders are read by read_camus / read_echonet).")
+        raise EchoLoadError(
+            f"{what} is a folder, not a file; {ACCEPTED} (data set folders are read by read_camus / read_echonet)."
+        )
     with open(path, "rb") as fh:
         head = fh.read(132)
     suffix = _suffix(path)

@@ -72,7 +72,9 @@ def read_nifti_stack(
     try:
         data = np.asarray(img.dataobj).reshape(shape)
     except (OSError, EOFError, ValueError, gzip.BadGzipFile) as exc:
-        raise EchoLoadError(f"{what} is a corrupt or truncated NIfTI file and its data could not be read ({exc}).") from exc
+        raise EchoLoadError(
+            f"{what} is a corrupt or truncated NIfTI file and its data could not be read ({exc})."
+        ) from exc
     stack = data.T[None] if data.ndim == 2 else data.transpose(2, 1, 0)
     zooms = img.header.get_zooms()
     spacing = None

@@ -66,6 +66,11 @@ def read_video(path: str | Path, limits: LoadLimits | None = None) -> Echo:
             limits.check(max(declared, 1), height, width, what)
             grey: list[np.ndarray] = []
             for frame in video.iter(format="rgb24"):
+                if len(grey) >= limits.max_frames:
+                    raise EchoLoadError(
+                        f"{what} has more than {limits.max_frames} frames, the limit "
+                        "(set ECHOLVFM_MAX_FRAMES to raise it)."
+                    )
                 limits.check(len(grey) + 1, height, width, what)
                 if not grey:
                     check_not_photo([frame], 255.0, what)

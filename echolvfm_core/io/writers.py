@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -62,10 +63,8 @@ def _rgb(frames_u8: np.ndarray) -> np.ndarray:
     return frames_u8 if frames_u8.ndim == 4 else np.repeat(frames_u8[..., None], 3, axis=-1)
 
 
-def _rate(fps: float):
-    """fps as an exact fraction (e.g. 30000/1001 stays exact; 29.97 becomes 2997/100)."""
-    from fractions import Fraction
-
+def _rate(fps: float) -> Fraction:
+    """fps as a fraction with a denominator of at most 1001 (30000/1001 stays exact)."""
     return Fraction(fps).limit_denominator(1001)
 
 
@@ -103,23 +102,49 @@ def write_mp4(frames: np.ndarray | Echo, path: str | Path, fps: float | None = N
 
 
 def write_gif(frames: np.ndarray | Echo, path: str | Path, fps: float | None = None) -> Path:
-    """Write a looping GIF.
+    """Write a looping GIF, one image per frame (repeated frames are kept, so the frame count is exact).
 
     Args:
         frames: (T, H, W) or (T, H, W, 3), float in [0, 1] or uint8; or an :class:`Echo`.
         path: output file.
-        fps: frames per second (> 0), required unless ``frames`` is an Echo with an fps; GIF stores frame delays in 1/100 s, so the delay is rounded to 10 ms
-            (30 fps is stored as 30 ms per frame, i.e. 33.3 fps on playback).
+        fps: frames per second (> 0), required unless ``frames`` is an Echo with an fps. GIF stores frame delays in
+            1/100 s, so the delay is rounded to 10 ms (30 fps is stored as 30 ms per frame, 33.3 fps on playback).
 
-    Returns the path written.
+    Grey frames are stored with exact grey levels; RGB frames get a 256-colour palette per frame (Pillow's median
+    cut, no dithering). Returns the path written.
     """
-    import imageio.v3 as iio
+    import av
 
     u8, fps = _frames_and_fps(frames, fps)
-    delay_ms = max(10, int(round(100.0 / fps)) * 10)
+    delay_cs = max(1, int(round(100.0 / fps)))
     path = Path(path)
-    iio.imwrite(path, u8, extension=".gif", plugin="pillow", is_batch=True, duration=delay_ms, loop=0)
+    with av.open(str(path), mode="w", format="gif", options={"loop": "0"}) as container:
+        stream = container.add_stream("gif", rate=Fraction(100, delay_cs))
+        stream.width, stream.height = u8.shape[2], u8.shape[1]
+        stream.pix_fmt = "gray" if u8.ndim == 3 else "pal8"
+        for frame in u8:
+            image = (
+                av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="gray")
+                if u8.ndim == 3
+                else av.VideoFrame.from_ndarray(_palette_frame(frame), format="pal8")
+            )
+            for packet in stream.encode(image):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
     return path
+
+
+def _palette_frame(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(indices uint8 (H, W), palette uint8 (256, 4) ARGB) of one RGB frame, as PyAV's pal8 frames take them."""
+    from PIL import Image
+
+    quantized = Image.fromarray(rgb, mode="RGB").quantize(256, dither=Image.Dither.NONE)
+    colours = np.asarray(quantized.getpalette()[: 3 * 256], dtype=np.uint8).reshape(-1, 3)
+    palette = np.zeros((256, 4), np.uint8)
+    palette[:, 0] = 255
+    palette[: len(colours), 1:] = colours
+    return np.ascontiguousarray(np.asarray(quantized, dtype=np.uint8)), palette
 
 
 def write_dicom(echo: Echo, path: str | Path) -> Path:
