@@ -68,6 +68,7 @@ def test_record_load_and_load_echo_inside_videos(echonet_root):
     np.testing.assert_array_equal(same.frames, echo.frames)
     assert same.info == echo.info and same.source_format == "echonet"
     assert load_echo(echonet_root / "Videos" / "0X2B.avi", kind="echonet").info.ef == 35.0
+    assert load_echo(echonet_root / "Videos" / "0X3C").info.ef == 55.0  # FileList name, no extension
 
 
 def test_unlisted_video_is_a_plain_video_and_kind_echonet_needs_a_listing(echonet_root, tmp_path):

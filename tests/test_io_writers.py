@@ -1,6 +1,9 @@
 """Writers: MP4 (H.264, yuv420p, even size, no audio), looping GIF, synthetic-marked DICOM; all read back."""
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import av
 import imageio.v3 as iio
 import numpy as np
@@ -107,8 +110,24 @@ def test_dicom_is_marked_synthetic_standard_and_private_free(tmp_path):
 
 def test_still_dicom_needs_no_fps(tmp_path):
     echo = Echo(frames=loop(t=1), fps=None)
-    back = load_echo(write_dicom(echo, tmp_path / "still.dcm"))
+    path = write_dicom(echo, tmp_path / "still.dcm")
+    assert pydicom.dcmread(path).SOPClassUID == "1.2.840.10008.5.1.4.1.1.6.1"  # US Image Storage (single frame)
+    back = load_echo(path)
     assert back.n_frames == 1 and back.fps is None and back.spacing_mm is None
+
+
+@pytest.mark.parametrize("t", [1, 6])
+def test_dicom_passes_dciodvfy(tmp_path, t):
+    """dicom3tools' IOD verifier (Debian package dicom3tools) finds no error or warning beyond the DICOMDIR
+    notes about the deliberately empty Patient ID / Study ID."""
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        pytest.skip("dciodvfy (dicom3tools) is not installed")
+    path = write_dicom(Echo(frames=loop(t=t), fps=30.0, spacing_mm=(0.3, 0.3)), tmp_path / "v.dcm")
+    report = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
+    problems = [line for line in (report.stdout + report.stderr).splitlines()
+                if line.startswith(("Error", "Warning")) and "DICOMDIR" not in line]
+    assert problems == []
 
 
 @pytest.mark.parametrize(

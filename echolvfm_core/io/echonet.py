@@ -186,7 +186,8 @@ def echonet_record_for(video: str | Path) -> EchoNetRecord | None:
     rows, ed_es = _load_tables(root)
     for row in rows:
         name = row["FileName"].strip()
-        if name == video.name or (Path(name).stem == video.stem and not Path(name).suffix):
+        listed_bare = not Path(name).suffix  # FileList names usually omit ".avi"
+        if name == video.name or (listed_bare and name == video.stem and video.suffix.lower() in ("", ".avi")):
             return _record(root, row, ed_es)
     return None
 

@@ -86,7 +86,8 @@ def load_echo(path: str | Path, *, kind: str | None = None, limits: LoadLimits |
     Args:
         path: a DICOM file (with or without extension), a NIfTI file (plain 2D / 2D+T, or a CAMUS file, read in
             clinical orientation with its labels and Info cfg), or a video (AVI, MP4, MOV, MKV, GIF, WebM); a video
-            inside an EchoNet-Dynamic ``Videos/`` folder also gets its FileList EF and ED / ES frames.
+            inside an EchoNet-Dynamic ``Videos/`` folder also gets its FileList EF and ED / ES frames (and may be
+            named as in FileList.csv, without its extension).
         kind: "dicom", "nifti", "video" or "echonet" to force a reader; None detects it (:func:`detect_kind`).
         limits: size limits checked before decoding (default :meth:`LoadLimits.from_env`).
 
@@ -97,6 +98,11 @@ def load_echo(path: str | Path, *, kind: str | None = None, limits: LoadLimits |
     limits = limits or LoadLimits.from_env()
     if kind is not None and kind not in KINDS:
         raise EchoLoadError(f"Unknown kind {kind!r}; use one of {', '.join(KINDS)} or None to detect it.")
+    if not path.exists() and kind in (None, "echonet", "video"):
+        # EchoNet-Dynamic lists videos without extension: <root>/Videos/<FileName> means <FileName>.avi.
+        record = echonet_record_for(path)
+        if record is not None and record.path.is_file():
+            return record.load(limits)
     if kind is None:
         kind = detect_kind(path)
     elif not path.is_file():

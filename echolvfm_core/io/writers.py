@@ -148,17 +148,23 @@ def _palette_frame(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_dicom(echo: Echo, path: str | Path) -> Path:
-    """Write an echo as a standard multi-frame ultrasound DICOM file marked as synthetic.
+    """Write an echo as a standard ultrasound DICOM file marked as synthetic.
 
-    Ultrasound Multi-frame Image Storage, Modality US, MONOCHROME2, 8-bit uncompressed (explicit VR little endian),
-    FrameTime / CineRate from ``echo.fps``, SequenceOfUltrasoundRegions with the spacing when known. Marked synthetic:
+    Ultrasound Multi-frame Image Storage (Ultrasound Image Storage for a single still frame), Modality US,
+    BodyPartExamined HEART, MONOCHROME2, 8-bit uncompressed (explicit VR little endian), FrameTime / CineRate from
+    ``echo.fps``, SequenceOfUltrasoundRegions with the spacing when known. Marked synthetic:
     ImageType DERIVED\\SECONDARY, SeriesDescription :data:`SYNTHETIC_DESCRIPTION`, BurnedInAnnotation NO, fresh UIDs,
     PatientName "ANONYMOUS^SYNTHETIC" and no other patient data, no private tags. A loop of more than one frame needs
     ``echo.fps``. Returns the path written.
     """
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
+    from pydicom.uid import (
+        ExplicitVRLittleEndian,
+        UltrasoundImageStorage,
+        UltrasoundMultiFrameImageStorage,
+        generate_uid,
+    )
 
     pixels = to_uint8(echo.frames)
     n, rows, cols = pixels.shape
@@ -166,9 +172,10 @@ def write_dicom(echo: Echo, path: str | Path) -> Path:
         fps = _check_fps(echo.fps)
     now = _dt.datetime.now()
     sop_uid = generate_uid()
+    sop_class = UltrasoundMultiFrameImageStorage if n > 1 else UltrasoundImageStorage
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
 
@@ -176,12 +183,13 @@ def write_dicom(echo: Echo, path: str | Path) -> Path:
     ds.file_meta = meta
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.ImageType = ["DERIVED", "SECONDARY"]
-    ds.SOPClassUID = UltrasoundMultiFrameImageStorage
+    ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
     ds.AccessionNumber = ""
     ds.Modality = "US"
+    ds.BodyPartExamined = "HEART"  # unpaired: Laterality is absent
     ds.Manufacturer = "EchoLVFM Studio"
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = "EchoLVFM Studio synthetic echo"
@@ -207,8 +215,8 @@ def write_dicom(echo: Echo, path: str | Path) -> Path:
     ds.BitsStored = 8
     ds.HighBit = 7
     ds.PixelRepresentation = 0
-    ds.NumberOfFrames = n
     if n > 1:
+        ds.NumberOfFrames = n
         ds.FrameIncrementPointer = pydicom.tag.Tag("FrameTime")
         ds.FrameTime = f"{1000.0 / fps:.6g}"
         ds.CineRate = max(1, int(round(fps)))
