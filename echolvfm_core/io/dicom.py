@@ -187,7 +187,9 @@ def read_dicom(path: str | Path, limits: LoadLimits | None = None) -> Echo:
             warnings.simplefilter("always")
             ds = pydicom.dcmread(path, defer_size="4 KB")
     except InvalidDicomError as exc:
-        raise EchoLoadError(f"{what} is not a DICOM file ({exc}); give a DICOM, NIfTI or video file.") from exc
+        raise EchoLoadError(
+            f"{what} is not a DICOM file (no DICOM header found); give a DICOM, NIfTI or video file."
+        ) from exc
     except (OSError, EOFError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise EchoLoadError(f"{what} is a corrupt or truncated DICOM file and could not be read ({exc}).") from exc
 
@@ -213,7 +215,7 @@ def read_dicom(path: str | Path, limits: LoadLimits | None = None) -> Echo:
         raise EchoLoadError(f"{what} has no transfer syntax in its file meta header, so its pixel data cannot be read.")
     try:
         arr, meta = get_decoder(syntax).as_array(ds, as_rgb=False)
-    except Exception as exc:  # decoders raise many types (ValueError, RuntimeError, plugin-specific errors)
+    except Exception as exc:  # NotImplementedError (no decoder), ValueError, RuntimeError, plugin-specific errors
         raise EchoLoadError(
             f"{what} has pixel data that could not be decoded ({type(exc).__name__}: {exc}); the file may be "
             "truncated or use an unsupported compression."
