@@ -1,0 +1,316 @@
+"""Train the EF posterior model: ``echolvfm train ef-regressor --data PREPARED --preset demo|tiny --out DIR``.
+
+Diffusion regression (MCSDR style): the clip encoder and the conditional noise predictor are trained together with
+the DDPM noise-prediction loss on the z-scored EF (Ho et al. 2020, eq. 14), several noise draws per clip so that
+one encoder pass serves many denoising targets, plus a small auxiliary regression of the z-scored EF from the clip
+features (it speeds up the encoder's learning on a CPU budget; the posterior comes from the diffusion model only).
+
+Training clips come from every prepared loop of the training split (all counterfactual strengths ``alpha``; their
+EF labels are exact, measured on the warped labels): random phase offset and 1-2 cycles half of the time, the
+inference clip (whole loop, from frame 0) otherwise, with ultrasound augmentation. Age and sex are used when the
+samples carry them and dropped at random (modality dropout) so the learned null embeddings stand for "unknown".
+A few uninformative clips (pure noise, or one frame repeated) keep their loop's EF label, which teaches the model
+to answer them with the broad training distribution of EF rather than a confident guess.
+
+Metrics (``DIR/metrics.json``): :func:`~echolvfm_core.estimators.ef_posterior.evaluate_ef_regression` on the valid
+split's ``alpha == 1`` loops (mae, rmse, r2, crps, coverage90).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..estimators.ef_posterior import (
+    EFPosteriorEstimator,
+    clip_indices,
+    evaluate_ef_regression,
+    make_sampler,
+    make_train_scheduler,
+    video_clip,
+)
+from ..models.ef_denoiser import SEX_CODES, EFDenoiser, EFDenoiserConfig, ef_denoiser_preset
+from .augment import AugmentConfig, augment_batch
+from .common import load_checkpoint, make_accelerator, progress, save_checkpoint, set_seed
+
+__all__ = ["EFTrainConfig", "TRAIN_PRESETS", "train_preset", "ClipSampler", "diffusion_loss", "label_stats", "fit", "train"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EFTrainConfig:
+    """Schedule of an EF-regressor training run (saved with the model as ``training_config.json``).
+
+    Attributes:
+        model: network size (``ef_mean`` / ``ef_std`` are replaced by the training labels' statistics).
+        steps, batch_size: optimiser steps and clips per step.
+        noise_draws: diffusion timesteps / noises drawn per clip per step.
+        lr, weight_decay, warmup: AdamW, linear warm-up then cosine decay to 5 % of ``lr``.
+        aux_weight: weight of the auxiliary EF regression from the clip features.
+        p_uninformative: share of clips replaced by noise or a still frame (label kept).
+        p_drop_age, p_drop_sex: modality dropout of known age / sex.
+        p_inference_clip: share of clips sampled exactly as at inference (whole loop from frame 0).
+        max_cycles: other clips cover 1 to ``max_cycles`` cycles from a random phase.
+        eval_every, checkpoint_every: in steps (0 = only at the end).
+    """
+
+    model: EFDenoiserConfig = field(default_factory=EFDenoiserConfig)
+    steps: int = 3000
+    batch_size: int = 16
+    noise_draws: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: int = 150
+    aux_weight: float = 0.5
+    p_uninformative: float = 0.06
+    p_drop_age: float = 0.3
+    p_drop_sex: float = 0.3
+    p_inference_clip: float = 0.5
+    max_cycles: float = 2.0
+    eval_every: int = 1000
+    checkpoint_every: int = 250
+    augment: AugmentConfig = field(
+        default_factory=lambda: AugmentConfig(max_rotation=8.0, speckle_max=0.2, p_dropout=0.2, p_far_dropout=0.1)
+    )
+
+
+TRAIN_PRESETS = {
+    "demo": EFTrainConfig(),
+    "tiny": EFTrainConfig(model=ef_denoiser_preset("tiny"), steps=30, batch_size=4, noise_draws=4, warmup=5,
+                          eval_every=0, checkpoint_every=10),
+}
+
+
+def train_preset(name: str) -> EFTrainConfig:
+    if name not in TRAIN_PRESETS:
+        raise ValueError(f"Unknown ef-regressor preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}.")
+    return TRAIN_PRESETS[name]
+
+
+def _sample_value(sample, name: str):
+    info = getattr(sample, "info", None)
+    value = getattr(sample, name, None)
+    if value is None and info is not None:
+        value = getattr(info, name, None)
+    return value
+
+
+class ClipSampler:
+    """Draws training clips from a loop data set (items with ``frames`` uint8 (T, S, S) and ``ef`` in %).
+
+    ``sample(batch_size, generator)`` -> (clips float (B, 1, F, s, s) in [0, 1], ef (B,) in %, age (B,) with NaN
+    for unknown, sex (B,) int64 with -1 for unknown), F and s from the model config.
+    """
+
+    def __init__(self, loops, model_cfg: EFDenoiserConfig, cfg: EFTrainConfig):
+        if len(loops) == 0:
+            raise ValueError("The EF regressor needs training loops; the data set holds none.")
+        self.loops, self.mcfg, self.cfg = loops, model_cfg, cfg
+
+    def _indices(self, n_frames: int, g: torch.Generator) -> np.ndarray:
+        if float(torch.rand(1, generator=g)) < self.cfg.p_inference_clip:
+            return clip_indices(n_frames, self.mcfg.num_frames)
+        offset = float(torch.rand(1, generator=g))
+        cycles = 1.0 + (self.cfg.max_cycles - 1.0) * float(torch.rand(1, generator=g))
+        return clip_indices(n_frames, self.mcfg.num_frames, offset=offset, cycles=cycles)
+
+    def sample(self, batch_size: int, generator: torch.Generator):
+        g, c = generator, self.cfg
+        clips, efs, ages, sexes = [], [], [], []
+        for i in torch.randint(0, len(self.loops), (batch_size,), generator=g).tolist():
+            loop = self.loops[i]
+            frames = np.asarray(loop.frames)
+            clip = video_clip(frames, self.mcfg.num_frames, self.mcfg.frame_size, self._indices(len(frames), g))
+            clips.append(clip)
+            efs.append(float(loop.ef))
+            age, sex = _sample_value(loop, "age"), _sample_value(loop, "sex")
+            ages.append(float(age) if age is not None and float(torch.rand(1, generator=g)) >= c.p_drop_age else math.nan)
+            code = SEX_CODES.get(str(sex).upper()[:1], -1) if sex is not None else -1
+            sexes.append(code if float(torch.rand(1, generator=g)) >= c.p_drop_sex else -1)
+        x = torch.cat(clips)  # (B, F, s, s)
+        x, _ = augment_batch(x, None, g, c.augment)
+        x = self._uninformative(x, g)
+        return x[:, None], torch.tensor(efs), torch.tensor(ages), torch.tensor(sexes, dtype=torch.long)
+
+    def _uninformative(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Replace a share of clips by smoothed noise or by one of their frames repeated (no motion)."""
+        b, f, s, _ = x.shape
+        which = torch.rand(b, generator=g) < self.cfg.p_uninformative
+        if not bool(which.any()):
+            return x
+        x = x.clone()
+        for i in torch.nonzero(which)[:, 0].tolist():
+            if float(torch.rand(1, generator=g)) < 0.5:
+                level = 0.1 + 0.5 * float(torch.rand(1, generator=g))
+                noise = torch.rand((f, 1, s, s), generator=g) * 2 * level
+                if float(torch.rand(1, generator=g)) < 0.5:
+                    noise = F.avg_pool2d(noise, 3, stride=1, padding=1, count_include_pad=False)
+                x[i] = noise[:, 0].clamp(0, 1)
+            else:
+                x[i] = x[i, int(torch.randint(0, f, (1,), generator=g))].expand(f, s, s)
+        return x
+
+
+def diffusion_loss(model: EFDenoiser, scheduler, clips, ef, age, sex, noise_draws: int, aux_weight: float,
+                   generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """DDPM noise-prediction loss on the z-scored EF plus the auxiliary feature regression.
+
+    Args:
+        clips: (B, 1, F, s, s) in [0, 1]; ef: (B,) in %; age (B,) NaN = unknown; sex (B,) -1 = unknown.
+        noise_draws: K timesteps and noises per clip; the encoder runs once per clip.
+
+    Returns:
+        (loss, {"eps_mse", "aux_mse"}).
+    """
+    dev = clips.device
+    feats = model.encode(clips)
+    z0 = model.normalise(ef.to(dev, feats.dtype))
+    cond = model.condition(feats, age.to(dev), sex.to(dev)).repeat_interleave(noise_draws, 0)
+    z0k = z0.repeat_interleave(noise_draws)
+    n = z0k.shape[0]
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(dev)
+    eps = torch.randn(n, generator=generator).to(dev, z0k.dtype)
+    zt = scheduler.add_noise(z0k, eps, t)
+    eps_mse = F.mse_loss(model(zt, t, cond=cond), eps)
+    aux_mse = F.mse_loss(model.aux_head(feats)[:, 0], z0)
+    return eps_mse + aux_weight * aux_mse, {"eps_mse": float(eps_mse.detach()), "aux_mse": float(aux_mse.detach())}
+
+
+def _lr_lambda(cfg: EFTrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / max(1, cfg.warmup)
+        p = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
+
+    return f
+
+
+def label_stats(efs: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of the training EF labels (%), the z-scoring of the diffused variable."""
+    e = np.asarray(efs, dtype=np.float64)
+    if e.size < 2 or not np.all(np.isfinite(e)):
+        raise ValueError("Need at least two finite EF labels to z-score the target.")
+    sd = float(e.std(ddof=1))
+    if sd <= 0:
+        raise ValueError("All training EF labels are equal; cannot z-score the target.")
+    return float(e.mean()), sd
+
+
+def fit(sampler: ClipSampler, cfg: EFTrainConfig, out: Path, seed: int = 0, device: str | None = None,
+        resume: bool = False, valid_loops=None) -> dict:
+    """Train the EF denoiser; writes ``out/final`` (model + scheduler_config.json + training_config.json) and
+    ``out/metrics.json``. ``cfg.model`` must already hold the label statistics (``ef_mean``, ``ef_std``).
+
+    Args:
+        valid_loops: optional list of loops (``frames``, ``ef``) for the metrics, e.g. the valid ``alpha == 1`` loops.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(device)
+    set_seed(seed)
+    model = EFDenoiser(**asdict(cfg.model))
+    scheduler = make_train_scheduler()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    model, optimizer, lr_sched = accelerator.prepare(model, optimizer, lr_sched)
+    state = load_checkpoint(accelerator, out) if resume else {"step": 0}
+    step = int(state["step"])
+    history = list(state.get("history", []))
+    losses: list[float] = []
+    bar = progress(accelerator, cfg.steps, step, desc="ef-regressor")
+    t0, start_step = time.perf_counter(), step
+    raw = accelerator.unwrap_model(model)
+    while step < cfg.steps:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        clips, ef, age, sex = sampler.sample(cfg.batch_size, g)
+        model.train()
+        with accelerator.autocast():
+            loss, parts = diffusion_loss(raw, scheduler, clips.to(accelerator.device), ef, age, sex,
+                                         cfg.noise_draws, cfg.aux_weight, g)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        lr_sched.step()
+        losses.append(float(loss.detach()))
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", aux=f"{parts['aux_mse']:.2f}")
+        if cfg.eval_every and valid_loops and step % cfg.eval_every == 0 and step < cfg.steps:
+            m = _evaluate(raw, scheduler, valid_loops, seed)
+            history.append({"step": step, "loss": float(np.mean(losses[-50:])), **m})
+            bar.write(f"step {step}: mae {m['mae']:.2f} coverage90 {m['coverage90']:.2f} crps {m['crps']:.2f}")
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            save_checkpoint(accelerator, out, step, history=history)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    raw.eval()
+    metrics = {
+        "steps": cfg.steps,
+        "final_loss": float(np.mean(losses[-50:])) if losses else None,
+        "seconds": round(elapsed, 1),
+        "steps_per_second": round((step - start_step) / elapsed, 3) if elapsed > 0 and step > start_step else None,
+        "device": str(accelerator.device),
+        "seed": seed,
+        "ef_mean": cfg.model.ef_mean,
+        "ef_std": cfg.model.ef_std,
+        "history": history,
+    }
+    if valid_loops:
+        metrics["valid_alpha1"] = _evaluate(raw, scheduler, valid_loops, seed)
+    if accelerator.is_main_process:
+        final = out / "final"
+        raw.save_pretrained(str(final))
+        scheduler.save_pretrained(str(final))
+        (final / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        save_checkpoint(accelerator, out, step, history=history)
+    return metrics
+
+
+def _evaluate(model: EFDenoiser, scheduler, loops, seed: int) -> dict:
+    est = EFPosteriorEstimator(model, make_sampler(scheduler.config))
+    try:
+        return evaluate_ef_regression(est, loops, seed=seed)
+    finally:
+        model.train()
+
+
+def _alpha_one(ds) -> list[int]:
+    return [i for i, row in enumerate(ds.manifest) if abs(float(row["alpha"]) - 1.0) < 1e-6]
+
+
+def train(args: argparse.Namespace) -> int:
+    """Entry point of ``echolvfm train ef-regressor``."""
+    from ..data.prepared import PreparedLoops
+
+    cfg = train_preset(args.preset)
+    if args.steps is not None:
+        cfg = replace(cfg, steps=int(args.steps))
+    train_ds = PreparedLoops(args.data, split="train")
+    mean, sd = label_stats(np.array([float(r["ef"]) for r in train_ds.manifest]))
+    cfg = replace(cfg, model=replace(cfg.model, ef_mean=mean, ef_std=sd))
+    try:
+        valid_ds = PreparedLoops(args.data, split="valid")
+        valid = [valid_ds[i] for i in _alpha_one(valid_ds)]
+    except (ValueError, FileNotFoundError) as exc:
+        log.warning("no valid split for metrics: %s", exc)
+        valid = []
+    metrics = fit(ClipSampler(train_ds, cfg.model, cfg), cfg, Path(args.out), seed=args.seed, device=args.device,
+                  resume=args.resume, valid_loops=valid)
+    v = metrics.get("valid_alpha1")
+    if v:
+        print(f"valid (alpha = 1): mae {v['mae']:.2f} rmse {v['rmse']:.2f} r2 {v['r2']:.3f} crps {v['crps']:.2f} "
+              f"coverage90 {v['coverage90']:.2f} (n={v['n']})")
+    print(f"model written to {Path(args.out) / 'final'}")
+    return 0

@@ -1,0 +1,255 @@
+"""Train the LV segmenter: ``echolvfm train segmenter --data PREPARED --preset demo|tiny --out DIR``.
+
+Batches mix the real CAMUS ED / ES frames of the training split (expert labels) with frames of the prepared loops
+(labels warped with the images), augmented with :func:`~echolvfm_core.training.augment.augment_batch`. Loss:
+cross-entropy plus soft Dice of the three structures. The valid split's real ED / ES frames give the metrics
+(Dice per class, segmentation EF error), written to ``DIR/metrics.json``; the model goes to ``DIR/final``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models.segmenter import LVSegmenter, SegmenterConfig, segmenter_preset
+from .augment import AugmentConfig, augment_batch
+from .common import load_checkpoint, make_accelerator, progress, save_checkpoint, set_seed
+
+__all__ = ["SegTrainConfig", "TRAIN_PRESETS", "train_preset", "segmentation_loss", "FrameSampler", "train_step",
+           "fit", "train"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SegTrainConfig:
+    """Schedule of a segmenter training run (saved with the model as ``training_config.json``).
+
+    Attributes:
+        model: network size.
+        steps: optimiser steps.
+        batch_size: frames per step.
+        loop_fraction: share of each batch drawn from prepared-loop frames (the rest: real ED / ES frames).
+        lr, weight_decay, warmup: AdamW with linear warm-up then cosine decay to 5 % of ``lr``.
+        dice_weight: weight of the soft Dice term (cross-entropy has weight 1).
+        eval_every, checkpoint_every: in steps (0 = only at the end).
+    """
+
+    model: SegmenterConfig = field(default_factory=SegmenterConfig)
+    steps: int = 3000
+    batch_size: int = 16
+    loop_fraction: float = 0.5
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup: int = 100
+    dice_weight: float = 1.0
+    eval_every: int = 500
+    checkpoint_every: int = 250
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+TRAIN_PRESETS = {
+    "demo": SegTrainConfig(),
+    "tiny": SegTrainConfig(model=segmenter_preset("tiny"), steps=30, batch_size=4, warmup=5, eval_every=0,
+                           checkpoint_every=10),
+}
+
+
+def train_preset(name: str) -> SegTrainConfig:
+    if name not in TRAIN_PRESETS:
+        raise ValueError(f"Unknown segmenter preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}.")
+    return TRAIN_PRESETS[name]
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
+    """Cross-entropy + ``dice_weight`` x (1 - mean soft Dice of classes 1..K-1 over the batch).
+
+    Args:
+        logits: (B, K, H, W); labels: (B, H, W) int64 in 0..K-1.
+    """
+    ce = F.cross_entropy(logits, labels)
+    probs = logits.float().softmax(1)[:, 1:]
+    onehot = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
+    inter = (probs * onehot).sum(dim=(0, 2, 3))
+    denom = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+    soft_dice = (2 * inter + 1.0) / (denom + 1.0)
+    return ce + dice_weight * (1.0 - soft_dice.mean())
+
+
+class FrameSampler:
+    """Draws training batches: real ED / ES frames (in memory) and single frames of prepared loops (read lazily).
+
+    Args:
+        real_images, real_labels: uint8 (N, S, S).
+        loops: a dataset whose items have ``frames`` and ``labels`` uint8 (T, S, S) (e.g. ``PreparedLoops``); may be
+            None or empty, then every frame is real.
+        loop_fraction: share of loop frames per batch.
+    """
+
+    def __init__(self, real_images: np.ndarray, real_labels: np.ndarray, loops=None, loop_fraction: float = 0.5):
+        if len(real_images) == 0 and not loops:
+            raise ValueError("The segmenter needs training frames: the data set has no real frames and no loops.")
+        if real_images.shape != real_labels.shape:
+            raise ValueError(f"real images {real_images.shape} and labels {real_labels.shape} differ in shape.")
+        self.real_images, self.real_labels = real_images, real_labels
+        self.loops = loops if loops is not None and len(loops) > 0 else None
+        self.loop_fraction = loop_fraction if self.loops is not None else 0.0
+        if len(real_images) == 0:
+            self.loop_fraction = 1.0
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch: frames float (B, 1, S, S) in [0, 1], labels int64 (B, S, S)."""
+        n_loop = int(round(batch_size * self.loop_fraction))
+        imgs, labs = [], []
+        if batch_size - n_loop > 0:
+            idx = torch.randint(0, len(self.real_images), (batch_size - n_loop,), generator=generator).numpy()
+            imgs.append(self.real_images[idx])
+            labs.append(self.real_labels[idx])
+        for i in torch.randint(0, len(self.loops) if self.loops is not None else 1, (n_loop,), generator=generator).tolist():
+            loop = self.loops[i]
+            t = int(torch.randint(0, len(loop.frames), (1,), generator=generator))
+            imgs.append(np.asarray(loop.frames[t])[None])
+            labs.append(np.asarray(loop.labels[t])[None])
+        x = torch.from_numpy(np.concatenate(imgs)).float().div_(255.0)[:, None]
+        y = torch.from_numpy(np.concatenate(labs).astype(np.int64))
+        return x, y
+
+
+def train_step(model, optimizer, x: torch.Tensor, y: torch.Tensor, cfg: SegTrainConfig, accelerator=None,
+               scheduler=None) -> float:
+    """One optimiser step on an (already augmented) batch; returns the loss."""
+    model.train()
+    loss = segmentation_loss(model(x), y, cfg.dice_weight)
+    optimizer.zero_grad(set_to_none=True)
+    if accelerator is not None:
+        accelerator.backward(loss)
+    else:
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return float(loss.detach())
+
+
+def _lr_lambda(cfg: SegTrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / max(1, cfg.warmup)
+        p = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
+
+    return f
+
+
+def _evaluate(model, real_valid, batch_size: int = 64) -> dict:
+    from ..estimators.segmentation import SegmentationEF, evaluate_segmentation
+
+    seg = SegmentationEF(model, batch_size=batch_size)
+    return evaluate_segmentation(seg, real_valid.images, real_valid.labels, real_valid.patient, real_valid.phase)
+
+
+def fit(sampler: FrameSampler, cfg: SegTrainConfig, out: Path, seed: int = 0, device: str | None = None,
+        resume: bool = False, real_valid=None) -> dict:
+    """Train a segmenter; writes ``out/final`` (save_pretrained + training_config.json) and ``out/metrics.json``.
+
+    Args:
+        sampler: training batches.
+        cfg: the run's configuration.
+        out: output folder (``out/checkpoint`` is written every ``cfg.checkpoint_every`` steps).
+        resume: continue from ``out/checkpoint`` when present.
+        real_valid: optional ``RealFrames`` of the valid split for metrics.
+
+    Returns:
+        The metrics dict (also written to ``out/metrics.json``): training summary plus, with ``real_valid``, the
+        valid-split metrics of :func:`~echolvfm_core.estimators.segmentation.evaluate_segmentation`.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(device)
+    set_seed(seed)
+    model = LVSegmenter(**asdict(cfg.model))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = load_checkpoint(accelerator, out) if resume else {"step": 0}
+    step = int(state["step"])
+    history = list(state.get("history", []))
+    losses: list[float] = []
+    bar = progress(accelerator, cfg.steps, step, desc="segmenter")
+    t0 = time.perf_counter()
+    start_step = step
+    while step < cfg.steps:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)  # batch depends on (seed, step): resumable
+        x, y = sampler.sample(cfg.batch_size, g)
+        x, y = augment_batch(x, y, g, cfg.augment)
+        loss = train_step(model, optimizer, x.to(accelerator.device), y.to(accelerator.device), cfg, accelerator,
+                          scheduler)
+        losses.append(loss)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        if cfg.eval_every and real_valid is not None and step % cfg.eval_every == 0 and step < cfg.steps:
+            m = _evaluate(accelerator.unwrap_model(model), real_valid)
+            history.append({"step": step, "loss": float(np.mean(losses[-50:])), **m})
+            log.info("step %d: %s", step, history[-1])
+            bar.write(f"step {step}: dice_lv {m['dice_lv']:.3f} ef_mae {m['ef_mae']:.2f}")
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            save_checkpoint(accelerator, out, step, history=history)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    unwrapped = accelerator.unwrap_model(model).eval()
+    metrics = {
+        "steps": cfg.steps,
+        "final_loss": float(np.mean(losses[-50:])) if losses else None,
+        "seconds": round(elapsed, 1),
+        "steps_per_second": round((step - start_step) / elapsed, 3) if elapsed > 0 and step > start_step else None,
+        "device": str(accelerator.device),
+        "seed": seed,
+        "history": history,
+    }
+    if real_valid is not None:
+        metrics["valid"] = _evaluate(unwrapped, real_valid)
+    if accelerator.is_main_process:
+        final = out / "final"
+        unwrapped.save_pretrained(str(final))
+        (final / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        save_checkpoint(accelerator, out, step, history=history)
+    return metrics
+
+
+def train(args: argparse.Namespace) -> int:
+    """Entry point of ``echolvfm train segmenter``."""
+    from ..data.prepared import PreparedLoops
+
+    cfg = train_preset(args.preset)
+    if args.steps is not None:
+        cfg = replace(cfg, steps=int(args.steps))
+    train_ds = PreparedLoops(args.data, split="train")
+    real = train_ds.real_frames()
+    try:
+        valid_ds = PreparedLoops(args.data, split="valid")
+        real_valid = valid_ds.real_frames()
+    except (ValueError, FileNotFoundError) as exc:
+        log.warning("no valid split for metrics: %s", exc)
+        real_valid = None
+    if real_valid is not None and len(real_valid.images) == 0:
+        real_valid = None
+    sampler = FrameSampler(real.images, real.labels, train_ds, cfg.loop_fraction)
+    metrics = fit(sampler, cfg, Path(args.out), seed=args.seed, device=args.device, resume=args.resume,
+                  real_valid=real_valid)
+    valid = metrics.get("valid")
+    if valid:
+        print(f"valid: dice_lv {valid['dice_lv']:.3f} dice_myo {valid['dice_myo']:.3f} dice_la {valid['dice_la']:.3f} "
+              f"ef_mae {valid['ef_mae']:.2f} (n={valid['n']})")
+    print(f"model written to {Path(args.out) / 'final'}")
+    return 0
