@@ -1,0 +1,156 @@
+"""Shared parts of the flow wrappers: the batch they train on, the conditioning they sample from, time sampling and
+the masked per-video loss.
+
+Time convention (all flows): ``z_t = (1 - t) x + t eps`` with ``t = 0`` data and ``t = 1`` noise; the conditional
+velocity is ``v = dz_t/dt = eps - x``; sampling integrates from ``t = 1`` down to ``t = 0``.
+
+The network a flow wraps is any module with the call signature of :class:`FlowNetwork` (the velocity U-Net of
+:mod:`echolvfm_core.models.unet` is one; the tests also use a 1 x 1-conv stand-in).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+__all__ = [
+    "FlowNetwork",
+    "Conditioning",
+    "VideoBatch",
+    "FlowLoss",
+    "sample_logit_normal",
+    "frame_weights",
+    "per_video_mse",
+]
+
+
+class FlowNetwork(Protocol):
+    """``net(z, t, h, ef, cond, frame_mask, ef_drop=None) -> u``, all tensors on one device.
+
+    z (B, C, T, h, w) noisy latents; t (B,) time in [0, 1]; h (B,) interval t - r (0: instantaneous velocity);
+    ef (B,) EF in %; cond (B, C, T, h, w) clean latents at observed frames, zero elsewhere; frame_mask (B, T) bool
+    (True at real frames); ef_drop (B,) bool or None (True: use the null EF embedding). u has the shape of z.
+    """
+
+    def __call__(self, z, t, h, ef, cond, frame_mask, ef_drop=None) -> torch.Tensor: ...
+
+
+@dataclass
+class Conditioning:
+    """What a batch of B clips (padded to T frames) is conditioned on.
+
+    Attributes:
+        cond: (B, C, T, h, w) clean normalised latents at observed frames, exactly zero at every other frame
+            (build it with :meth:`from_latents`).
+        observed: (B, T) bool, True at observed frames (a subset of ``frame_mask``, at least one per clip).
+        frame_mask: (B, T) bool, True at real frames; padding only after the last real frame, >= 1 real frame.
+        ef: (B,) float, requested ejection fraction in %.
+    """
+
+    cond: torch.Tensor
+    observed: torch.Tensor
+    frame_mask: torch.Tensor
+    ef: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.cond.ndim != 5:
+            raise ValueError(f"cond must be (B, C, T, h, w); got shape {tuple(self.cond.shape)}.")
+        b, _, t = self.cond.shape[:3]
+        for name, m in (("observed", self.observed), ("frame_mask", self.frame_mask)):
+            if m.shape != (b, t) or m.dtype != torch.bool:
+                raise ValueError(f"{name} must be bool ({b}, {t}); got {m.dtype} {tuple(m.shape)}.")
+        if self.ef.shape != (b,):
+            raise ValueError(f"ef must have shape ({b},); got {tuple(self.ef.shape)}.")
+
+    @classmethod
+    def from_latents(
+        cls, latents: torch.Tensor, observed: torch.Tensor, frame_mask: torch.Tensor, ef: torch.Tensor
+    ) -> "Conditioning":
+        """Conditioning that observes ``latents`` (B, C, T, h, w) at ``observed`` (B, T) frames only.
+
+        Raises ValueError when an observed frame is padding or a clip observes no frame or has no real frame.
+        """
+        if bool((observed & ~frame_mask).any()):
+            raise ValueError("An observed frame lies in the padding; observed frames must be real frames.")
+        if not bool(observed.any(1).all()):
+            raise ValueError("Every clip needs at least one observed frame.")
+        if not bool(frame_mask[:, 0].all()):
+            raise ValueError("Every clip needs at least one real frame, and padding must come after the real frames.")
+        cond = latents * observed[:, None, :, None, None].to(latents.dtype)
+        return cls(cond, observed, frame_mask, ef.to(latents.dtype))
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.cond.shape[0])
+
+    def to(self, device=None, dtype=None) -> "Conditioning":
+        return Conditioning(
+            self.cond.to(device=device, dtype=dtype),
+            self.observed.to(device),
+            self.frame_mask.to(device),
+            self.ef.to(device=device, dtype=dtype),
+        )
+
+    def repeat(self, n: int) -> "Conditioning":
+        """Each clip repeated ``n`` times in a row (B*n clips), e.g. for candidates of rejection sampling."""
+        return Conditioning(
+            self.cond.repeat_interleave(n, 0),
+            self.observed.repeat_interleave(n, 0),
+            self.frame_mask.repeat_interleave(n, 0),
+            self.ef.repeat_interleave(n, 0),
+        )
+
+
+@dataclass
+class VideoBatch:
+    """A training batch: target clean latents ``x`` (B, C, T, h, w), zero at padded frames, and its conditioning.
+
+    ``x`` may be another loop than the one the conditioning frames come from (counterfactual supervision: same
+    anatomy, the target's exact EF in ``cond.ef``).
+    """
+
+    x: torch.Tensor
+    cond: Conditioning
+
+    def __post_init__(self) -> None:
+        if self.x.shape != self.cond.cond.shape:
+            raise ValueError(f"x {tuple(self.x.shape)} and cond {tuple(self.cond.cond.shape)} must have one shape.")
+
+    def to(self, device=None, dtype=None) -> "VideoBatch":
+        return VideoBatch(self.x.to(device=device, dtype=dtype), self.cond.to(device, dtype))
+
+
+@dataclass
+class FlowLoss:
+    """Output of a flow's ``forward``: ``loss`` (scalar, to backpropagate) and detached ``parts`` for logging."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def sample_logit_normal(
+    n: int, mean: float, std: float, device, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(n,) samples of sigmoid(N(mean, std^2)) in (0, 1), float32."""
+    return torch.sigmoid(mean + std * torch.randn(n, device=device, generator=generator))
+
+
+def frame_weights(cond: Conditioning, observed_weight: float = 1.0) -> torch.Tensor:
+    """(B, T) float loss weight per frame: 0 at padding, ``observed_weight`` at observed frames, 1 elsewhere."""
+    w = cond.frame_mask.to(cond.cond.dtype)
+    if observed_weight != 1.0:
+        w = torch.where(cond.observed, w * observed_weight, w)
+    return w
+
+
+def per_video_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(B,) mean squared error of each clip over its weighted frames.
+
+    pred, target (B, C, T, h, w); weights (B, T) >= 0 with a positive sum per clip. Each clip's error is the
+    weighted mean over its frames of the per-frame mean over (C, h, w), so every clip counts the same whatever its
+    length, and frames with weight 0 (padding) do not enter at all.
+    """
+    per_frame = (pred.float() - target.float()).square().mean(dim=(1, 3, 4))  # (B, T)
+    w = weights.float()
+    return torch.where(w > 0, per_frame * w, 0.0).sum(1) / w.sum(1)

@@ -1,0 +1,258 @@
+"""Flow wrappers: MeanFlow JVP target (finite differences), gradients, flag combinations, padding mask,
+known-answer checks with an oracle velocity, sampling determinism, CFG, observation sampler."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from echolvfm_core.flows import (
+    PATTERNS,
+    Conditioning,
+    LinearFlow,
+    MeanFlow,
+    MeanFlowConfig,
+    ObservationConfig,
+    ObservationSampler,
+    VideoBatch,
+    per_video_mse,
+)
+from echolvfm_core.models.unet import EchoVelocityUNet
+
+
+class ConvNet(nn.Module):
+    """A 1 x 1 x 1-conv stand-in with the FlowNetwork signature (t, h and EF enter as per-clip biases)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(8, 4, 1)
+        self.emb = nn.Linear(3, 4)
+        self.null_ef = nn.Parameter(torch.zeros(1))
+
+    def forward(self, z, t, h, ef, cond, frame_mask, ef_drop=None):
+        ef = ef / 100
+        if ef_drop is not None:
+            ef = torch.where(ef_drop, self.null_ef.expand_as(ef), ef)
+        e = self.emb(torch.stack([t, h, ef], 1))[:, :, None, None, None]
+        return self.conv(torch.cat([z, cond], 1)) + e
+
+
+class Oracle(nn.Module):
+    """Exact average velocity when the data is one point x*: u(z, r, t) = (z - x*) / t for every r (straight paths)."""
+
+    def __init__(self, target: torch.Tensor):
+        super().__init__()
+        self.register_buffer("target", target)
+        self.calls = []
+
+    def forward(self, z, t, h, ef, cond, frame_mask, ef_drop=None):
+        self.calls.append(None if ef_drop is None else ef_drop.clone())
+        target = self.target.repeat(z.shape[0] // self.target.shape[0], 1, 1, 1, 1)
+        u = (z - target) / t[:, None, None, None, None]
+        if ef_drop is not None:  # the "unconditional" velocity is scaled, so that guidance has a visible effect
+            u = torch.where(ef_drop[:, None, None, None, None], 0.5 * u, u)
+        return u * frame_mask[:, None, :, None, None]
+
+
+def _batch(b=3, t=6, hw=4, seed=0, dtype=torch.float32):
+    """b clips of t frames (clip 1 padded after frame 4), ED observed, clip b - 1 also observes frame 3."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 4, t, hw, hw, generator=g, dtype=dtype)
+    frame_mask = torch.ones(b, t, dtype=torch.bool)
+    frame_mask[1, 4:] = False
+    x = x * frame_mask[:, None, :, None, None]
+    observed = torch.zeros(b, t, dtype=torch.bool)
+    observed[:, 0] = True
+    observed[b - 1, 3] = True
+    ef = torch.linspace(25, 70, b, dtype=dtype)
+    return VideoBatch(x, Conditioning.from_latents(x, observed, frame_mask, ef))
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+    torch.manual_seed(0)
+    return EchoVelocityUNet.from_preset("tiny", max_frames=8)
+
+
+def test_jvp_matches_central_finite_differences(tiny_net):
+    net = EchoVelocityUNet.from_preset("tiny", max_frames=8).double().eval()
+    batch = _batch(b=2, t=5, hw=4, dtype=torch.float64)
+    c = batch.cond
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(batch.x.shape, generator=g, dtype=torch.float64)
+    v = torch.randn(batch.x.shape, generator=g, dtype=torch.float64)
+    r = torch.tensor([0.2, 0.1], dtype=torch.float64)
+    t = torch.tensor([0.7, 0.5], dtype=torch.float64)
+
+    def fn(z_, r_, t_):
+        return net(z_, t_, t_ - r_, c.ef, c.cond, c.frame_mask)
+
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+        _, dudt = torch.func.jvp(fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+        eps = 1e-6
+        fd = (fn(z + eps * v, r, t + eps) - fn(z - eps * v, r, t - eps)) / (2 * eps)
+    assert dudt.abs().max() > 1e-3
+    torch.testing.assert_close(dudt, fd, atol=1e-6, rtol=1e-5)
+
+
+def test_full_meanflow_step_on_tiny_unet_reaches_every_parameter(tiny_net):
+    tiny_net.zero_grad()
+    flow = MeanFlow(tiny_net, share_r_neq_t=1.0, recon_weight=0.1, recon_on="all")
+    out = flow(_batch(), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    # null_ef is the classifier-free-guidance embedding: only the linear flow's EF dropout uses it.
+    missing = [n for n, p in tiny_net.named_parameters() if n != "null_ef" and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert not missing
+    assert all(torch.isfinite(p.grad).all() for p in tiny_net.parameters() if p.grad is not None)
+
+
+def test_linear_flow_with_ef_dropout_trains_the_null_embedding(tiny_net):
+    tiny_net.zero_grad()
+    out = LinearFlow(tiny_net, ef_dropout=0.5)(_batch(b=4), generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert tiny_net.null_ef.grad is not None and tiny_net.null_ef.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "p,share,recon,recon_on,linear_ratio",
+    list(itertools.product([1.0, 0.5], [0.0, 0.25, 1.0], [0.0, 0.1], ["instantaneous", "all"], [0.0, 0.5])),
+)
+def test_meanflow_flag_combinations(p, share, recon, recon_on, linear_ratio):
+    torch.manual_seed(0)
+    net = ConvNet()
+    flow = MeanFlow(net, adaptive_p=p, share_r_neq_t=share, recon_weight=recon, recon_on=recon_on,
+                    linear_ratio=linear_ratio)
+    for step in range(2):
+        net.zero_grad()
+        out = flow(_batch(), step=step, generator=torch.Generator().manual_seed(step))
+        assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+        out.loss.backward()
+        assert net.conv.weight.grad.abs().sum() > 0
+        assert ("recon" in out.parts) == (recon > 0)
+        assert float(out.parts["linear"]) == float(flow.is_linear_step(step))
+    cond = _batch().cond
+    assert flow.sample(cond).shape == cond.cond.shape
+
+
+def test_linear_step_ratio_is_exact():
+    flow = MeanFlow(ConvNet(), linear_ratio=0.25)
+    assert sum(flow.is_linear_step(s) for s in range(100)) == 25
+    assert not any(MeanFlow(ConvNet()).is_linear_step(s) for s in range(10))
+
+
+def test_sample_times_order_and_share():
+    flow = MeanFlow(ConvNet(), share_r_neq_t=0.25)
+    r, t = flow.sample_times(20000, "cpu", torch.Generator().manual_seed(0))
+    assert (r <= t).all() and (r > 0).all() and (t < 1).all()
+    assert abs((r < t).float().mean().item() - 0.25) < 0.02
+
+
+def test_padded_frame_targets_do_not_change_the_loss(tiny_net):
+    batch = _batch()
+    assert not batch.cond.frame_mask[1, 4:].any()
+    changed = batch.x.clone()
+    changed[1, :, 4:] = 7.0  # padded frames of clip 1
+    losses = []
+    for x in (batch.x, changed):
+        flow = MeanFlow(tiny_net, share_r_neq_t=1.0, recon_weight=0.1, recon_on="all")
+        losses.append(flow(VideoBatch(x, batch.cond), generator=torch.Generator().manual_seed(3)).loss)
+    assert torch.equal(losses[0], losses[1])
+    real = batch.x.clone()
+    real[1, :, 2] += 1.0  # a real frame does change it
+    flow = MeanFlow(tiny_net, share_r_neq_t=1.0)
+    assert not torch.equal(flow(VideoBatch(real, batch.cond), generator=torch.Generator().manual_seed(3)).loss,
+                           flow(batch, generator=torch.Generator().manual_seed(3)).loss)
+
+
+def test_every_clip_weighs_the_same_whatever_its_length():
+    pred = torch.zeros(2, 4, 6, 2, 2)
+    target = torch.ones(2, 4, 6, 2, 2)
+    weights = torch.tensor([[1.0] * 6, [1.0] * 2 + [0.0] * 4])
+    assert torch.equal(per_video_mse(pred, target, weights), torch.ones(2))
+
+
+def test_oracle_gives_zero_meanflow_loss_and_exact_one_step_sample():
+    target = torch.randn(1, 4, 6, 4, 4).expand(3, -1, -1, -1, -1).clone()
+    batch = _batch()
+    target = target * batch.cond.frame_mask[:, None, :, None, None]
+    oracle = Oracle(target)
+    flow = MeanFlow(oracle, share_r_neq_t=1.0, adaptive_p=0.0)
+    out = flow(VideoBatch(target, batch.cond), generator=torch.Generator().manual_seed(0))
+    assert out.parts["mse"] < 1e-8
+    for steps in (1, 3):
+        x = flow.sample(batch.cond, steps=steps, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(x, target, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("solver", ["euler", "midpoint"])
+def test_linear_solvers_recover_the_oracle_point(solver):
+    batch = _batch()
+    target = batch.x
+    flow = LinearFlow(Oracle(target))
+    x = flow.sample(batch.cond, steps=4, solver=solver, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x, target, atol=1e-4, rtol=1e-4)
+    assert len(flow.net.calls) == (8 if solver == "midpoint" else 4)
+
+
+def test_classifier_free_guidance_mixes_conditional_and_null_velocity():
+    batch = _batch()
+    oracle = Oracle(batch.x)
+    flow = LinearFlow(oracle)
+    z = torch.randn(batch.x.shape)
+    t = torch.full((3,), 0.5)
+    v_ef = flow.velocity(z, t, batch.cond)
+    assert oracle.calls[-1] is None
+    v = flow.velocity(z, t, batch.cond, guidance=3.0)
+    drop = oracle.calls[-1]
+    assert drop.tolist() == [False] * 3 + [True] * 3
+    torch.testing.assert_close(v, 0.5 * v_ef + 3.0 * (v_ef - 0.5 * v_ef))
+
+
+def test_sampling_is_deterministic_for_a_seed_and_zero_at_padding(tiny_net):
+    flow = MeanFlow(tiny_net.eval())
+    cond = _batch().cond
+    a = flow.sample(cond, generator=torch.Generator().manual_seed(5))
+    b = flow.sample(cond, generator=torch.Generator().manual_seed(5))
+    c = flow.sample(cond, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (a[1, :, 4:] == 0).all()
+    with pytest.raises(ValueError, match="noise must have shape"):
+        flow.sample(cond, noise=torch.zeros(1, 4, 6, 4, 4))
+
+
+def test_conditioning_validation():
+    x = torch.randn(1, 4, 3, 2, 2)
+    fm = torch.tensor([[True, True, False]])
+    with pytest.raises(ValueError, match="in the padding"):
+        Conditioning.from_latents(x, torch.tensor([[False, False, True]]), fm, torch.tensor([50.0]))
+    with pytest.raises(ValueError, match="at least one observed"):
+        Conditioning.from_latents(x, torch.zeros(1, 3, dtype=torch.bool), fm, torch.tensor([50.0]))
+    cond = Conditioning.from_latents(x, torch.tensor([[True, False, False]]), fm, torch.tensor([50.0]))
+    assert (cond.cond[:, :, 1:] == 0).all() and torch.equal(cond.cond[:, :, 0], x[:, :, 0])
+    with pytest.raises(ValueError, match="share_r_neq_t"):
+        MeanFlowConfig(share_r_neq_t=1.5)
+
+
+def test_observation_sampler_patterns_are_valid_and_seeded():
+    cfg = ObservationConfig()
+    a, b = ObservationSampler(cfg, seed=3), ObservationSampler(cfg, seed=3)
+    seen = set()
+    for _ in range(200):
+        length = a.length(40)
+        assert length == b.length(40)
+        assert cfg.min_frames <= length <= cfg.max_frames
+        mask, pattern = a.observed(length, ed_index=2)
+        mask_b, _ = b.observed(length, ed_index=2)
+        assert torch.equal(mask, mask_b)
+        seen.add(pattern)
+        assert mask.shape == (cfg.max_frames,) and mask.any() and not mask[length:].any()
+    assert seen == set(PATTERNS)
+    s = ObservationSampler(cfg, seed=0)
+    assert s.observed(12, ed_index=4, pattern="ed")[0].nonzero().flatten().tolist() == [4]
+    assert s.observed(12, pattern="every_other")[0][:12].sum() == 6
+    with pytest.raises(ValueError, match="shorter than min_frames"):
+        s.length(5)
