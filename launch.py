@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> StudioConfig:
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     prepare_environment()  # before Gradio is imported: temp folder, analytics off
+    # SIGTERM exits like Ctrl-C, so that the temporary folder is removed (atexit) when a service manager stops us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from app.server import serve
 

@@ -19,16 +19,13 @@ import gradio as gr
 
 from echolvfm_core.echo import EchoLoadError
 
+from .cases import list_cases, load_case
 from .engine import EF_RANGE, CounterfactualResult, LoadedCase, Measurement, ModelUnavailable, StudioEngine
 from .figures import EFReadout, area_figure, ef_figure
 
-__all__ = ["Session", "StudioCallbacks", "list_cases", "user_errors"]
+__all__ = ["Session", "StudioCallbacks", "user_errors"]
 
 log = logging.getLogger(__name__)
-
-#: Most entries listed from a --data folder.
-MAX_CASES = 1000
-
 
 @dataclass
 class Session:
@@ -56,15 +53,6 @@ def user_errors(fn):
                            print_exception=False) from exc
 
     return wrapped
-
-
-def list_cases(data_dir: Path | None) -> list[str]:
-    """Entries (files and folders, not hidden) of a --data folder, relative names, sorted; at most MAX_CASES."""
-    if data_dir is None:
-        return []
-    entries = sorted(p.name for p in Path(data_dir).iterdir() if not p.name.startswith((".", "_"))
-                     and (p.is_dir() or p.suffix.lower() not in {".md", ".csv", ".txt", ".json"}))
-    return entries[:MAX_CASES]
 
 
 def _readouts(case: LoadedCase | None, result: CounterfactualResult | None) -> list[EFReadout]:
@@ -133,6 +121,9 @@ class StudioCallbacks:
         session.case, session.result = case, None
         info = case.summary()
         notes = "".join(f"\n\n> {n}" for n in case.measurement.notes)
+        if case.echo.synthetic:
+            notes = ("\n\n> This loop is itself synthetic (real end-diastolic / end-systolic frames with synthesised "
+                     "motion), not an acquired cine." + notes)
         text = (
             f"**{case.name}** · {info['frames']} frames at {info['fps']:.1f} fps ({info['duration_s']:.1f} s) · "
             f"sector {100 * info['sector_fraction']:.0f} % of the image · "
@@ -169,7 +160,7 @@ class StudioCallbacks:
         if not choice or choice not in list_cases(self.data_dir):
             raise gr.Error("Pick a case from the list.", print_exception=False)
         session = self._session(state, request)
-        return self._loaded(session, self.engine.load(self.data_dir / choice, session.folder, name=choice))
+        return self._loaded(session, self.engine.load(load_case(self.data_dir, choice), session.folder, name=choice))
 
     # ----------------------------------------------------------------------------------- counterfactuals
     @user_errors

@@ -110,17 +110,15 @@ class LoadedCase:
     Attributes:
         name: what the user picked (file name, "Built-in sample", a --data case).
         echo: the preprocessed loop at model resolution, frames float32 (T, S, S) in [0, 1].
-        display: the preprocessed loop at display resolution, float32 (T, D, D) in [0, 1].
         sector: (S, S) bool mask of the ultrasound sector.
         fps: frame rate in frames per second.
-        video: H.264 MP4 of the display loop with the sector outlined.
+        video: H.264 MP4 of the loop at display resolution with the sector outlined.
         measurement: EF of the original by the instruments that are bundled.
         latents: encoded latents (1, C, T, h, w), cached after the first counterfactual (per session).
     """
 
     name: str
     echo: Echo
-    display: np.ndarray
     sector: np.ndarray
     fps: float
     video: Path
@@ -250,20 +248,18 @@ class StudioEngine:
         if name == "vae":
             from echolvfm_core.models.vae import EchoCodec
 
-            model = EchoCodec.from_pretrained(path)
-        elif name == "generator":
+            return EchoCodec.from_pretrained(path, device=self.device)
+        if name == "generator":
             from echolvfm_core.pipelines.counterfactual import CounterfactualPipeline
 
             return CounterfactualPipeline.from_pretrained(path, device=self.device)
-        elif name == "segmenter":
+        if name == "segmenter":
             from echolvfm_core.estimators.segmentation import SegmentationEF
 
             return SegmentationEF.from_pretrained(path, device=self.device)
-        else:
-            from echolvfm_core.estimators.ef_posterior import EFPosteriorEstimator
+        from echolvfm_core.estimators.ef_posterior import EFPosteriorEstimator
 
-            return EFPosteriorEstimator.from_pretrained(path, device=self.device)
-        return model.to(self.device).eval()
+        return EFPosteriorEstimator.from_pretrained(path, device=self.device)
 
     def model_card(self, name: str) -> str | None:
         """The text of ``MODEL_CARD.md`` of a bundled model, or ``None``."""
@@ -282,12 +278,12 @@ class StudioEngine:
             return None
 
     # ----------------------------------------------------------------------------------------------- loading
-    def load(self, source: str | Path | None, out_dir: str | Path, name: str | None = None) -> LoadedCase:
+    def load(self, source: str | Path | Echo | None, out_dir: str | Path, name: str | None = None) -> LoadedCase:
         """Read and preprocess an echo, write its display loop, measure its EF with the bundled instruments.
 
         Args:
-            source: a file or folder accepted by :func:`echolvfm_core.io.load_echo`, or ``None`` for the built-in
-                sample (pydicom's apical four-chamber cine).
+            source: a file accepted by :func:`echolvfm_core.io.load_echo`, an :class:`Echo` already read, or
+                ``None`` for the built-in sample (pydicom's apical four-chamber cine).
             out_dir: folder for the display video.
             name: label shown to the user (default: the file name).
 
@@ -299,40 +295,43 @@ class StudioEngine:
 
         if source is None:
             source, name = sample_echo_path(), name or "Built-in sample (apical 4CH cine)"
-        path = Path(source)
-        echo = load_echo(path).require_loop("The Studio")
+        if isinstance(source, Echo):
+            echo, name = source, name or "echo"
+        else:
+            echo, name = load_echo(Path(source)), name or Path(source).name
+        echo.require_loop("The Studio")
         pre = preprocess(echo)
-        fps = float(pre.echo.fps or echo.fps or 0.0)
+        fps = float(pre.echo.fps or 0.0)
         if fps <= 0:
-            raise EchoLoadError(f"{path.name} has no frame rate, so it cannot be shown as a loop.")
-        display = pre.display.frames
+            raise EchoLoadError(f"{name} has no frame rate, so it cannot be shown as a loop.")
         sector = np.asarray(pre.mask, dtype=bool)
-        rgb = vid.to_rgb(display)
+        rgb = vid.to_rgb(pre.display.frames)
         rgb = vid.draw_contours(rgb, np.repeat(sector[None], len(rgb), axis=0), colour=(90, 170, 255))
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         video = vid.write_h264(rgb, out / f"{secrets.token_hex(8)}.mp4", fps)
-        case = LoadedCase(name=name or path.name, echo=pre.echo, display=display, sector=sector, fps=fps,
-                          video=video, measurement=Measurement())
-        case.measurement = self.measure(case.echo.frames, case.echo.spacing_mm)
+        case = LoadedCase(name=name, echo=pre.echo, sector=sector, fps=fps, video=video, measurement=Measurement())
+        case.measurement = self.measure(case.echo.frames, case.echo)
         return case
 
     # ------------------------------------------------------------------------------------------ measurement
-    def measure(self, frames: np.ndarray, spacing_mm: tuple[float, float] | None = None,
-                masks_only: bool = False) -> Measurement:
+    def measure(self, frames: np.ndarray, like: Echo | None = None, masks_only: bool = False,
+                seed: int = 0) -> Measurement:
         """EF of a loop by segmentation and by the posterior, with whatever instruments are bundled.
 
         Args:
             frames: float32 (T, S, S) in [0, 1] at model resolution.
-            spacing_mm: (row, col) pixel size in mm on that grid (areas in mm² then), or ``None`` (pixels).
+            like: the preprocessed echo these frames show (or were generated from): its pixel spacing (areas in
+                mm² when known) and the patient's age and sex (conditioning of the posterior) are used.
             masks_only: run only the segmenter (for contours and rejection sampling), not the posterior.
+            seed: seed of the posterior's noise draws.
         """
         from echolvfm_core.estimators.segmentation import SegmentationError
 
         m = Measurement()
         with self._run_lock:
             try:
-                seg = self.model("segmenter").measure(frames, spacing_mm)
+                seg = self.model("segmenter").measure(frames, None if like is None else like.spacing_mm)
                 m.ef, m.lv_area, m.area_unit = float(seg.ef), np.asarray(seg.lv_area, dtype=float), seg.area_unit
                 m.lv_masks = np.asarray(seg.labels) == 1
                 m.ed_index, m.es_index = int(seg.ed_index), int(seg.es_index)
@@ -342,7 +341,10 @@ class StudioEngine:
                 m.notes.append(f"The segmenter could not measure this loop: {exc}")
             if not masks_only:
                 try:
-                    m.posterior = self.model("ef_regressor").posterior(frames)
+                    info = None if like is None else like.info
+                    m.posterior = self.model("ef_regressor").posterior(
+                        frames, age=None if info is None else info.age, sex=None if info is None else info.sex,
+                        seed=seed)
                 except ModelUnavailable as exc:
                     m.notes.append(f"{exc} The EF posterior is unavailable.")
         return m
@@ -374,9 +376,8 @@ class StudioEngine:
         """The case's latents (1, C, T, h, w), encoded once and cached on the case."""
         if case.latents is None:
             vae = self.model("vae")
-            with self._run_lock, torch.no_grad():
-                x = torch.from_numpy(case.echo.frames).to(self.device)[None]
-                case.latents = vae.encode(x)
+            with self._run_lock:
+                case.latents = vae.encode(torch.from_numpy(case.echo.frames)[None])
         return case.latents
 
     def counterfactual(
@@ -427,13 +428,13 @@ class StudioEngine:
             )  # (n, L, S, S) float32 in [0, 1]
         cf_meas = None
         if reject_k > 1:
-            meas = [self.measure(f, case.echo.spacing_mm, masks_only=True) for f in frames]
+            meas = [self.measure(f, case.echo, masks_only=True) for f in frames]
             best = int(np.argmin([abs(m.ef - float(ef)) for m in meas]))
             frames, cf_meas = frames[best], meas[best]
         else:
             frames = frames[0]
             if contours:
-                cf_meas = self.measure(frames, case.echo.spacing_mm, masks_only=True)
+                cf_meas = self.measure(frames, case.echo, masks_only=True)
         video = self._side_by_side(case, frames, float(ef), cf_meas, contours, Path(out_dir))
         latency = (time.perf_counter() - t0) * 1000.0
         return CounterfactualResult(requested_ef=float(ef), frames=frames, fps=case.fps, video=video, seed=seed,
@@ -442,7 +443,7 @@ class StudioEngine:
 
     def measure_result(self, case: LoadedCase, result: CounterfactualResult) -> Measurement:
         """Complete the counterfactual's measurement (segmentation EF and posterior) and return it."""
-        full = self.measure(result.frames, case.echo.spacing_mm)
+        full = self.measure(result.frames, case.echo)
         result.measurement = full
         return full
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from .callbacks import StudioCallbacks, list_cases
+from .callbacks import StudioCallbacks
+from .cases import list_cases
 from .engine import EF_RANGE, MODEL_DESCRIPTIONS, OBSERVED_MODES, StudioEngine
 
 __all__ = ["build_demo", "about_markdown", "MODEL_QUEUE", "CSS"]
@@ -95,7 +96,9 @@ def build_demo(engine: StudioEngine, work_root: Path, data_dir: Path | None = No
     cases = list_cases(data_dir)
     lo, hi = EF_RANGE
     with gr.Blocks(title="EchoLVFM Studio", analytics_enabled=False, delete_cache=(600, 3600)) as demo:
-        state = gr.State(None, delete_callback=StudioCallbacks.drop_session)
+        # Per-session state (loaded case with its cached latents, last result); dropped 4 h after its last update
+        # or when the session ends, and its files with it.
+        state = gr.State(None, time_to_live=4 * 3600, delete_callback=StudioCallbacks.drop_session)
         gr.Markdown(_HEADER)
         status = _status_markdown(engine)
         if status:

@@ -6,7 +6,8 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from app.callbacks import StudioCallbacks, list_cases
+from app.callbacks import StudioCallbacks
+from app.cases import list_cases
 from app.engine import StudioEngine
 from app.ui import about_markdown, build_demo
 
