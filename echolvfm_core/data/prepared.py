@@ -273,10 +273,14 @@ def _render_phantom_recipe(recipe: dict, size: int):
     return render_phantom(int(recipe["anatomy_seed"]), float(recipe["requested_ef"]), CycleTiming(**recipe["timing"]), float(recipe["fps"]), size)
 
 
-def _loop_measures(labels: np.ndarray) -> tuple[float, int]:
-    """EF (%) and ES index of a rendered loop whose frame 0 is ED."""
+def _loop_measures(labels: np.ndarray, es_phase: int) -> tuple[float, int]:
+    """EF (%) and ES index of a rendered loop whose frame 0 is ED.
+
+    ES is the frame of smallest LV volume; among frames tied at the minimum, the timing's ES phase ``es_phase``
+    (the real ES frame for alpha = 1) when it is one of them, else the first.
+    """
     vols = lv_volumes(labels, method=EF_METHOD)
-    es = int(np.argmin(vols))
+    es = es_phase if vols[es_phase] <= vols.min() else int(np.argmin(vols))
     return float(ejection_fraction(vols[0], vols[es])), es
 
 
@@ -410,7 +414,7 @@ def _register_and_measure(
         per_loop = []
         for loop_id, recipe in recipes[i]:
             loop = _render_camus_recipe(pairs, {**recipe, "pair": i}, config, blend_width)
-            ef, es = _loop_measures(loop.labels)
+            ef, es = _loop_measures(loop.labels, loop.es_index)
             per_loop.append(
                 {
                     "loop_id": loop_id,
@@ -426,7 +430,7 @@ def _register_and_measure(
 
 def _phantom_measure(loop_id: str, recipe: dict, size: int) -> dict:
     loop = _render_phantom_recipe(recipe, size)
-    ef, es = _loop_measures(loop.labels)
+    ef, es = _loop_measures(loop.labels, CycleTiming(**recipe["timing"]).es_index)
     return {"loop_id": loop_id, "ef": ef, "es_index": es, "n_frames": int(len(loop.frames))}
 
 
