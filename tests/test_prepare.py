@@ -17,9 +17,15 @@ def measured_ef(sample: LoopSample) -> float:
     return float(ejection_fraction(v[sample.ed_index], v[sample.es_index]))
 
 
-def test_phantom_only_prepare(tmp_path):
-    out = tmp_path / "prep"
+@pytest.fixture(scope="module")
+def phantom_folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep") / "phantom"
     assert main(["prepare", "--out", str(out), "--phantom", "3", "--loops-per-patient", "2", "--workers", "1", "--quiet"]) == 0
+    return out
+
+
+def test_phantom_only_prepare(phantom_folder):
+    out = phantom_folder
     ds = PreparedLoops(out)
     assert len(ds) == 3 and len(ds.patients) == 2
     assert set(ds.manifest[0]) == set(MANIFEST_FIELDS)
@@ -39,6 +45,25 @@ def test_phantom_only_prepare(tmp_path):
     report = json.loads((out / "prepare_report.json").read_text())
     assert report["counts"]["loops_phantom"] == 3
     assert report["phantom_ef_minus_requested"]["max_abs"] <= 2.0
+
+
+def test_preview_writes_montage_and_mp4s(phantom_folder, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "preview"
+    assert main(["preview", "--data", str(phantom_folder), "--out", str(out), "--loops", "2", "--columns", "5"]) == 0
+    picture = Image.open(out / "montage.png")
+    assert picture.width > 5 * 224 and picture.height >= 2 * 224
+    assert len(list(out.glob("*.mp4"))) == 2
+    assert main(["preview", "--data", str(phantom_folder), "--out", str(out), "--alphas", "0.5", "1"]) == 2  # no CAMUS pair
+
+
+def test_frame_picks_keep_ed_and_es():
+    from echolvfm_core.data.preview import frame_picks
+
+    for n, es, cols in [(30, 11, 8), (10, 4, 8), (48, 17, 3)]:
+        picks = frame_picks(n, es, cols)
+        assert picks[0] == 0 and es in picks and len(picks) == min(cols, n) and picks == sorted(set(picks))
 
 
 def test_prepare_needs_an_input(tmp_path, capsys):

@@ -203,6 +203,29 @@ class PreparedLoops:
         loop = _render_camus_recipe(self._pairs, recipe, self.registration, self.blend_width)
         return loop.frames, loop.labels
 
+    def counterfactual(self, patient: str, alpha: float, timing: CycleTiming | None = None, fps: float = 30.0) -> LoopSample:
+        """Render a CAMUS patient's pair at any ``alpha`` (not only the prepared ones), EF measured on its labels.
+
+        Args:
+            patient: a CAMUS patient id of this folder (prepared with loops, so its registration is stored).
+            alpha: deformation scale in (0, 3]; 1 reproduces the real ED -> ES motion.
+            timing: cycle timing (default: 30 frames with the default phases).
+            fps: frame rate stored in the sample.
+        """
+        if "velocity" not in self._pairs:
+            raise ValueError(f"{self.root} was prepared without loops (--loops-per-patient 0); it holds no registrations.")
+        if patient not in self._pair_index:
+            raise KeyError(f"no CAMUS patient {patient!r} in {self.root}.")
+        timing = timing or CycleTiming(30)
+        i = self._pair_index[patient]
+        recipe = {"pair": i, "alpha": float(alpha), "timing": timing.to_dict()}
+        loop = _render_camus_recipe(self._pairs, recipe, self.registration, self.blend_width)
+        ef, es = _loop_measures(loop.labels, loop.es_index)
+        return LoopSample(
+            frames=loop.frames, labels=loop.labels, ef=ef, ed_index=0, es_index=es, fps=float(fps), patient=patient,
+            alpha=float(alpha), split=str(self._pairs["split"][i]), source="camus", loop_id=f"{patient}_alpha{alpha:g}",
+        )
+
     @property
     def patients(self) -> list[str]:
         """Patient ids with at least one loop in this view, in manifest order."""
