@@ -115,6 +115,18 @@ class ClipSampler:
         if len(loops) == 0:
             raise ValueError("The EF regressor needs training loops; the data set holds none.")
         self.loops, self.mcfg, self.cfg = loops, model_cfg, cfg
+        # loop index -> (frames uint8 (T, s, s) at the encoder's frame size, ef, age, sex); each loop is read
+        # (rendered) once and kept at the small size
+        self._cache: dict[int, tuple[np.ndarray, float, object, object]] = {}
+
+    def _loop(self, i: int) -> tuple[np.ndarray, float, object, object]:
+        if i not in self._cache:
+            loop = self.loops[i]
+            frames = np.asarray(loop.frames)
+            small = video_clip(frames, len(frames), self.mcfg.frame_size, np.arange(len(frames)))[0]
+            self._cache[i] = (np.rint(small.numpy() * 255).astype(np.uint8), float(loop.ef),
+                              _sample_value(loop, "age"), _sample_value(loop, "sex"))
+        return self._cache[i]
 
     def _indices(self, n_frames: int, g: torch.Generator) -> np.ndarray:
         if float(torch.rand(1, generator=g)) < self.cfg.p_inference_clip:
@@ -127,12 +139,9 @@ class ClipSampler:
         g, c = generator, self.cfg
         clips, efs, ages, sexes = [], [], [], []
         for i in torch.randint(0, len(self.loops), (batch_size,), generator=g).tolist():
-            loop = self.loops[i]
-            frames = np.asarray(loop.frames)
-            clip = video_clip(frames, self.mcfg.num_frames, self.mcfg.frame_size, self._indices(len(frames), g))
-            clips.append(clip)
-            efs.append(float(loop.ef))
-            age, sex = _sample_value(loop, "age"), _sample_value(loop, "sex")
+            frames, ef, age, sex = self._loop(i)
+            clips.append(video_clip(frames, self.mcfg.num_frames, self.mcfg.frame_size, self._indices(len(frames), g)))
+            efs.append(ef)
             ages.append(float(age) if age is not None and float(torch.rand(1, generator=g)) >= c.p_drop_age else math.nan)
             code = SEX_CODES.get(str(sex).upper()[:1], -1) if sex is not None else -1
             sexes.append(code if float(torch.rand(1, generator=g)) >= c.p_drop_sex else -1)
@@ -297,7 +306,7 @@ def train(args: argparse.Namespace) -> int:
     cfg = train_preset(args.preset)
     if args.steps is not None:
         cfg = replace(cfg, steps=int(args.steps))
-    train_ds = PreparedLoops(args.data, split="train")
+    train_ds = PreparedLoops(args.data, split="train", cache_size=0)  # ClipSampler keeps small copies
     mean, sd = label_stats(np.array([float(r["ef"]) for r in train_ds.manifest]))
     cfg = replace(cfg, model=replace(cfg.model, ef_mean=mean, ef_std=sd))
     try:

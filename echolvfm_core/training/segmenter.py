@@ -154,7 +154,7 @@ def _evaluate(model, real_valid, batch_size: int = 64) -> dict:
     from ..estimators.segmentation import SegmentationEF, evaluate_segmentation
 
     seg = SegmentationEF(model, batch_size=batch_size)
-    return evaluate_segmentation(seg, real_valid.images, real_valid.labels, real_valid.patient, real_valid.phase)
+    return evaluate_segmentation(seg, real_valid.images, real_valid.labels, real_valid.patients, real_valid.phases)
 
 
 def fit(sampler: FrameSampler, cfg: SegTrainConfig, out: Path, seed: int = 0, device: str | None = None,
@@ -235,6 +235,7 @@ def train(args: argparse.Namespace) -> int:
     if args.steps is not None:
         cfg = replace(cfg, steps=int(args.steps))
     train_ds = PreparedLoops(args.data, split="train")
+    train_ds.cache_size = len(train_ds)  # loops are rendered on access: render each once, keep them (~1 GB)
     real = train_ds.real_frames()
     try:
         valid_ds = PreparedLoops(args.data, split="valid")
