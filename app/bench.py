@@ -112,14 +112,14 @@ def _measure(url: str, n: int, warmup: int, efs: list[float], length: int | None
     t0 = time.perf_counter()
     loaded = client.predict(api_name="/load_sample")
     load_ms = (time.perf_counter() - t0) * 1000.0
-    info = loaded[2]
+    info = loaded[2]  # outputs without the session state: video, case text, case numbers, ...
     mode, k, _, _, reject, reject_k, contours = COUNTERFACTUAL_DEFAULTS
     length = int(length or info["frames"])
     wall, server = [], []
     for i in range(warmup + n):
         ef = efs[i % len(efs)]
         t0 = time.perf_counter()
-        _, video, _, summary = client.predict(ef, mode, k, length, seed, reject, reject_k, contours,
+        video, _, summary = client.predict(ef, mode, k, length, seed, reject, reject_k, contours,
                                               api_name="/counterfactual")
         elapsed = (time.perf_counter() - t0) * 1000.0
         path = video["video"] if isinstance(video, dict) else video

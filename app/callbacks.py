@@ -134,7 +134,8 @@ class StudioCallbacks:
         area = case.measurement.lv_area
         area_fig = area_figure({} if area is None else {"Original": area}, case.fps, _unit(case.measurement),
                                markers={"Original": (case.measurement.ed_index, case.measurement.es_index)})
-        length = gr.update(value=case.n_frames, maximum=max(64, case.n_frames))
+        longest = self.engine.max_frames() or case.n_frames
+        length = gr.update(value=min(case.n_frames, longest), maximum=longest)
         k = gr.update(maximum=case.n_frames)
         missing = [self.engine.missing_message(n) for n in ("vae", "generator") if not self.engine.available(n)]
         gen_note = (" ".join(missing) + " Counterfactuals are off until then.") if missing else ""

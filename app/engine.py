@@ -156,7 +156,9 @@ class CounterfactualResult:
         observed: frame indices of the original that the generator kept.
         candidates: number of candidates drawn (rejection sampling when > 1).
         latency_ms: wall time of generation, decoding, selection and video writing.
-        measurement: the counterfactual's EF by the instruments (filled by :meth:`StudioEngine.measure`).
+        measurement: the counterfactual's EF by the instruments (filled by :meth:`StudioEngine.measure_result`).
+        timings_ms: the generator's own split of its time ("encode", "flow", "decode", "measure").
+        candidate_efs: with rejection sampling, the segmentation EF (%) of every candidate (None: unmeasured).
     """
 
     requested_ef: float
@@ -168,6 +170,8 @@ class CounterfactualResult:
     candidates: int
     latency_ms: float
     measurement: Measurement | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    candidate_efs: list[float | None] | None = None
 
     def summary(self) -> dict:
         out = {
@@ -177,7 +181,10 @@ class CounterfactualResult:
             "observed_frames": list(self.observed),
             "candidates": int(self.candidates),
             "latency_ms": round(float(self.latency_ms), 1),
+            "generator_ms": {k: round(float(v), 1) for k, v in self.timings_ms.items()},
         }
+        if self.candidate_efs is not None:
+            out["candidate_efs"] = [None if e is None else round(float(e), 2) for e in self.candidate_efs]
         if self.measurement is not None:
             out.update({f"counterfactual_{k}": v for k, v in self.measurement.summary().items()})
         return out
@@ -250,9 +257,9 @@ class StudioEngine:
 
             return EchoCodec.from_pretrained(path, device=self.device)
         if name == "generator":
-            from echolvfm_core.pipelines.counterfactual import CounterfactualPipeline
+            from echolvfm_core.pipelines.counterfactual import load_generator
 
-            return CounterfactualPipeline.from_pretrained(path, device=self.device)
+            return load_generator(path, device=self.device)
         if name == "segmenter":
             from echolvfm_core.estimators.segmentation import SegmentationEF
 
@@ -260,6 +267,28 @@ class StudioEngine:
         from echolvfm_core.estimators.ef_posterior import EFPosteriorEstimator
 
         return EFPosteriorEstimator.from_pretrained(path, device=self.device)
+
+    def pipeline(self, rejection: bool = False):
+        """A :class:`~echolvfm_core.pipelines.counterfactual.CounterfactualPipeline` over the loaded flow and codec.
+
+        Without ``rejection`` it measures nothing (a slider move runs only the flow and the decoder); with it, the
+        segmenter's EF ranks the candidates.
+        """
+        from echolvfm_core.pipelines.counterfactual import CounterfactualPipeline
+
+        flow, codec = self.model("generator"), self.model("vae")
+        measure = None
+        if rejection:
+            seg = self.model("segmenter")
+            measure = lambda frames: float(seg.measure(frames).ef)  # noqa: E731
+        return CounterfactualPipeline(flow, codec, measure_ef=measure)
+
+    def max_frames(self) -> int | None:
+        """Longest loop the bundled generator makes (from its config, without loading it); ``None`` if absent."""
+        if not self.available("generator"):
+            return None
+        config = json.loads((self.model_dir("generator") / "config.json").read_text(encoding="utf-8"))
+        return int(config.get("max_frames", 32))
 
     def model_card(self, name: str) -> str | None:
         """The text of ``MODEL_CARD.md`` of a bundled model, or ``None``."""
@@ -397,10 +426,10 @@ class StudioEngine:
         Args:
             ef: requested EF in %, within :data:`EF_RANGE`.
             observed_mode: one of :data:`OBSERVED_MODES`; ``k`` is used by "first_k".
-            length: output length in frames (default: the original's).
+            length: output length in frames (default: the original's, at most the generator's ``max_frames``).
             seed: seed of the generator's noise (default: a fresh random one, reported in the result).
             reject_k: draw this many candidates and keep the one whose segmentation EF is closest to ``ef``
-                (needs the segmenter when > 1).
+                (rejection sampling; needs the segmenter when > 1).
             contours: outline the LV cavity (by the segmenter) on both panels.
 
         Raises:
@@ -413,33 +442,26 @@ class StudioEngine:
             raise ValueError(f"EF must be between {EF_RANGE[0]:.0f} and {EF_RANGE[1]:.0f} %; got {ef}.")
         if reject_k < 1:
             raise ValueError(f"The number of candidates must be at least 1; got {reject_k}.")
-        length = case.n_frames if length is None else int(length)
+        pipe = self.pipeline(rejection=reject_k > 1)
+        if contours:
+            self.model("segmenter")  # fail before spending time on generation
+        length = min(case.n_frames, pipe.max_frames) if length is None else int(length)
+        if not 2 <= length <= pipe.max_frames:
+            raise ValueError(f"The output length must be between 2 and {pipe.max_frames} frames; got {length}.")
         ed = case.measurement.ed_index if case.measurement.ed_index is not None else 0
         observed = self.observed_frames(observed_mode, case.n_frames, length, k, ed)
         seed = secrets.randbelow(2**31) if seed is None else int(seed)
-        generator = self.model("generator")
-        if reject_k > 1 or contours:
-            self.model("segmenter")  # fail before spending time on generation
         latents = self.latents(case)
         with self._run_lock:
-            frames = generator.generate_frames(
-                latents, ef=float(ef), observed=list(observed), length=length, seed=seed, n=reject_k,
-                vae=self.model("vae"),
-            )  # (n, L, S, S) float32 in [0, 1]
-        cf_meas = None
-        if reject_k > 1:
-            meas = [self.measure(f, case.echo, masks_only=True) for f in frames]
-            best = int(np.argmin([abs(m.ef - float(ef)) for m in meas]))
-            frames, cf_meas = frames[best], meas[best]
-        else:
-            frames = frames[0]
-            if contours:
-                cf_meas = self.measure(frames, case.echo, masks_only=True)
+            cf = pipe.generate(latents, ef=float(ef), observed=observed, length=length, seed=seed, reject=reject_k)
+        frames = cf.frames[0]  # (L, S, S) float32 in [0, 1]
+        cf_meas = self.measure(frames, case.echo, masks_only=True) if contours else None
         video = self._side_by_side(case, frames, float(ef), cf_meas, contours, Path(out_dir))
         latency = (time.perf_counter() - t0) * 1000.0
         return CounterfactualResult(requested_ef=float(ef), frames=frames, fps=case.fps, video=video, seed=seed,
                                     observed=observed, candidates=reject_k, latency_ms=latency,
-                                    measurement=cf_meas)
+                                    measurement=cf_meas, timings_ms=dict(cf.timings_ms),
+                                    candidate_efs=None if cf.candidate_efs is None else list(cf.candidate_efs[0]))
 
     def measure_result(self, case: LoadedCase, result: CounterfactualResult) -> Measurement:
         """Complete the counterfactual's measurement (segmentation EF and posterior) and return it."""

@@ -1,0 +1,192 @@
+"""The Studio as users reach it: ``launch.py`` in a subprocess on 127.0.0.1, driven by gradio_client and Chromium.
+
+With tiny random models these tests check the plumbing (load, EF 30 / 70, readouts, downloads, errors that leave
+the session usable, the page in a browser). Whether the measured EFs follow the request needs the trained bundled
+models in assets/; that test skips while they are absent.
+
+The browser test saves its screenshot in its tmp folder; set ``ECHOLVFM_SCREENSHOT=docs/app_screenshot.png`` (and
+``ECHOLVFM_BROWSER_MODELS=assets``, to show the bundled models rather than the tiny random ones) to refresh the
+README's screenshot.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import av
+import pytest
+
+from app.bench import REPO_ROOT, LocalServer
+
+ASSETS = REPO_ROOT / "assets"
+CHROMIUM = Path("/usr/bin/chromium")
+# Tests check plumbing, not speed: one thread per server keeps them quick on a busy shared machine.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def build_tiny_models(root: Path) -> Path:
+    """Random tiny versions of the four bundled models in ``root`` (vae, generator, segmenter, ef_regressor)."""
+    import torch
+
+    from echolvfm_core.estimators.ef_posterior import make_train_scheduler
+    from echolvfm_core.models.ef_denoiser import EFDenoiser, ef_denoiser_preset
+    from echolvfm_core.models.segmenter import LVSegmenter, segmenter_preset
+    from echolvfm_core.models.unet import EchoVelocityUNet, unet_preset
+    from echolvfm_core.models.vae import EchoCodec, build_vae
+    from echolvfm_core.pipelines.counterfactual import save_generator
+
+    torch.manual_seed(0)
+    LVSegmenter(**asdict(segmenter_preset("tiny"))).save_pretrained(root / "segmenter")
+    EFDenoiser(**asdict(ef_denoiser_preset("tiny"))).save_pretrained(root / "ef_regressor")
+    make_train_scheduler().save_config(root / "ef_regressor")
+    EchoCodec(build_vae("tiny")).save_pretrained(root / "vae")
+    save_generator(EchoVelocityUNet(**asdict(unet_preset("tiny"))), root / "generator")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    models = build_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+    with LocalServer(models, "cpu", env=ONE_THREAD, startup_timeout=150) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def browser_server(server):
+    """The tiny-model server, or one on ECHOLVFM_BROWSER_MODELS when that is set (e.g. assets)."""
+    models = os.environ.get("ECHOLVFM_BROWSER_MODELS")
+    if not models:
+        yield server
+        return
+    with LocalServer(models, "cpu", startup_timeout=150) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def client(server):
+    from gradio_client import Client
+
+    return Client(server.url, verbose=False)
+
+
+def _video_path(value) -> Path:
+    return Path(value["video"] if isinstance(value, dict) else value)
+
+
+def _h264_frames(path: Path) -> int:
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].codec_context.name == "h264"
+        return sum(1 for _ in c.decode(video=0))
+
+
+def _counterfactual(client, ef, length=12, **kw):
+    args = dict(mode="ed", k=4, length=length, seed=0, reject=False, reject_k=4, contours=False) | kw
+    return client.predict(ef, *args.values(), api_name="/counterfactual")
+
+
+def test_load_sample_then_ef_30_and_70(client):
+    loaded = client.predict(api_name="/load_sample")
+    assert _h264_frames(_video_path(loaded[0])) == loaded[2]["frames"] >= 10
+    assert "Built-in sample" in loaded[1] and loaded[2]["fps"] > 0
+    for ef in (30, 70):
+        video, line, summary = _counterfactual(client, ef, contours=ef == 70)
+        assert _h264_frames(_video_path(video)) == 12
+        assert f"Requested EF **{ef} %**" in line and summary["requested_ef"] == ef
+        assert summary["latency_ms"] > 0 and summary["observed_frames"] == [summary.get("original_ed_index") or 0]
+        ef_plot, area_plot, text, raw = client.predict(api_name="/measure")
+        assert f"**Requested EF**: {ef} %" in text and "**Counterfactual**" in text
+        assert raw["requested_ef"] == ef and raw["counterfactual_posterior_mean"] is not None
+        assert 0 <= raw["counterfactual_posterior_p05"] <= raw["counterfactual_posterior_p95"] <= 100
+        assert ef_plot["type"] == "plotly" and area_plot["type"] == "plotly"
+    files = client.predict(api_name="/export")
+    assert sorted(Path(f).suffix for f in files) == [".dcm", ".gif", ".mp4"]
+    import pydicom
+
+    ds = pydicom.dcmread([f for f in files if f.endswith(".dcm")][0])
+    assert "DERIVED" in ds.ImageType and "synthetic" in ds.SeriesDescription.lower()
+
+
+def test_bad_upload_is_an_error_and_the_session_goes_on(client, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    client.predict(api_name="/load_sample")
+    bad = tmp_path / "scan.dcm"
+    bad.write_bytes(b"this is not a DICOM file at all" * 10)
+    with pytest.raises(AppError) as err:
+        client.predict(handle_file(str(bad)), api_name="/load_upload")
+    assert "scan.dcm" in str(err.value)
+    with pytest.raises(AppError, match="maximum"):  # the slider's range is checked before the callback
+        _counterfactual(client, 95)
+    video, _, summary = _counterfactual(client, 55)
+    assert _video_path(video).is_file() and summary["requested_ef"] == 55
+
+
+@pytest.mark.skipif(not all((ASSETS / m / "config.json").is_file() for m in ("vae", "generator", "segmenter")),
+                    reason="the trained generator, VAE and segmenter are not bundled in assets/ yet")
+def test_bundled_models_follow_the_requested_ef():
+    from gradio_client import Client
+
+    with LocalServer(ASSETS, "cpu", startup_timeout=150) as srv:
+        client = Client(srv.url, verbose=False)
+        client.predict(api_name="/load_sample")
+        measured = {}
+        for ef in (30, 70):
+            _counterfactual(client, ef, length=30)
+            raw = client.predict(api_name="/measure")[3]
+            measured[ef] = raw["counterfactual_segmentation_ef"]
+        assert None not in measured.values(), measured
+        assert measured[70] - measured[30] > 5, measured
+
+
+@pytest.mark.browser
+def test_browser_loads_sample_drags_slider_and_saves_screenshot(browser_server, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip(f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"]
+    server = browser_server
+    outside = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("request", lambda r: outside.append(r.url)
+                    if not r.url.startswith((server.url.rstrip("/"), "data:", "blob:")) else None)
+            page.goto(server.url, wait_until="domcontentloaded")
+            page.wait_for_selector("#orig-video video", timeout=60_000)  # the sample is loaded at start
+            page.wait_for_selector("#cf-video video", timeout=60_000)  # ... and its counterfactual shown
+            assert "Built-in sample" in page.inner_text("#case-md")
+            before = page.eval_on_selector("#cf-video video", "v => v.currentSrc || v.src")
+            track = page.locator("#ef-slider input[type=range]").bounding_box()
+            y = track["y"] + track["height"] / 2
+            page.mouse.move(track["x"] + track["width"] * 0.375, y)  # 40 % on a 10-90 track
+            page.mouse.down()
+            page.mouse.move(track["x"] + track["width"] * 0.75, y, steps=6)  # ~70 %
+            page.mouse.up()
+            page.wait_for_function(
+                "s => { const v = document.querySelector('#cf-video video'); return v && (v.currentSrc || v.src) "
+                "&& (v.currentSrc || v.src) !== s; }", arg=before, timeout=60_000)
+            page.wait_for_function("() => document.querySelector('#cf-video video').readyState >= 2",
+                                   timeout=30_000)
+            requested = int(page.input_value("#ef-box input"))
+            assert 65 <= requested <= 75
+            page.wait_for_function(f"() => document.querySelector('#latency-md').innerText.includes('{requested} %')",
+                                   timeout=30_000)
+            page.wait_for_function("() => document.querySelector('#readout-md').innerText.includes('Requested EF')",
+                                   timeout=60_000)
+            time.sleep(1.0)  # let the plots settle
+            shot = tmp_path / "app_screenshot.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert outside == [], f"the page fetched resources from outside the app: {outside[:5]}"
+    assert shot.stat().st_size > 20_000
+    if os.environ.get("ECHOLVFM_SCREENSHOT"):
+        target = Path(os.environ["ECHOLVFM_SCREENSHOT"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, target)
