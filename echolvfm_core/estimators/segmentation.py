@@ -206,7 +206,7 @@ class SegmentationEF:
 
     def __init__(self, model: LVSegmenter, device: str | torch.device | None = None, cleanup: bool = True,
                  batch_size: int = 32):
-        self.model = model.eval()
+        self.model = model.eval().to(memory_format=torch.channels_last)  # faster convolutions on CPU
         if device is not None:
             self.model.to(device)
         self.cleanup = cleanup

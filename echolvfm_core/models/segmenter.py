@@ -30,7 +30,7 @@ class SegmenterConfig:
     layers_per_block: int = 1
     norm_num_groups: int = 8
     stem_stride: int = 2
-    head_channels: int = 16
+    head_channels: int = 8
     in_channels: int = 1
     num_classes: int = 4
     sample_size: int = 112
@@ -64,7 +64,7 @@ class LVSegmenter(ModelMixin, ConfigMixin):
         layers_per_block: int = 1,
         norm_num_groups: int = 8,
         stem_stride: int = 2,
-        head_channels: int = 16,
+        head_channels: int = 8,
         in_channels: int = 1,
         num_classes: int = 4,
         sample_size: int = 112,
@@ -104,7 +104,7 @@ class LVSegmenter(ModelMixin, ConfigMixin):
                     temb_channels=None,
                     num_layers=layers_per_block,
                     resnet_groups=norm_num_groups,
-                    add_upsample=i < len(rev) - 1,
+                    add_upsample=False,  # nearest-neighbour upsampling in forward(); the next resnet convolves
                 )
             )
         self.norm_out = nn.GroupNorm(norm_num_groups, chans[0])
@@ -139,7 +139,9 @@ class LVSegmenter(ModelMixin, ConfigMixin):
             sample, res = block(sample)
             skips.append(res[len(block.resnets) - 1])
         sample = self.mid_block(sample)
-        for block in self.up_blocks:
+        for i, block in enumerate(self.up_blocks):
+            if i:
+                sample = F.interpolate(sample, scale_factor=2.0, mode="nearest")
             sample = block(sample, (skips.pop(),) * len(block.resnets))
         sample = F.silu(self.norm_out(sample))
         if self.skip_in is None:
@@ -155,5 +157,6 @@ class LVSegmenter(ModelMixin, ConfigMixin):
             raise ValueError(f"LVSegmenter.predict expects frames (T, H, W); got {tuple(frames.shape)}.")
         out = []
         for chunk in frames.split(batch_size):
-            out.append(self(chunk[:, None].to(self.device, self.dtype)).argmax(1))
+            x = chunk[:, None].to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
+            out.append(self(x).argmax(1))
         return torch.cat(out).cpu()

@@ -1,0 +1,294 @@
+"""EF denoiser, DDIM posterior sampler, diffusion-regression training and its metrics."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from echolvfm_core.data.loops import CycleTiming
+from echolvfm_core.data.phantom import render_phantom
+from echolvfm_core.echo import ClinicalInfo, Echo, EchoLoadError
+from echolvfm_core.estimators.ef_posterior import (
+    EFPosterior,
+    EFPosteriorEstimator,
+    clip_indices,
+    ddim_sample,
+    default_ef_regressor_dir,
+    evaluate_ef_regression,
+    make_sampler,
+    make_train_scheduler,
+    video_clip,
+)
+from echolvfm_core.metrics import crps_samples, interval_coverage
+from echolvfm_core.models.ef_denoiser import EFDenoiser, ef_denoiser_preset
+from echolvfm_core.training.augment import AugmentConfig
+from echolvfm_core.training.ef_regressor import ClipSampler, diffusion_loss, fit, label_stats, train_preset
+
+
+def tiny_model(**overrides) -> EFDenoiser:
+    torch.manual_seed(0)
+    return EFDenoiser(**{**dataclasses.asdict(ef_denoiser_preset("tiny")), **overrides})
+
+
+def tiny_estimator(**overrides) -> EFPosteriorEstimator:
+    return EFPosteriorEstimator(tiny_model(**overrides), make_sampler(make_train_scheduler().config))
+
+
+@pytest.fixture(scope="module")
+def loops():
+    """Two phantom cycles of the same anatomy at different EFs, as floats in [0, 1]."""
+    out = []
+    for ef in (30.0, 65.0):
+        p = render_phantom(4, ef, CycleTiming(16), fps=30.0, size=64)
+        out.append(dataclasses.replace(p, frames=p.frames.astype(np.float32) / 255.0))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- network
+def test_denoiser_shapes_and_conditioning():
+    model = tiny_model()
+    c = model.config
+    video = torch.rand(3, 1, c.num_frames, c.frame_size, c.frame_size)
+    feats = model.encode(video)
+    assert feats.shape == (3, c.feature_dim)
+    t = torch.tensor([0, 500, 999])
+    eps = model(torch.randn(3), t, features=feats)
+    assert eps.shape == (3,) and torch.isfinite(eps).all()
+    # known age / sex change the prediction; unknown ones use the null embeddings (NaN / -1)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.age_null)
+        base = model(torch.zeros(3), t, features=feats)
+        aged = model(torch.zeros(3), t, features=feats, age=torch.tensor([70.0, 70.0, float("nan")]),
+                     sex=torch.tensor([1, -1, -1]))
+    assert not torch.allclose(base[:2], aged[:2]) and torch.allclose(base[2], aged[2])
+    # batch-1 conditioning is shared by many samples
+    cond = model.condition(feats[:1])
+    assert model(torch.randn(5), t[:1], cond=cond).shape == (5,)
+
+
+def test_denoiser_rejects_bad_input():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="encode expects"):
+        model.encode(torch.rand(1, 1, 3, 32, 32))
+    with pytest.raises(ValueError, match="exactly one"):
+        model(torch.randn(2), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="ef_std"):
+        EFDenoiser(ef_std=0.0)
+
+
+def test_clip_indices_and_video_clip():
+    assert clip_indices(30, 4).tolist() == [0, 10, 19, 29]
+    assert clip_indices(5, 8).min() == 0 and clip_indices(5, 8).max() == 4
+    two = clip_indices(10, 10, offset=0.5, cycles=2.0)
+    assert two.tolist() == [5, 7, 9, 1, 3, 5, 7, 9, 1, 3]
+    clip = video_clip(np.random.rand(12, 64, 64).astype(np.float32), 8, 32)
+    assert clip.shape == (1, 8, 32, 32) and clip.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------- sampler
+def test_ddim_with_exact_gaussian_score_recovers_the_posterior():
+    """Known answer: for y0 ~ N(m, s^2) the optimal noise prediction is analytic; 10 DDIM steps on 4000 draws
+    must reproduce the mean closely and the sd within the discretisation error of 10 steps (a slight shrinkage).
+    A small error in the predicted noise must not blow up (the first step avoids the zero signal-to-noise end)."""
+    sampler = make_sampler(make_train_scheduler().config)
+    abar = sampler.alphas_cumprod.double()
+    m, s = 0.8, 0.5
+
+    def eps_fn(y, t):
+        a = abar[t]
+        return (1 - a).sqrt() * (y - a.sqrt() * m) / (a * s * s + 1 - a)
+
+    y = ddim_sample(eps_fn, sampler, 4000, 10, torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert float(y.mean()) == pytest.approx(m, abs=0.05)
+    assert 0.75 * s < float(y.std()) < 1.05 * s
+    off = ddim_sample(lambda y, t: eps_fn(y, t) + 0.02, sampler, 4000, 10, torch.Generator().manual_seed(0),
+                      dtype=torch.float64)
+    assert float(off.mean()) == pytest.approx(m, abs=0.15)
+
+
+def test_posterior_deterministic_for_a_seed(loops):
+    est = tiny_estimator()
+    a = est.posterior(loops[0].frames, seed=3)
+    b = est.posterior(loops[0].frames, seed=3)
+    c = est.posterior(loops[0].frames, seed=4)
+    assert np.array_equal(a.samples, b.samples) and not np.array_equal(a.samples, c.samples)
+    assert a.samples.shape == (40,) and a.steps == 10
+    assert a.samples.min() >= 0 and a.samples.max() <= 100
+    assert a.p05 <= a.mean <= a.p95
+    d = a.to_dict()
+    assert set(d) >= {"mean", "sd", "p05", "p95", "samples"} and len(d["samples"]) == 40
+    json.dumps(d)
+
+
+def test_features_are_cached_per_loop(loops, monkeypatch):
+    est = tiny_estimator()
+    calls = []
+    original = est.model.encode
+    monkeypatch.setattr(est.model, "encode", lambda v: calls.append(1) or original(v))
+    est.posterior(loops[0].frames, seed=0)
+    est.posterior(loops[0].frames, seed=1)
+    assert len(calls) == 1
+    est.posterior(loops[1].frames, seed=0)
+    assert len(calls) == 2
+
+
+def test_clipping_flag():
+    inside = EFPosterior.from_samples(np.array([40.0, 50.0, 60.0]), seed=0, steps=10)
+    assert not inside.clipped and inside.mean == pytest.approx(50.0)
+    outside = EFPosterior.from_samples(np.array([-5.0, 50.0, 104.0]), seed=0, steps=10)
+    assert outside.clipped and outside.samples.min() == 0.0 and outside.samples.max() == 100.0
+    # a model whose EF scale puts every draw far above 100 % gets clipped samples and the flag
+    est = tiny_estimator(ef_mean=400.0, ef_std=1.0)
+    post = est.posterior(np.random.rand(8, 64, 64).astype(np.float32), seed=0)
+    assert post.clipped and np.all(post.samples == 100.0)
+
+
+def test_bad_inputs(loops):
+    est = tiny_estimator()
+    with pytest.raises(EchoLoadError, match="single still frame"):
+        est.posterior(loops[0].frames[:1])
+    with pytest.raises(EchoLoadError, match="single still frame"):
+        est.posterior_echo(Echo(frames=loops[0].frames[:1]))
+    with pytest.raises(ValueError, match="square"):
+        est.posterior(loops[0].frames[:, :, :32])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        est.posterior(loops[0].frames * 3)
+    with pytest.raises(ValueError, match="sex"):
+        est.posterior(loops[0].frames, sex="X")
+    with pytest.raises(ValueError, match="age"):
+        est.posterior(loops[0].frames, age=-3)
+    post = est.posterior_echo(Echo(frames=loops[0].frames, info=ClinicalInfo(age=64.0, sex="F")))
+    assert post.samples.shape == (40,)
+
+
+def test_save_load_roundtrip(loops, tmp_path):
+    est = tiny_estimator()
+    est.model.save_pretrained(tmp_path)
+    make_train_scheduler().save_pretrained(tmp_path)
+    again = EFPosteriorEstimator.from_pretrained(tmp_path)
+    assert np.allclose(est.posterior(loops[0].frames).samples, again.posterior(loops[0].frames).samples, atol=1e-3)
+    with pytest.raises(FileNotFoundError):
+        EFPosteriorEstimator.from_pretrained(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------------- training
+class _Loop:
+    def __init__(self, frames, ef):
+        self.frames, self.ef = frames, ef
+
+
+def _dataset(loops):
+    return [_Loop((p.frames * 255).astype(np.uint8), p.ef) for p in loops]
+
+
+def test_training_steps_lower_the_loss(loops):
+    """A few steps on two loops: the noise-prediction loss (fixed noise and timesteps) goes down."""
+    cfg = train_preset("tiny")
+    mean, sd = label_stats(np.array([p.ef for p in loops]))
+    model = tiny_model(ef_mean=mean, ef_std=sd)
+    sampler = ClipSampler(_dataset(loops), model.config, dataclasses.replace(cfg, p_uninformative=0.0))
+    sched = make_train_scheduler()
+    clips, ef, age, sex = sampler.sample(4, torch.Generator().manual_seed(0))
+    assert clips.shape == (4, 1, 8, 32, 32) and clips.min() >= 0 and clips.max() <= 1
+
+    def loss_at(seed):
+        return diffusion_loss(model, sched, clips, ef, age, sex, 8, 0.5, torch.Generator().manual_seed(seed))[0]
+
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    with torch.no_grad():
+        before = np.mean([float(loss_at(100 + k)) for k in range(4)])
+    for step in range(40):
+        loss = loss_at(step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = np.mean([float(loss_at(100 + k)) for k in range(4)])
+    assert after < 0.8 * before
+
+
+def test_uninformative_clips_replace_the_video(loops):
+    cfg = dataclasses.replace(train_preset("tiny"), p_uninformative=1.0)
+    model = tiny_model()
+    sampler = ClipSampler(_dataset(loops), model.config, cfg)
+    clips, ef, _, _ = sampler.sample(6, torch.Generator().manual_seed(1))
+    known = np.array([p.ef for p in loops])
+    assert all(np.isclose(known, v, atol=1e-3).any() for v in ef.tolist())  # labels are kept
+    for clip in clips[:, 0]:
+        still = torch.allclose(clip, clip[:1].expand_as(clip))
+        assert still or float(clip.std()) > 0.02
+
+
+def test_fit_writes_model_scheduler_metrics(loops, tmp_path):
+    mean, sd = label_stats(np.array([p.ef for p in loops]))
+    cfg = train_preset("tiny")
+    cfg = dataclasses.replace(cfg, steps=3, checkpoint_every=2, model=dataclasses.replace(cfg.model, ef_mean=mean, ef_std=sd))
+    metrics = fit(ClipSampler(_dataset(loops), cfg.model, cfg), cfg, tmp_path, seed=0, valid_loops=_dataset(loops))
+    v = metrics["valid_alpha1"]
+    assert set(v) == {"mae", "rmse", "r2", "crps", "coverage90", "n"} and v["n"] == 2
+    est = EFPosteriorEstimator.from_pretrained(tmp_path / "final")
+    assert est.model.config.ef_mean == pytest.approx(mean)
+    more = fit(ClipSampler(_dataset(loops), cfg.model, cfg), dataclasses.replace(cfg, steps=4), tmp_path, resume=True)
+    assert json.loads((tmp_path / "checkpoint" / "progress.json").read_text())["step"] == 4 and more["steps"] == 4
+
+
+def test_evaluate_ef_regression_known_answer():
+    """A fake estimator that returns N(truth + 2, 1) samples: MAE about 2, coverage of the 90 % interval low."""
+
+    class Fake:
+        def posterior(self, frames, seed=0):
+            truth = float(frames.mean() * 100)
+            s = np.random.default_rng(seed).normal(truth + 2.0, 1.0, 400)
+            return EFPosterior.from_samples(s, seed, 10)
+
+    data = [_Loop(np.full((4, 8, 8), v, np.float32), v * 100) for v in (0.3, 0.5, 0.6, 0.7)]
+    out = evaluate_ef_regression(Fake(), data)
+    assert out["n"] == 4 and out["mae"] == pytest.approx(2.0, abs=0.2)
+    assert out["coverage90"] == 0.0 and out["r2"] < 1.0
+    assert out["crps"] == pytest.approx(np.mean([crps_samples(Fake().posterior(d.frames).samples, d.ef) for d in data]))
+
+
+def test_crps_and_coverage_known_answers():
+    # CRPS of a point mass at x against y is |x - y|; of N(0, 1) samples against 0 it is 2 phi(0) - 1/sqrt(pi)
+    assert crps_samples(np.full(10, 3.0), 1.0) == pytest.approx(2.0)
+    z = np.random.default_rng(0).normal(size=100_000)
+    assert crps_samples(z, 0.0) == pytest.approx(2 / np.sqrt(2 * np.pi) - 1 / np.sqrt(np.pi), abs=0.005)
+    assert crps_samples(np.stack([z[:100], z[100:200]]), np.array([0.0, 1.0])).shape == (2,)
+    assert interval_coverage([0, 0], [1, 1], [0.5, 2.0]) == 0.5
+    with pytest.raises(ValueError):
+        crps_samples(np.array([np.nan]), 0.0)
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_tight_posteriors_for_loops_and_a_wide_one_for_noise(loops, tmp_path):
+    """Structure of the uncertainty, on a tiny model trained for 200 steps on two phantom loops (30 % of the clips
+    replaced by noise or a still frame): each loop's posterior sits on its EF, pure noise gets a wide posterior."""
+    mean, sd = label_stats(np.array([p.ef for p in loops]))
+    cfg = train_preset("tiny")
+    still = AugmentConfig(p_geometry=0, gain_range=(1, 1), gamma_log_range=0, attenuation_range=(0, 0), p_speckle=0,
+                          p_dropout=0, p_far_dropout=0)
+    cfg = dataclasses.replace(cfg, steps=200, batch_size=8, noise_draws=8, lr=1e-2, checkpoint_every=0,
+                              p_uninformative=0.3, p_inference_clip=1.0, augment=still,
+                              model=dataclasses.replace(cfg.model, ef_mean=mean, ef_std=sd))
+    fit(ClipSampler(_dataset(loops), cfg.model, cfg), cfg, tmp_path, seed=1)
+    est = EFPosteriorEstimator.from_pretrained(tmp_path / "final")
+    clean = [est.posterior(p.frames, seed=0) for p in loops]
+    noise = est.posterior(np.random.default_rng(0).random((16, 64, 64)).astype(np.float32), seed=0)
+    for post, p in zip(clean, loops):
+        assert abs(post.mean - p.ef) < 5, (post.mean, p.ef)
+    assert noise.sd > 1.5 * max(post.sd for post in clean)
+
+
+# ---------------------------------------------------------------------------------------------------- bundled
+@pytest.mark.skipif(not (default_ef_regressor_dir() / "config.json").is_file(),
+                    reason="no bundled EF posterior model in assets/ef_regressor (train with `echolvfm train ef-regressor`)")
+def test_bundled_posterior_is_wider_for_noise_than_for_a_clean_loop():
+    """Needs the trained, bundled weights: pure noise carries no EF information, a phantom loop does."""
+    est = EFPosteriorEstimator.from_pretrained()
+    loop = render_phantom(21, 55.0, CycleTiming(30), fps=30.0)
+    clean = est.posterior(loop.frames.astype(np.float32) / 255.0, seed=0)
+    noise = est.posterior(np.random.default_rng(0).random((30, 112, 112)).astype(np.float32), seed=0)
+    assert noise.sd > clean.sd
