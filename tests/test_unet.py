@@ -26,8 +26,9 @@ def _inputs(b=2, t=5, hw=8, seed=0):
 
 @pytest.fixture(scope="module")
 def tiny():
+    """The tiny preset without patchifying and with attention at both levels (the preset itself: patch 2)."""
     torch.manual_seed(0)
-    return EchoVelocityUNet.from_preset("tiny").eval()
+    return EchoVelocityUNet.from_preset("tiny", patch_size=1, transformer_layers_per_block=(1, 1)).eval()
 
 
 def _count(name: str) -> int:

@@ -45,7 +45,8 @@ class ObservationSampler:
 
     ``sampler = ObservationSampler(ObservationConfig(), seed=0)``;
     ``length = sampler.length(available)``; ``observed, pattern = sampler.observed(length, ed_index=0)``
-    -> bool (max_frames,) with True only at frames < length.
+    -> bool (max_frames,) with True only at frames < length (``pattern()`` draws a pattern name on its own, for
+    callers that choose the clip window by pattern).
     """
 
     def __init__(self, config: ObservationConfig | None = None, seed: int = 0):
@@ -64,6 +65,10 @@ class ObservationSampler:
             raise ValueError(f"A loop of {available} frames is shorter than min_frames={c.min_frames}.")
         return self._randint(c.min_frames, min(c.max_frames, available))
 
+    def pattern(self) -> str:
+        """A pattern name drawn with the configured probabilities."""
+        return PATTERNS[int(torch.multinomial(self._probs, 1, generator=self.generator))]
+
     def observed(self, length: int, ed_index: int = 0, pattern: str | None = None) -> tuple[torch.Tensor, str]:
         """(mask bool (max_frames,), pattern name) for a clip of ``length`` frames whose ED frame is ``ed_index``."""
         c = self.config
@@ -72,7 +77,7 @@ class ObservationSampler:
         if not 0 <= ed_index < length:
             raise ValueError(f"ed_index {ed_index} is outside a clip of {length} frames.")
         if pattern is None:
-            pattern = PATTERNS[int(torch.multinomial(self._probs, 1, generator=self.generator))]
+            pattern = self.pattern()
         elif pattern not in PATTERNS:
             raise ValueError(f"Unknown pattern {pattern!r}; choose one of {PATTERNS}.")
         mask = torch.zeros(c.max_frames, dtype=torch.bool)

@@ -113,9 +113,10 @@ UNET_PRESETS = {
     "tiny": UNetConfig(
         block_out_channels=(16, 32),
         layers_per_block=1,
-        transformer_layers_per_block=(1, 1),
+        transformer_layers_per_block=(0, 1),
         attention_head_dim=8,
         norm_num_groups=4,
+        patch_size=2,
     ),
 }
 

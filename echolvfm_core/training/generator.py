@@ -1,0 +1,542 @@
+"""Train the one-step generator: ``echolvfm train generator --data PREPARED --preset demo|paper|tiny --out DIR
+[--vae DIR]``.
+
+1. Latents: every prepared loop is encoded once with the codec (``--vae``, default ``assets/vae``) and cached in
+   ``DIR/latents_<split>.pt`` (float16; reused while the data folder and the codec are unchanged), so training
+   never runs the VAE.
+2. Batches (:class:`ClipSampler`, seeded): a clip of 10-32 frames of a loop (from end-diastole, or from a random
+   frame), an observed-frame set from :class:`~echolvfm_core.flows.ObservationSampler` (one frame at a random
+   phase, ED only, random subsets, first k, every other frame), padded to 32 frames with the not-padding mask.
+   Counterfactual supervision: with probability ``counterfactual_prob`` the observed frames come from another loop
+   of the same patient (same anatomy, other EF; ``PreparedLoops.loops_of``) at the same cardiac phase, while the
+   target and the EF are this loop's; otherwise the clip reconstructs its own loop.
+3. Objective: masked MeanFlow (:class:`~echolvfm_core.flows.MeanFlow`) through accelerate (CPU, one GPU, or
+   ``accelerate launch --multi_gpu -m echolvfm_core.cli train generator ...``), bf16 on GPU, AdamW with warm-up
+   and cosine decay, gradient clipping, an EMA copy of the weights (what is saved), checkpoint / resume, tqdm with
+   the loss parts, and PNG sample grids (observed frame, real loop, generated loop) decoded with the codec.
+
+The final EMA model goes to ``DIR/final`` (``save_pretrained`` + ``flow.json`` + ``training_config.json``), the
+run summary to ``DIR/metrics.json``. :func:`bench_generator` times one-step vs 25-step sampling and the MeanFlow
+(JVP) training step vs plain flow matching.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..flows import (
+    Conditioning,
+    LinearFlow,
+    MeanFlow,
+    MeanFlowConfig,
+    ObservationConfig,
+    ObservationSampler,
+    VideoBatch,
+)
+from ..models.unet import EchoVelocityUNet, UNetConfig, jvp_flash_available, unet_preset
+from ..pipelines.counterfactual import save_generator
+from .common import load_checkpoint, make_accelerator, progress, save_checkpoint, set_seed
+
+__all__ = [
+    "GeneratorTrainConfig",
+    "TRAIN_PRESETS",
+    "train_preset",
+    "LatentLoops",
+    "encode_loops",
+    "ClipSampler",
+    "ema_update",
+    "fit",
+    "train",
+    "add_arguments",
+    "bench_generator",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GeneratorTrainConfig:
+    """Schedule of a generator training run (saved with the model as ``training_config.json``).
+
+    Attributes:
+        model: network architecture (:class:`UNetConfig`); flow: MeanFlow hyper-parameters;
+        observation: observed-frame patterns and clip lengths.
+        steps, batch_size: optimiser steps and clips per step (over all processes).
+        lr, warmup, weight_decay: AdamW with linear warm-up, then cosine decay to 10 % of ``lr``.
+        grad_clip: max global gradient norm. ema_decay: EMA of the weights (warm-up ``(1+s)/(10+s)``).
+        counterfactual_prob: share of clips conditioned on another loop of the same patient.
+        random_start_prob: share of clips starting at a random frame instead of end-diastole.
+        phantom: also train on phantom loops (always used when the folder has no CAMUS loops).
+        checkpoint_every, sample_every: in steps (0 = only at the end).
+    """
+
+    model: UNetConfig = field(default_factory=lambda: unet_preset("demo"))
+    flow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
+    observation: ObservationConfig = field(default_factory=ObservationConfig)
+    steps: int = 30000
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup: int = 500
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    counterfactual_prob: float = 0.5
+    random_start_prob: float = 0.5
+    phantom: bool = False
+    checkpoint_every: int = 1000
+    sample_every: int = 2000
+
+
+TRAIN_PRESETS = {
+    "demo": GeneratorTrainConfig(),
+    "paper": GeneratorTrainConfig(model=unet_preset("paper"), steps=100000, lr=1e-4, sample_every=5000),
+    "tiny": GeneratorTrainConfig(
+        model=unet_preset("tiny"), steps=4, batch_size=2, warmup=1, phantom=True, checkpoint_every=2,
+        sample_every=3, flow=MeanFlowConfig(share_r_neq_t=0.5, recon_weight=0.1, linear_ratio=0.25),
+        observation=ObservationConfig(min_frames=6, max_frames=12),
+    ),
+}
+
+
+def train_preset(name: str) -> GeneratorTrainConfig:
+    """The :class:`GeneratorTrainConfig` of preset ``name`` ("demo", "paper" or "tiny")."""
+    if name not in TRAIN_PRESETS:
+        raise ValueError(f"Unknown generator preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}.")
+    return TRAIN_PRESETS[name]
+
+
+# ------------------------------------------------------------------------------------------------------ latents
+@dataclass
+class LatentLoops:
+    """Encoded loops in memory.
+
+    Attributes:
+        latents: per loop a float16 tensor (C, T, h, w) of normalised latents; frame 0 is end-diastole.
+        ef: (N,) EF in %; ed_index: (N,) ED frame per loop; patient, loop_id: per loop.
+        fingerprint: identifies the data folder view and codec the latents were made from.
+    """
+
+    latents: list[torch.Tensor]
+    ef: np.ndarray
+    ed_index: np.ndarray
+    patient: list[str]
+    loop_id: list[str]
+    fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        n = len(self.latents)
+        if not (len(self.ef) == len(self.ed_index) == len(self.patient) == len(self.loop_id) == n):
+            raise ValueError("LatentLoops fields must all have one entry per loop.")
+        self._by_patient: dict[str, list[int]] = {}
+        for i, p in enumerate(self.patient):
+            self._by_patient.setdefault(p, []).append(i)
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def loops_of(self, patient: str) -> list[int]:
+        """Indices of the loops of one patient (same anatomy, different EFs)."""
+        return list(self._by_patient.get(patient, []))
+
+    def save(self, path: Path) -> None:
+        torch.save({"fingerprint": self.fingerprint, "latents": self.latents, "ef": self.ef.tolist(),
+                    "ed_index": self.ed_index.tolist(), "patient": self.patient, "loop_id": self.loop_id}, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "LatentLoops":
+        d = torch.load(path, weights_only=True)
+        return cls(d["latents"], np.asarray(d["ef"], np.float64), np.asarray(d["ed_index"], np.int64),
+                   list(d["patient"]), list(d["loop_id"]), d["fingerprint"])
+
+
+def _fingerprint(ds, codec) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(ds.meta, sort_keys=True, default=str).encode())
+    h.update(json.dumps([r["loop_id"] for r in ds.manifest]).encode())
+    h.update(json.dumps(dict(codec.vae.config), sort_keys=True, default=str).encode())
+    h.update(json.dumps([list(codec.stats.mean), list(codec.stats.std)]).encode())
+    return h.hexdigest()[:16]
+
+
+def encode_loops(ds, codec, cache: Path | None = None, desc: str = "encode loops") -> LatentLoops:
+    """Encode every loop of ``ds`` (a ``PreparedLoops`` view) with ``codec``; reuse / write ``cache`` when given."""
+    from tqdm.auto import tqdm
+
+    fp = _fingerprint(ds, codec)
+    if cache is not None and Path(cache).is_file():
+        loaded = LatentLoops.load(Path(cache))
+        if loaded.fingerprint == fp:
+            return loaded
+        log.info("latent cache %s is for other data or another codec; re-encoding", cache)
+    latents, ef, ed, patient, ids = [], [], [], [], []
+    for i in tqdm(range(len(ds)), desc=desc, dynamic_ncols=True):
+        s = ds[i]
+        frames = torch.from_numpy(np.asarray(s.frames)).float().div_(255.0)[None]
+        latents.append(codec.encode(frames)[0].to("cpu", torch.float16).contiguous())
+        ef.append(float(s.ef))
+        ed.append(int(s.ed_index))
+        patient.append(str(s.patient))
+        ids.append(str(s.loop_id))
+    out = LatentLoops(latents, np.asarray(ef), np.asarray(ed, np.int64), patient, ids, fp)
+    if cache is not None:
+        out.save(Path(cache))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ batches
+class ClipSampler:
+    """Seeded training batches from :class:`LatentLoops` (see the module docstring, step 2).
+
+    ``batch(batch_size, generator) -> VideoBatch`` with clips padded to ``observation.max_frames``; the same
+    generator state gives the same batch.
+    """
+
+    def __init__(self, loops: LatentLoops, observation: ObservationConfig, counterfactual_prob: float = 0.5,
+                 random_start_prob: float = 0.5):
+        if len(loops) == 0:
+            raise ValueError("No loops to train on.")
+        short = [loops.loop_id[i] for i, z in enumerate(loops.latents) if z.shape[1] < observation.min_frames]
+        if short:
+            raise ValueError(f"{len(short)} loops are shorter than {observation.min_frames} frames (e.g. {short[0]}).")
+        self.loops = loops
+        self.observation = observation
+        self.counterfactual_prob = counterfactual_prob
+        self.random_start_prob = random_start_prob
+
+    def _clip(self, i: int, obs: ObservationSampler, g: torch.Generator):
+        loops, cfg = self.loops, self.observation
+        lat = loops.latents[i]
+        n_frames = lat.shape[1]
+        length = obs.length(n_frames)
+        pattern = obs.pattern()
+        start = 0
+        if pattern != "ed" and float(torch.rand((), generator=g)) < self.random_start_prob:
+            start = int(torch.randint(0, n_frames - length + 1, (), generator=g))
+        ed = int(loops.ed_index[i]) - start if pattern == "ed" else 0
+        observed, _ = obs.observed(length, ed_index=ed, pattern=pattern)
+
+        source = lat
+        others = [j for j in loops.loops_of(loops.patient[i]) if j != i]
+        if others and float(torch.rand((), generator=g)) < self.counterfactual_prob:
+            source = loops.latents[others[int(torch.randint(0, len(others), (), generator=g))]]
+        c, _, h, w = lat.shape
+        x = torch.zeros(c, cfg.max_frames, h, w)
+        x[:, :length] = lat[:, start : start + length].float()
+        cond = torch.zeros_like(x)
+        pos = observed.nonzero().flatten()
+        # The same cardiac phase in the source loop: loops span one cycle from end-diastole.
+        src = ((pos + start).double() * source.shape[1] / n_frames).round().long().clamp_max(source.shape[1] - 1)
+        cond[:, pos] = source[:, src].float()
+        frame_mask = torch.zeros(cfg.max_frames, dtype=torch.bool)
+        frame_mask[:length] = True
+        return x, cond, observed, frame_mask, float(loops.ef[i])
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> VideoBatch:
+        """``batch_size`` clips drawn with ``generator`` (CPU)."""
+        seed = int(torch.randint(0, 2**62, (), generator=generator))
+        obs = ObservationSampler(self.observation, seed=seed)
+        idx = torch.randint(0, len(self.loops), (batch_size,), generator=generator).tolist()
+        parts = [self._clip(i, obs, generator) for i in idx]
+        x, cond, observed, frame_mask, ef = (list(p) for p in zip(*parts))
+        c = Conditioning(torch.stack(cond), torch.stack(observed), torch.stack(frame_mask), torch.tensor(ef))
+        return VideoBatch(torch.stack(x), c)
+
+
+# ------------------------------------------------------------------------------------------------------ training
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers copied)."""
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm.detach().to(pe.dtype), 1.0 - decay)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
+def _lr_lambda(cfg: GeneratorTrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / max(1, cfg.warmup)
+        p = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+
+    return f
+
+
+def _preview_batch(loops: LatentLoops, cfg: GeneratorTrainConfig, n: int = 4) -> VideoBatch:
+    """Fixed preview clips: the first ``n`` loops from ED, ED observed, their own EF."""
+    xs, conds, obs, fms, efs = [], [], [], [], []
+    m = cfg.observation.max_frames
+    for i in range(min(n, len(loops))):
+        lat = loops.latents[i].float()
+        length = min(lat.shape[1], m)
+        x = torch.zeros(lat.shape[0], m, *lat.shape[2:])
+        x[:, :length] = lat[:, :length]
+        o = torch.zeros(m, dtype=torch.bool)
+        o[0] = True
+        fm = torch.zeros(m, dtype=torch.bool)
+        fm[:length] = True
+        xs.append(x)
+        conds.append(x * o[None, :, None, None].float())
+        obs.append(o)
+        fms.append(fm)
+        efs.append(float(loops.ef[i]))
+    return VideoBatch(torch.stack(xs), Conditioning(torch.stack(conds), torch.stack(obs), torch.stack(fms), torch.tensor(efs)))
+
+
+def save_sample_grid(flow: MeanFlow, batch: VideoBatch, codec, path: Path, seed: int = 0, columns: int = 8) -> Path:
+    """PNG: per preview clip one row of real frames and one row of the one-step sample (``columns`` frames each)."""
+    from PIL import Image
+
+    dev = next(flow.net.parameters()).device
+    b = batch.to(dev)
+    gen = torch.Generator(dev).manual_seed(seed)
+    sample = flow.sample(b.cond, steps=1, generator=gen).float()
+    real = codec.decode(b.x.float()).cpu().numpy()
+    fake = codec.decode(sample).cpu().numpy()
+    rows = []
+    for k in range(real.shape[0]):
+        length = int(batch.cond.frame_mask[k].sum())
+        idx = np.linspace(0, length - 1, min(columns, length)).round().astype(int)
+        rows.append(np.concatenate(list(real[k, idx]), axis=1))
+        rows.append(np.concatenate(list(fake[k, idx]), axis=1))
+    width = max(r.shape[1] for r in rows)
+    grid = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]))) for r in rows], axis=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.clip(grid, 0, 1) * 255).round().astype(np.uint8)).save(path)
+    return path
+
+
+def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, seed: int = 0, device: str | None = None,
+        resume: bool = False, preview: LatentLoops | None = None) -> dict:
+    """Train the generator on encoded loops; writes ``out/final`` and ``out/metrics.json``.
+
+    Args:
+        loops: training latents. cfg: the run's configuration. out: output folder (``out/checkpoint``,
+            ``out/samples/step_XXXXXX.png`` when ``codec`` is given).
+        codec: for sample grids (decoding); None skips them.
+        seed: seeds initialisation; batch ``k`` depends only on (seed, k), so a resumed run sees the same data.
+        resume: continue from ``out/checkpoint`` when present.
+        preview: loops for the sample grids (default: the training loops).
+
+    Returns:
+        The metrics dict (also ``out/metrics.json``).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(device)
+    set_seed(seed)
+    net = EchoVelocityUNet.from_preset(cfg.model)
+    net.null_ef.requires_grad_(False)  # MeanFlow does not drop the EF; frozen so DDP sees no unused parameter
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
+    flow = MeanFlow(net, cfg.flow)
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    flow, optimizer, scheduler = accelerator.prepare(flow, optimizer, scheduler)
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema)
+    state = load_checkpoint(accelerator, out) if resume else {"step": 0}
+    step = start_step = int(state["step"])
+    history = list(state.get("history", []))
+
+    sampler = ClipSampler(loops, cfg.observation, cfg.counterfactual_prob, cfg.random_start_prob)
+    per_process = max(1, cfg.batch_size // accelerator.num_processes)
+    preview_batch = _preview_batch(preview if preview is not None and len(preview) else loops, cfg)
+    ema_flow = MeanFlow(ema, cfg.flow)
+    parts_log: list[dict[str, float]] = []
+    bar = progress(accelerator, cfg.steps, step, desc="generator")
+    t0 = time.perf_counter()
+    while step < cfg.steps:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + accelerator.process_index)
+        batch = sampler.batch(per_process, g).to(accelerator.device)
+        noise_gen = torch.Generator(accelerator.device).manual_seed(seed * 1_000_033 + step * 31 + accelerator.process_index)
+        flow.train()
+        with accelerator.autocast():
+            loss = flow(batch, step=step, generator=noise_gen)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss.loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        ema_update(ema, accelerator.unwrap_model(flow).net, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        bar.update(1)
+        parts_log.append({"loss": float(loss.loss.detach()), **{k: float(v) for k, v in loss.parts.items()}})
+        recent = {k: float(np.mean([p[k] for p in parts_log[-50:] if k in p])) for k in parts_log[-1]}
+        bar.set_postfix({k: f"{v:.4f}" for k, v in recent.items() if k != "linear"})
+        if codec is not None and cfg.sample_every and step % cfg.sample_every == 0 and accelerator.is_main_process:
+            save_sample_grid(ema_flow, preview_batch, codec, out / "samples" / f"step_{step:06d}.png", seed=seed)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            history.append({"step": step, **recent})
+            save_checkpoint(accelerator, out, step, history=history)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    metrics = {
+        "steps": cfg.steps,
+        "resumed_from": start_step,
+        "final_loss": {k: float(np.mean([p[k] for p in parts_log[-50:] if k in p])) for k in parts_log[-1]}
+        if parts_log else None,
+        "seconds": round(elapsed, 1),
+        "steps_per_second": round((step - start_step) / elapsed, 3) if elapsed > 0 and step > start_step else None,
+        "device": str(accelerator.device),
+        "processes": accelerator.num_processes,
+        "seed": seed,
+        "n_loops": len(loops),
+        "parameters": sum(p.numel() for p in ema.parameters()),
+        "history": history,
+    }
+    if accelerator.is_main_process:
+        final = out / "final"
+        save_generator(copy.deepcopy(ema).float().cpu(), final, "meanflow", cfg.flow)
+        (final / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        if codec is not None:
+            save_sample_grid(ema_flow, preview_batch, codec, out / "samples" / "final.png", seed=seed)
+        save_checkpoint(accelerator, out, step, history=history)
+    return metrics
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Generator-specific flags of ``echolvfm train generator``."""
+    parser.add_argument("--vae", default=None, help="codec folder (default: the bundled assets/vae)")
+
+
+def train(args: argparse.Namespace) -> int:
+    """Entry point of ``echolvfm train generator``."""
+    from ..cli import CommandError
+    from ..data.prepared import PreparedLoops
+    from ..models.vae import EchoCodec
+    from ..pipelines.counterfactual import default_models_dir
+
+    cfg = train_preset(args.preset)
+    if args.steps is not None:
+        cfg = replace(cfg, steps=int(args.steps))
+    vae = Path(getattr(args, "vae", None) or default_models_dir() / "vae")
+    if not (vae / "config.json").is_file():
+        raise CommandError(f"No VAE in {vae}: the generator trains on latents; train one with `echolvfm train vae` "
+                           "or pass --vae DIR.")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    codec = EchoCodec.from_pretrained(vae, device=device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = None if cfg.phantom else "camus"
+    train_ds = PreparedLoops(args.data, split="train", source=source)
+    if len(train_ds) == 0 and source == "camus":
+        train_ds = PreparedLoops(args.data, split="train")
+    if len(train_ds) == 0:
+        raise CommandError(f"{args.data} has no training loops; run `echolvfm prepare` with loops per patient > 0.")
+    loops = encode_loops(train_ds, codec, out / "latents_train.pt", desc="encode train loops")
+    valid_ds = PreparedLoops(args.data, split="valid", source=source)
+    preview = encode_loops(valid_ds, codec, out / "latents_valid.pt", desc="encode valid loops") if len(valid_ds) else None
+    print(f"training loops: {len(loops)} ({len(set(loops.patient))} patients); preview loops: "
+          f"{len(preview) if preview is not None else 0}")
+    metrics = fit(loops, cfg, out, codec=codec, seed=args.seed, device=args.device, resume=args.resume, preview=preview)
+    print(f"final loss {metrics['final_loss']}; {metrics['steps_per_second']} steps/s on {metrics['device']}")
+    print(f"generator written to {out / 'final'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ benchmark
+def _timed(fn, device: torch.device, repeats: int) -> tuple[float, float | None]:
+    """(median seconds per call, peak CUDA memory in MiB or None) after one warm-up call."""
+    cuda = device.type == "cuda"
+    fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+    return float(np.median(times)), peak
+
+
+def bench_generator(preset: str = "demo", batch: int = 1, device: str = "cpu", dtype: str | torch.dtype = "float32",
+                    frames: int = 32, repeats: int = 5, linear_steps: int = 25, train_batch: int | None = None,
+                    seed: int = 0) -> dict:
+    """Time the generator in one process: one-step MeanFlow vs ``linear_steps``-step midpoint sampling, and one
+    training step (forward + backward) MeanFlow with JVP (every sample r < t) vs plain flow matching.
+
+    Args:
+        preset: network preset (random weights: the timing does not depend on them).
+        batch: videos per sampling call; train_batch: clips per training step (default ``batch``).
+        device: "cpu" or "cuda"; dtype: "float32", "bfloat16" or "float16" (training steps run under autocast
+            for half types on CUDA, in float32 on CPU).
+        frames: frames per video (latent 28 x 28).
+
+    Returns:
+        dict with ``one_step`` / ``linear`` {ms_per_call, ms_per_video, videos_per_s}, ``speedup`` (linear time /
+        one-step time), ``train_step`` {meanflow_jvp, flow_matching: {ms, peak_mib}, ratio}, and the setup.
+    """
+    dev = torch.device(device)
+    dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    g = torch.Generator().manual_seed(seed)
+    net = EchoVelocityUNet.from_preset(preset).to(dev).eval()
+    c, hw = net.config.latent_channels, net.config.sample_size
+
+    def make_batch(b: int) -> VideoBatch:
+        x = torch.randn(b, c, frames, hw, hw, generator=g)
+        obs = torch.zeros(b, frames, dtype=torch.bool)
+        obs[:, 0] = True
+        cond = Conditioning.from_latents(x, obs, torch.ones_like(obs), torch.full((b,), 50.0))
+        return VideoBatch(x, cond).to(dev)
+
+    result = {
+        "preset": preset, "parameters": sum(p.numel() for p in net.parameters()), "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "dtype": str(dt).replace("torch.", ""), "batch": batch, "frames": frames, "threads": torch.get_num_threads(),
+        "jvp_flash_attention": jvp_flash_available() and dev.type == "cuda",
+    }
+    infer_net = copy.deepcopy(net).to(dt)
+    cond = make_batch(batch).cond.to(dev, dt)
+    one = MeanFlow(infer_net)
+    lin = LinearFlow(infer_net)
+    with torch.inference_mode():
+        t_one, _ = _timed(lambda: one.sample(cond, steps=1, generator=torch.Generator(dev).manual_seed(0)), dev, repeats)
+        t_lin, _ = _timed(lambda: lin.sample(cond, steps=linear_steps, solver="midpoint",
+                                             generator=torch.Generator(dev).manual_seed(0)), dev, max(1, repeats // 3))
+    for name, t in (("one_step", t_one), ("linear", t_lin)):
+        result[name] = {"ms_per_call": round(t * 1e3, 2), "ms_per_video": round(t * 1e3 / batch, 2),
+                        "videos_per_s": round(batch / t, 2)}
+    result["linear"]["steps"] = linear_steps
+    result["linear"]["network_calls"] = 2 * linear_steps
+    result["speedup"] = round(t_lin / t_one, 1)
+    del infer_net
+
+    tb = train_batch or batch
+    train_data = make_batch(tb)
+    net.train()
+    autocast = dev.type == "cuda" and dt in (torch.bfloat16, torch.float16)
+
+    def step(flow):
+        def run():
+            net.zero_grad(set_to_none=True)
+            with torch.autocast(dev.type, dtype=dt, enabled=autocast):
+                loss = flow(train_data, generator=torch.Generator(dev).manual_seed(0)).loss
+            loss.backward()
+        return run
+
+    t_mf, mem_mf = _timed(step(MeanFlow(net, share_r_neq_t=1.0)), dev, max(1, repeats // 2))
+    t_fm, mem_fm = _timed(step(LinearFlow(net, ef_dropout=0.0)), dev, max(1, repeats // 2))
+    result["train_step"] = {
+        "batch": tb,
+        "meanflow_jvp": {"ms": round(t_mf * 1e3, 1), "peak_mib": None if mem_mf is None else round(mem_mf, 1)},
+        "flow_matching": {"ms": round(t_fm * 1e3, 1), "peak_mib": None if mem_fm is None else round(mem_fm, 1)},
+        "ratio": round(t_mf / t_fm, 2),
+    }
+    return result

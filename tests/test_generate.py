@@ -1,0 +1,205 @@
+"""Counterfactual pipeline, rejection sampling, `echolvfm generate`, generator training and benchmark (tiny models)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from echolvfm_core.cli import main
+from echolvfm_core.flows import MeanFlow, MeanFlowConfig, ObservationConfig
+from echolvfm_core.models.unet import EchoVelocityUNet
+from echolvfm_core.models.vae import EchoCodec, build_vae
+from echolvfm_core.pipelines.counterfactual import (
+    FLOW_FILE,
+    CounterfactualPipeline,
+    load_generator,
+    save_generator,
+)
+from echolvfm_core.training import generator as gen_train
+
+
+@pytest.fixture(scope="module")
+def codec():
+    torch.manual_seed(0)
+    return EchoCodec(build_vae("tiny"))
+
+
+@pytest.fixture(scope="module")
+def flow():
+    torch.manual_seed(1)
+    return MeanFlow(EchoVelocityUNet.from_preset("tiny", max_frames=12)).eval()
+
+
+def _frames(t=8, s=112, seed=0):
+    return np.random.default_rng(seed).uniform(0, 1, (t, s, s)).astype(np.float32)
+
+
+def brightness_ef(frames: np.ndarray) -> float:
+    """A deterministic stand-in EF measurement: mean grey level in %."""
+    return float(frames.mean() * 100)
+
+
+def test_generate_shapes_determinism_and_timings(flow, codec):
+    pipe = CounterfactualPipeline(flow, codec)
+    frames = _frames()
+    a = pipe.generate(frames, ef=40, observed=[0, 3], seed=3, n=2)
+    b = pipe.generate(frames, ef=40, observed=[0, 3], seed=3, n=2)
+    c = pipe.generate(frames, ef=40, observed=[0, 3], seed=4, n=2)
+    assert a.latents.shape == (2, 4, 8, 28, 28) and a.frames.shape == (2, 8, 112, 112)
+    assert a.frames.min() >= 0 and a.frames.max() <= 1
+    assert torch.equal(a.latents, b.latents) and not torch.equal(a.latents, c.latents)
+    assert not torch.equal(a.latents[0], a.latents[1])  # n loops, different noise
+    assert a.requested_ef == 40 and a.observed == (0, 3) and a.steps == 1 and a.measured_ef is None
+    assert a.latency_ms > 0 and set(a.timings_ms) == {"encode", "flow", "decode"}
+    longer = pipe.generate(frames, ef=40, length=12, seed=0)
+    assert longer.length == 12 and longer.frames.shape[1] == 12
+
+
+def test_latent_input_and_validation(flow, codec):
+    pipe = CounterfactualPipeline(flow)  # latents only
+    lat = torch.randn(4, 6, 28, 28)
+    out = pipe.generate(lat, ef=55, observed=[1], seed=0, steps=2)
+    assert out.frames is None and out.latents.shape == (1, 4, 6, 28, 28) and out.steps == 2
+    with pytest.raises(ValueError, match="ef must be"):
+        pipe.generate(lat, ef=150)
+    with pytest.raises(ValueError, match="outside the input"):
+        pipe.generate(lat, ef=50, observed=[6])
+    with pytest.raises(ValueError, match="length must be"):
+        pipe.generate(lat, ef=50, length=13)
+    with pytest.raises(ValueError, match="beyond the generated length"):
+        pipe.generate(lat, ef=50, observed=[5], length=4)
+    with pytest.raises(ValueError, match="no codec"):
+        pipe.generate(_frames(), ef=50)
+    with pytest.raises(ValueError, match="Rejection sampling needs"):
+        pipe.generate(lat, ef=50, reject=2)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        CounterfactualPipeline(flow, codec).generate(_frames() * 3, ef=50)
+
+
+def test_rejection_sampling_keeps_the_closest_candidate(flow, codec):
+    pipe = CounterfactualPipeline(flow, codec, measure_ef=brightness_ef)
+    target = 50.0
+    out = pipe.generate(_frames(), ef=target, seed=0, n=2, reject=3)
+    assert out.frames.shape[0] == 2 and len(out.candidate_efs) == 2
+    for kept, candidates in zip(out.measured_ef, out.candidate_efs):
+        assert len(candidates) == 3
+        assert abs(kept - target) == min(abs(e - target) for e in candidates)
+    for k in range(2):
+        assert out.measured_ef[k] == pytest.approx(brightness_ef(out.frames[k]), abs=1e-4)
+    # The same seed without rejection reproduces the first candidate of the first group.
+    plain = pipe.generate(_frames(), ef=target, seed=0, n=6)
+    assert plain.measured_ef[0] == pytest.approx(out.candidate_efs[0][0], abs=1e-4)
+
+
+def test_save_and_load_generator(tmp_path, flow):
+    save_generator(flow.net, tmp_path / "g", "meanflow", MeanFlowConfig(adaptive_p=0.5))
+    spec = json.loads((tmp_path / "g" / FLOW_FILE).read_text())
+    assert spec["flow"] == "meanflow" and spec["config"]["adaptive_p"] == 0.5
+    loaded = load_generator(tmp_path / "g")
+    assert isinstance(loaded, MeanFlow) and loaded.config.adaptive_p == 0.5
+    lat = torch.randn(4, 5, 28, 28)
+    a = CounterfactualPipeline(flow).generate(lat, ef=30, seed=1)
+    b = CounterfactualPipeline(loaded).generate(lat, ef=30, seed=1)
+    torch.testing.assert_close(a.latents, b.latents)
+    with pytest.raises(FileNotFoundError):
+        load_generator(tmp_path / "missing")
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, flow, codec):
+    from echolvfm_core.models.segmenter import LVSegmenter, segmenter_preset
+
+    root = tmp_path_factory.mktemp("models")
+    save_generator(flow.net, root / "generator")
+    codec.save_pretrained(root / "vae")
+    torch.manual_seed(0)
+    LVSegmenter.from_config(dict(vars(segmenter_preset("tiny")))).save_pretrained(root / "segmenter")
+    return root
+
+
+def test_cli_generate_writes_a_video_and_json(models_dir, sample_path, tmp_path, capsys):
+    out = tmp_path / "cf.mp4"
+    args = ["generate", str(sample_path), "--ef", "30", "--observed", "0,5", "--frames", "12", "--seed", "2",
+            "--json", "--models", str(models_dir)]
+    assert main([*args, "--out", str(out)]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert {"requested_ef", "measured_ef", "latency_ms", "frames"} <= set(record)
+    assert record["requested_ef"] == 30 and record["frames"] == 12 and record["observed"] == [0, 5]
+    assert out.stat().st_size > 0
+    from echolvfm_core.io import load_echo
+
+    assert load_echo(out).n_frames == 12
+    assert main([*args, "--reject", "2", "--out", str(tmp_path / "cf.gif")]) == 0
+    assert len(json.loads(capsys.readouterr().out)["candidate_efs"]) == 2
+
+
+def test_cli_generate_errors(models_dir, sample_path, tmp_path, capsys):
+    assert main(["generate", str(sample_path), "--ef", "30", "--out", str(tmp_path / "x.avi"), "--models", str(models_dir)]) == 2
+    assert "--out must end in" in capsys.readouterr().err
+    assert main(["generate", str(sample_path), "--ef", "30", "--out", str(tmp_path / "x.mp4"), "--models", str(tmp_path)]) == 2
+    assert "No generator" in capsys.readouterr().err
+    assert main(["generate", str(sample_path), "--ef", "130", "--out", str(tmp_path / "x.mp4"), "--models", str(models_dir)]) == 2
+    assert "ef must be" in capsys.readouterr().err
+
+
+def _loops(values, patients, efs, frames=14, hw=4):
+    lat = [torch.full((4, frames, hw, hw), float(v), dtype=torch.float16) for v in values]
+    n = len(values)
+    return gen_train.LatentLoops(lat, np.asarray(efs, float), np.zeros(n, np.int64), list(patients),
+                                 [f"l{i}" for i in range(n)])
+
+
+def test_clip_sampler_pads_observes_and_pairs_counterfactuals():
+    loops = _loops([1, 2, 3], ["p0", "p0", "p1"], [60.0, 30.0, 45.0])
+    obs = ObservationConfig(min_frames=6, max_frames=12)
+    sampler = gen_train.ClipSampler(loops, obs, counterfactual_prob=1.0, random_start_prob=0.5)
+    g = torch.Generator().manual_seed(0)
+    batch = sampler.batch(64, g)
+    assert batch.x.shape == (64, 4, 12, 4, 4)
+    fm, observed = batch.cond.frame_mask, batch.cond.observed
+    lengths = fm.sum(1)
+    assert (lengths >= 6).all() and (lengths <= 12).all()
+    assert not (observed & ~fm).any() and observed.any(1).all()
+    assert (batch.x[~fm[:, None].expand(-1, 4, -1)[:, :, :, None, None].expand_as(batch.x)] == 0).all()
+    for k in range(64):
+        target = float(batch.x[k, 0, 0, 0, 0])
+        source = float(batch.cond.cond[k, 0, observed[k].nonzero()[0, 0], 0, 0])
+        ef = float(batch.cond.ef[k])
+        assert ef == {1.0: 60.0, 2.0: 30.0, 3.0: 45.0}[target]
+        # Patient p0 has two loops: with counterfactual_prob 1 the observed frames come from the other one.
+        assert source == {1.0: 2.0, 2.0: 1.0, 3.0: 3.0}[target]
+    again = sampler.batch(64, torch.Generator().manual_seed(0))
+    assert torch.equal(again.x, batch.x) and torch.equal(again.cond.observed, observed)
+
+
+def test_training_writes_final_model_samples_and_resumes(tmp_path, codec):
+    data = tmp_path / "prep"
+    assert main(["prepare", "--out", str(data), "--phantom", "3", "--loops-per-patient", "2", "--workers", "1",
+                 "--quiet"]) == 0
+    codec.save_pretrained(tmp_path / "vae")
+    out = tmp_path / "run"
+    args = argparse.Namespace(data=str(data), preset="tiny", out=str(out), seed=0, resume=False, device="cpu",
+                              steps=None, vae=str(tmp_path / "vae"))
+    assert gen_train.train(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["resumed_from"] == 0 and np.isfinite(metrics["final_loss"]["loss"])
+    assert (out / "latents_train.pt").is_file()
+    assert (out / "samples" / "step_000003.png").is_file() and (out / "samples" / "final.png").is_file()
+    pipe = CounterfactualPipeline(load_generator(out / "final"), codec)
+    assert pipe.generate(_frames(t=6), ef=50, seed=0).frames.shape == (1, 6, 112, 112)
+    # Resume: one more step from the checkpoint at step 4, the latent cache is reused.
+    mtime = (out / "latents_train.pt").stat().st_mtime
+    args.resume, args.steps = True, 5
+    assert gen_train.train(args) == 0
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["steps"] == 5 and resumed["resumed_from"] == 4
+    assert (out / "latents_train.pt").stat().st_mtime == mtime
+
+
+def test_bench_generator_reports_both_samplers_and_training_steps():
+    r = gen_train.bench_generator("tiny", batch=1, device="cpu", frames=4, repeats=1, linear_steps=2)
+    assert r["one_step"]["videos_per_s"] > 0 and r["linear"]["network_calls"] == 4
+    assert r["speedup"] > 0 and r["train_step"]["meanflow_jvp"]["ms"] > 0 and r["train_step"]["ratio"] > 0
