@@ -59,8 +59,8 @@ MODEL_DESCRIPTIONS = {
 #: Requestable EF range in %.
 EF_RANGE = (10.0, 90.0)
 
-#: Side of each panel of the side-by-side video, in pixels (a multiple of 16 keeps H.264 happy).
-PANEL_SIZE = 256
+#: Side of each panel of the side-by-side video, in pixels: twice the 112-pixel model grid (even, as H.264 needs).
+PANEL_SIZE = 224
 
 
 class ModelUnavailable(RuntimeError):

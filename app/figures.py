@@ -72,7 +72,7 @@ def ef_figure(readouts: list[EFReadout], requested_ef: float | None = None) -> g
         return _empty("No EF instrument is available.")
     fig.update_layout(
         xaxis=dict(title="Ejection fraction (%)", range=[0, 100], gridcolor="#e5e5e5", automargin=True),
-        yaxis=dict(title=None, automargin=True), height=340, margin=dict(l=10, r=10, t=30, b=10),
+        yaxis=dict(title=None, automargin=True), height=340, margin=dict(l=10, r=10, t=40, b=10),
         legend=dict(orientation="v", y=-0.3, yanchor="top", x=0), **_PLAIN,
     )
     return fig
@@ -105,7 +105,7 @@ def area_figure(curves: dict[str, np.ndarray], fps: float, unit: str = "px",
                     name=f"{label} {phase}",
                 ))
     if not fig.data:
-        return _empty("The LV segmenter is not available.")
+        return _empty("No LV area curve to show (no segmenter, or no LV found).")
     fig.update_layout(
         xaxis=dict(title="Time (s)", gridcolor="#e5e5e5", automargin=True),
         yaxis=dict(title=f"LV area ({unit})", gridcolor="#e5e5e5", automargin=True),

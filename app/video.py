@@ -63,12 +63,14 @@ def draw_contours(rgb: np.ndarray, masks: np.ndarray, colour: tuple[int, int, in
 
 
 def caption(rgb: np.ndarray, text: str, colour: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
-    """Write ``text`` in the bottom-left corner of every frame of (T, H, W, 3) uint8 ``rgb`` (in place; returned)."""
+    """Write ``text`` on a black strip in the bottom-left corner of every frame of (T, H, W, 3) uint8 ``rgb``
+    (in place; returned)."""
     scale = max(rgb.shape[2] / 560.0, 0.35)
-    org = (6, rgb.shape[1] - 8)
+    (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    x, y = 4, rgb.shape[1] - 4 - base
+    rgb[:, max(y - h - 3, 0) : min(y + base + 2, rgb.shape[1]), : min(x + w + 4, rgb.shape[2])] = 0
     for frame in rgb:
-        cv2.putText(frame, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
-        cv2.putText(frame, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
+        cv2.putText(frame, text, (x + 2, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
     return rgb
 
 
