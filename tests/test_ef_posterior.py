@@ -292,3 +292,11 @@ def test_bundled_posterior_is_wider_for_noise_than_for_a_clean_loop():
     clean = est.posterior(loop.frames.astype(np.float32) / 255.0, seed=0)
     noise = est.posterior(np.random.default_rng(0).random((30, 112, 112)).astype(np.float32), seed=0)
     assert noise.sd > clean.sd
+
+
+def test_bench_posterior_reports_timings():
+    from echolvfm_core.estimators.bench import bench_posterior
+
+    out = bench_posterior(tiny_estimator(), frames=8, size=64, repeats=2, warmup=1)
+    assert out["trajectories"] == 40 and out["steps"] == 10
+    assert all(out[k]["median_ms"] > 0 for k in ("encoder", "sampling", "total"))

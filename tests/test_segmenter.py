@@ -162,6 +162,12 @@ def test_largest_component_cleanup():
     lab[0, 12, 2] = 3
     out = keep_largest_components(lab)
     assert (out[0, 15:17, 15:17] == 0).all() and (out[0, 2:10, 2:10] == 1).all() and out[0, 12, 2] == 3
+    # per frame: two frames, the island is the largest LV part of neither; frame 1 has a single blob to keep
+    two = np.stack([lab[0], np.zeros((20, 20), np.uint8)])
+    two[1, 0:3, 0:3] = 1
+    out = keep_largest_components(two)
+    assert (out[1, 0:3, 0:3] == 1).all() and (out[0, 15:17, 15:17] == 0).all()
+    assert np.array_equal(keep_largest_components(lab[0]), out[0])
 
 
 def test_estimator_bad_inputs(phantom):
@@ -226,3 +232,11 @@ def test_bundled_segmenter_recovers_phantom_ef():
         loop = render_phantom(seed, ef, CycleTiming(24), fps=30.0)
         m = seg.measure(loop.frames.astype(np.float32) / 255.0)
         assert abs(m.ef - loop.ef) <= 5.0, (seed, m.ef, loop.ef)
+
+
+def test_bench_segmenter_reports_timings():
+    from echolvfm_core.estimators.bench import bench_segmenter
+
+    out = bench_segmenter(SegmentationEF(tiny_model()), frames=4, repeats=2, warmup=1)
+    assert out["frames"] == 4 and out["size"] == 112 and out["network"]["median_ms"] > 0
+    assert out["segment"]["min_ms"] <= out["segment"]["median_ms"] <= out["segment"]["max_ms"]

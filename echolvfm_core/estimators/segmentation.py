@@ -110,14 +110,24 @@ def keep_largest_components(labels: np.ndarray) -> np.ndarray:
     stack = (a[None] if single else a).astype(np.uint8, copy=True)
     if stack.ndim != 3:
         raise ValueError(f"labels must be (H, W) or (T, H, W); got shape {a.shape}.")
-    structure = np.ones((3, 3), dtype=bool)
-    for frame in stack:
-        for cls in (1, 2, 3):
-            comp, n = ndi.label(frame == cls, structure=structure)
-            if n > 1:
-                sizes = np.bincount(comp.ravel())
-                sizes[0] = 0
-                frame[(comp > 0) & (comp != int(np.argmax(sizes)))] = 0
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = True  # 8-connected within a frame, never across frames
+    frame_of = np.repeat(np.arange(len(stack)), stack.shape[1] * stack.shape[2])
+    for cls in (1, 2, 3):
+        comp, n = ndi.label(stack == cls, structure=structure)
+        if n == 0:
+            continue
+        ids = comp.ravel()
+        sizes = np.bincount(ids, minlength=n + 1)
+        comp_frame = np.zeros(n + 1, dtype=np.int64)
+        comp_frame[ids] = frame_of
+        best = np.zeros(len(stack), dtype=np.int64)  # largest component id per frame (0: none)
+        order = np.lexsort((sizes[1:], comp_frame[1:])) + 1  # by frame, then size ascending
+        best[comp_frame[order]] = order  # the last write per frame is its largest component
+        keep = np.zeros(n + 1, dtype=bool)
+        keep[best[best > 0]] = True
+        drop = (comp > 0) & ~keep[comp]
+        stack[drop] = 0
     return stack[0] if single else stack
 
 
