@@ -45,13 +45,23 @@ def parse_args(argv: list[str] | None = None) -> StudioConfig:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    prepare_environment()  # before Gradio is imported: temp folder, analytics off
+    temp = prepare_environment()  # before Gradio is imported: temp folder, analytics off
     # SIGTERM exits like Ctrl-C, so that the temporary folder is removed (atexit) when a service manager stops us.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from app.engine import StudioEngine, resolve_device
     from app.server import serve
 
-    print(f"EchoLVFM Studio on http://{config.host}:{config.port} (models: {config.models})", flush=True)
+    try:
+        device = resolve_device(config.device)
+    except ValueError as exc:
+        print(f"launch.py: error: {exc}", file=sys.stderr)
+        return 2
+    status = StudioEngine(config.models, device).status()
+    missing = ", ".join(name for name, ok in status.items() if not ok)
+    print(f"EchoLVFM Studio on http://{config.host}:{config.port} (device {device}, models {config.models}"
+          + (f"; missing: {missing}" if missing else "") + f"; temporary files in {temp}, removed on exit)",
+          flush=True)
     serve(config, block=True)
     return 0
 

@@ -194,7 +194,10 @@ def resolve_device(device: str | None) -> torch.device:
     """``None`` / "auto" -> CUDA when present, else CPU; otherwise the named device (validated)."""
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"Unknown device {device!r}; use auto, cpu, cuda or cuda:N.") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"Device {device!r} was requested but CUDA is not available here; use --device cpu.")
     return dev

@@ -11,6 +11,7 @@ README's screenshot.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict
@@ -52,6 +53,9 @@ def server(tmp_path_factory):
     models = build_tiny_models(tmp_path_factory.mktemp("tiny_models"))
     with LocalServer(models, "cpu", env=ONE_THREAD, startup_timeout=150) as srv:
         yield srv
+    # Stopping the app (SIGTERM) removes its temporary folder, uploads and generated videos included.
+    temp = re.search(r"temporary files in (\S+), removed on exit", srv.log())
+    assert temp and not Path(temp.group(1)).exists(), srv.log()
 
 
 @pytest.fixture(scope="module")
