@@ -75,7 +75,7 @@ class Measurement:
         ef: EF by LV segmentation (area-length), in %.
         lv_area: (T,) LV cavity area per frame, in ``area_unit`` ("mm^2" with pixel spacing, else "px").
         lv_masks: (T, S, S) bool LV cavity masks (for contours).
-        ed_index / es_index: frames of the largest / smallest LV area.
+        ed_index / es_index: end-diastolic / end-systolic frame of the first measured beat.
         posterior: the EF posterior of the diffusion-regression estimator (``samples``, ``mean``, ``sd``, ``p05``,
             ``p95``, EF in %).
         notes: why an instrument gave nothing.
@@ -241,7 +241,7 @@ class StudioEngine:
         """The loaded model ``name`` (loaded on first use, once, in eval mode on :attr:`device`).
 
         Raises:
-            ModelUnavailable: the model is not bundled.
+            ModelUnavailable: the model is not bundled, or its folder cannot be loaded.
         """
         if name in self._models:
             return self._models[name]
@@ -250,7 +250,14 @@ class StudioEngine:
         with self._load_lock:
             if name not in self._models:
                 log.info("loading %s from %s", name, self.model_dir(name))
-                self._models[name] = self._load_model(name)
+                try:
+                    self._models[name] = self._load_model(name)
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    log.exception("could not load %s", name)
+                    raise ModelUnavailable(
+                        f"The {MODEL_DESCRIPTIONS[name]} in {self.model_dir(name)} could not be loaded "
+                        f"({type(exc).__name__}: {str(exc).rstrip('.')})."
+                    ) from exc
         return self._models[name]
 
     def _load_model(self, name: str) -> Any:
