@@ -97,6 +97,10 @@ def test_counterfactual_keeps_ed_and_is_deterministic(phantom_pair):
     a = L.render_loop(phantom_pair, timing, alpha=0.6, config=FAST)
     b = L.render_loop(phantom_pair, timing, alpha=0.6, config=FAST)
     assert np.array_equal(a.frames, b.frames) and np.array_equal(a.labels, b.labels)
+    for alpha in (0.6, 1.0):  # labels-only rendering (used to measure EF) gives the same labels
+        full = L.render_loop(phantom_pair, timing, alpha=alpha, config=FAST)
+        lean = L.render_loop(phantom_pair, timing, alpha=alpha, config=FAST, images=False)
+        assert lean.frames is None and np.array_equal(lean.labels, full.labels)
     assert np.array_equal(a.frames[0], phantom_pair.ed_image)
     assert not np.array_equal(a.frames[timing.es_index], phantom_pair.es_image)
     # Warped frames keep the speckle: sharpness within 25 % of the real frames.

@@ -14,8 +14,9 @@ def test_phantom_meets_requested_ef(seed, ef):
     loop = render_phantom(seed, ef, CycleTiming(12), fps=30.0)
     assert abs(loop.ef - ef) <= 2.0
     vols = lv_volumes(loop.labels)  # every frame has an LV cavity, the EF is measured on them
-    assert loop.ef == pytest.approx(float(ejection_fraction(vols[0], vols.min())))
-    assert vols[loop.es_index] == vols.min()
+    assert loop.ef == pytest.approx(float(ejection_fraction(vols[0], vols[loop.es_index])))
+    assert loop.es_index == CycleTiming(12).es_index
+    assert vols[loop.es_index] <= 1.01 * vols.min()  # peak contraction is (up to pixel noise) the smallest volume
     assert loop.source == "phantom"
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from echolvfm_core.cli import main
 from echolvfm_core.data.loops import RegistrationConfig
-from echolvfm_core.data.prepared import MANIFEST_FIELDS, LoopSample, PreparedLoops, PrepareConfig, prepare
+from echolvfm_core.data.prepared import MANIFEST_FIELDS, LoopSample, PreparedLoops, PrepareConfig, collate_loops, prepare
 from echolvfm_core.ef import ejection_fraction, lv_volumes
 
 
@@ -41,6 +41,12 @@ def test_phantom_only_prepare(phantom_folder):
         efs.append(s.ef)
     assert abs(efs[0] - efs[1]) > 5  # same anatomy, different EFs
     assert len(ds.real_frames()) == 0
+    ds[0].frames[:] = 7  # the LRU cache hands out copies
+    assert not np.all(ds[0].frames == 7)
+    batch = collate_loops([ds[0], ds[1], ds[2]])
+    t = max(len(ds[i].frames) for i in range(3))
+    assert batch["frames"].shape == (3, t, 112, 112) and batch["mask"].sum() == sum(len(ds[i].frames) for i in range(3))
+    assert batch["ef"].tolist() == pytest.approx([ds[i].ef for i in range(3)])
     assert len(PreparedLoops(out, source="camus")) == 0
     report = json.loads((out / "prepare_report.json").read_text())
     assert report["counts"]["loops_phantom"] == 3

@@ -1,7 +1,7 @@
 """Training data: cardiac loops synthesised from real ED/ES pairs, a procedural phantom, prepared data sets."""
 from .loops import CardiacPair, CycleTiming, RegistrationConfig, SynthLoop, register_pairs, render_loop, sample_timing
 from .phantom import PhantomAnatomy, PhantomLoop, phantom_echo, render_phantom, sample_anatomy
-from .prepared import LoopSample, PreparedLoops, PrepareConfig, RealFrames, prepare
+from .prepared import LoopSample, PreparedLoops, PrepareConfig, RealFrames, collate_loops, prepare
 
 __all__ = [
     "CardiacPair",
@@ -21,4 +21,5 @@ __all__ = [
     "PrepareConfig",
     "RealFrames",
     "prepare",
+    "collate_loops",
 ]

@@ -256,14 +256,14 @@ class SynthLoop:
     """A rendered cycle.
 
     Attributes:
-        frames: uint8 (T, S, S).
+        frames: uint8 (T, S, S), or None when rendered with ``images=False``.
         labels: uint8 (T, S, S).
         phases: (T,) deformation phase per frame (0 = ED, 1 = ES of the source pair).
         es_index: frame of peak deformation (the ES phase of the timing).
         alpha: deformation scale used.
     """
 
-    frames: np.ndarray
+    frames: np.ndarray | None
     labels: np.ndarray
     phases: np.ndarray
     es_index: int
@@ -483,6 +483,7 @@ def render_loop(
     alpha: float = 1.0,
     config: RegistrationConfig = RegistrationConfig(),
     blend_width: float = 0.3,
+    images: bool = True,
 ) -> SynthLoop:
     """Render one cardiac cycle of ``pair``.
 
@@ -493,6 +494,8 @@ def render_loop(
             other values warp only the ED image by ``exp(alpha s v)``. Must be in (0, 3].
         config: the registration's config (its ``squarings`` and ``work_size`` are used for ``exp``).
         blend_width: width of the ED -> ES cross-fade in phase units (see :func:`blend_weight`).
+        images: False renders only the labels (``frames`` is None), e.g. to measure EF; they are the same labels
+            a full render gives.
 
     Returns:
         :class:`SynthLoop`; frame 0 is the ED image bit for bit (and, for alpha = 1, frame ``es_index`` the ES
@@ -508,30 +511,36 @@ def render_loop(
     sources = [(pair.ed_image, pair.ed_fine, pair.ed_labels, alpha * phases, 1.0 - w)]
     if real_es:
         sources.append((pair.es_image, pair.es_fine, pair.es_labels, -(1.0 - phases), w))
-    grey = torch.zeros(2, t, 1, size * pair.factor, size * pair.factor)
+    side = size * pair.factor if images else 1
+    grey = torch.zeros(2, t, 1, side, side)
     soft = torch.zeros(t, _N_LABELS, size, size)
     with torch.no_grad():
         for j, (image, fine, labels, scale, weight) in enumerate(sources):
             idx = torch.from_numpy(np.flatnonzero(weight > 0))
             if len(idx) == 0:
                 continue
-            grey[j, idx] = _warp_grey(pair, image, fine, vel, torch.from_numpy(scale[idx]).float(), config)
+            if images:
+                grey[j, idx] = _warp_grey(pair, image, fine, vel, torch.from_numpy(scale[idx]).float(), config)
             disp = exp_velocity(vel, size, torch.from_numpy(scale[idx]).float(), config.squarings, config.work_size)
             wt = torch.from_numpy(weight[idx]).float().view(-1, 1, 1, 1)
             soft[idx] += wt * warp(_onehot(labels[None]).expand(len(idx), -1, -1, -1), disp)
+    labels = _argmax_labels(soft)
+    # Phase 0 is the real ED and (alpha = 1) phase 1 the real ES, exactly.
+    labels[phases == 0.0] = pair.ed_labels
+    if real_es:
+        labels[phases == 1.0] = pair.es_labels
+    if not images:
+        return SynthLoop(frames=None, labels=labels, phases=phases, es_index=timing.es_index, alpha=float(alpha))
+    with torch.no_grad():
         img = _blend(grey[0], grey[1], torch.from_numpy(w).float(), 2.0 * pair.factor) if real_es else grey[0]
         if pair.factor > 1:
             img = F.avg_pool2d(img, pair.factor)
     frames = np.clip(np.rint(img[:, 0].numpy() * 255.0), 0, 255).astype(np.uint8)
-    labels = _argmax_labels(soft)
     if pair.mask is not None:
         frames *= pair.mask
-    # Phase 0 is the real ED and (alpha = 1) phase 1 the real ES, exactly.
     frames[phases == 0.0] = pair.ed_image
-    labels[phases == 0.0] = pair.ed_labels
     if real_es:
         frames[phases == 1.0] = pair.es_image
-        labels[phases == 1.0] = pair.es_labels
     return SynthLoop(frames=frames, labels=labels, phases=phases, es_index=timing.es_index, alpha=float(alpha))
 
 

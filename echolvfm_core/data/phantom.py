@@ -89,7 +89,7 @@ class PhantomLoop:
     Attributes:
         frames: uint8 (T, S, S); labels: uint8 (T, S, S), exact.
         ef: EF in % measured (area-length) from ``labels``; requested_ef: what was asked.
-        ed_index: 0; es_index: frame of smallest LV volume (the timing's ES phase when tied).
+        ed_index: 0; es_index: the timing's ES phase (peak contraction).
         fps: frame rate; anatomy: the :class:`PhantomAnatomy`; source: always "phantom".
     """
 
@@ -330,7 +330,7 @@ def render_phantom(
         echo_map[i] = _echogenicity(shapes, g)
     frames = _image(anatomy, g, echo_map, phases, kl, kb)
     vols = lv_volumes(labels)
-    es = timing.es_index if vols[timing.es_index] <= vols.min() else int(np.argmin(vols))
+    es = timing.es_index
     measured = float(ejection_fraction(vols[0], vols[es]))
     return PhantomLoop(frames, labels, measured, float(ef), 0, es, float(fps), anatomy)
 
