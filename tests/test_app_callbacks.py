@@ -12,13 +12,16 @@ from app.engine import StudioEngine
 from app.ui import about_markdown, build_demo
 
 
-@pytest.fixture()
-def callbacks(tmp_path):
-    return StudioCallbacks(StudioEngine(tmp_path / "models", device="cpu"), tmp_path / "work")
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    """Callbacks over an engine without models, and the first output of loading the built-in sample."""
+    root = tmp_path_factory.mktemp("nomodels")
+    callbacks = StudioCallbacks(StudioEngine(root / "models", device="cpu"), root / "work")
+    return callbacks, callbacks.load_sample(None, None)
 
 
-def test_sample_loads_without_models_and_generation_says_what_is_missing(callbacks):
-    out = callbacks.load_sample(None, None)
+def test_sample_loads_without_models_and_generation_says_what_is_missing(loaded):
+    callbacks, out = loaded
     session, video, text, info = out[:4]
     assert Path(video).is_file() and Path(video).parent.parent == callbacks.work_root / "sessions"
     assert info["frames"] >= 10 and info["fps"] > 0 and 0.1 < info["sector_fraction"] < 0.9
@@ -28,12 +31,11 @@ def test_sample_loads_without_models_and_generation_says_what_is_missing(callbac
         callbacks.generate(session, 40, "ed", 4, info["frames"], 0, False, 4, False)
     with pytest.raises(gr.Error, match="Generate a counterfactual first"):
         callbacks.measure(session)
-    callbacks.drop_session(session)
-    assert not session.folder.exists()
 
 
-def test_bad_upload_is_a_message_and_keeps_the_session(callbacks, tmp_path):
-    session = callbacks.load_sample(None, None)[0]
+def test_bad_upload_is_a_message_and_keeps_the_session(loaded, tmp_path):
+    callbacks, out = loaded
+    session = out[0]
     case = session.case
     bad = tmp_path / "notes.txt"
     bad.write_text("not an echo")
@@ -43,6 +45,15 @@ def test_bad_upload_is_a_message_and_keeps_the_session(callbacks, tmp_path):
     assert session.case is case  # the loaded case survives
     with pytest.raises(gr.Error, match="between 10 and 90"):
         callbacks.generate(session, None, "ed", 4, 30, 0, False, 4, False)
+
+
+def test_session_files_are_deleted_with_the_session(tmp_path):
+    callbacks = StudioCallbacks(StudioEngine(tmp_path / "models", device="cpu"), tmp_path / "work")
+    session = callbacks._session(None, None)
+    session.folder.mkdir(parents=True)
+    (session.folder / "x.mp4").write_bytes(b"0")
+    callbacks.drop_session(session)
+    assert not session.folder.exists()
 
 
 def test_cases_from_a_data_folder(tmp_path, sample_path):
