@@ -300,3 +300,19 @@ def test_bench_posterior_reports_timings():
     out = bench_posterior(tiny_estimator(), frames=8, size=64, repeats=2, warmup=1)
     assert out["trajectories"] == 40 and out["steps"] == 10
     assert all(out[k]["median_ms"] > 0 for k in ("encoder", "sampling", "total"))
+
+
+def test_train_command_writes_model_card_and_loads(tmp_path):
+    from echolvfm_core.cli import main
+    from echolvfm_core.data.prepared import PrepareConfig, PreparedLoops, prepare
+
+    data = tmp_path / "prepared"
+    prepare(None, data, PrepareConfig(phantom=6, loops_per_patient=2), progress=False)
+    out = tmp_path / "ef"
+    assert main(["train", "ef-regressor", "--data", str(data), "--preset", "tiny", "--steps", "2", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    train_efs = [r["ef"] for r in PreparedLoops(data, split="train").manifest]
+    assert metrics["ef_mean"] == pytest.approx(np.mean(train_efs)) and metrics["valid_alpha1"]["n"] == 2
+    assert "coverage90" in (out / "final" / "MODEL_CARD.md").read_text()
+    est = EFPosteriorEstimator.from_pretrained(out / "final")
+    assert est.model.config.ef_std == pytest.approx(np.std(train_efs, ddof=1))

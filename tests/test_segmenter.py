@@ -240,3 +240,26 @@ def test_bench_segmenter_reports_timings():
     out = bench_segmenter(SegmentationEF(tiny_model()), frames=4, repeats=2, warmup=1)
     assert out["frames"] == 4 and out["size"] == 112 and out["network"]["median_ms"] > 0
     assert out["segment"]["min_ms"] <= out["segment"]["median_ms"] <= out["segment"]["max_ms"]
+
+
+@pytest.fixture(scope="module")
+def phantom_prepared(tmp_path_factory):
+    """A phantom-only prepared folder: 3 anatomies x 2 loops, split into train and valid."""
+    from echolvfm_core.data.prepared import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(None, out, PrepareConfig(phantom=6, loops_per_patient=2), progress=False)
+    return out
+
+
+def test_train_command_writes_model_card_and_loads(phantom_prepared, tmp_path, capsys):
+    from echolvfm_core.cli import main
+
+    out = tmp_path / "seg"
+    assert main(["train", "segmenter", "--data", str(phantom_prepared), "--preset", "tiny", "--steps", "2",
+                 "--out", str(out)]) == 0
+    card = (out / "final" / "MODEL_CARD.md").read_text()
+    assert "--preset tiny --seed 0 --steps 2" in card and "echolvfm prepare" in card
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+    seg = SegmentationEF.from_pretrained(out / "final")
+    assert seg.model.config.block_out_channels == list(segmenter_preset("tiny").block_out_channels)

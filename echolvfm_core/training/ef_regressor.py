@@ -41,7 +41,8 @@ from ..models.ef_denoiser import SEX_CODES, EFDenoiser, EFDenoiserConfig, ef_den
 from .augment import AugmentConfig, augment_batch
 from .common import load_checkpoint, make_accelerator, progress, save_checkpoint, set_seed
 
-__all__ = ["EFTrainConfig", "TRAIN_PRESETS", "train_preset", "ClipSampler", "diffusion_loss", "label_stats", "fit", "train"]
+__all__ = ["EFTrainConfig", "TRAIN_PRESETS", "train_preset", "ClipSampler", "diffusion_loss", "label_stats", "fit", "write_model_card",
+           "train"]
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,7 @@ def fit(sampler: ClipSampler, cfg: EFTrainConfig, out: Path, seed: int = 0, devi
     elapsed = time.perf_counter() - t0
     raw.eval()
     metrics = {
+        "params": int(sum(p.numel() for p in raw.parameters())),
         "steps": cfg.steps,
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "seconds": round(elapsed, 1),
@@ -299,6 +301,61 @@ def _alpha_one(ds) -> list[int]:
     return [i for i, row in enumerate(ds.manifest) if abs(float(row["alpha"]) - 1.0) < 1e-6]
 
 
+def write_model_card(final: Path, args: argparse.Namespace, cfg: EFTrainConfig, metrics: dict, data: dict) -> Path:
+    """``final/MODEL_CARD.md``: what the model is, the data and split it saw, its valid metrics, how to reproduce."""
+    v = metrics.get("valid_alpha1")
+    rows = (
+        "\n".join(f"| {k} | {v[k]:.4g} |" for k in ("mae", "rmse", "r2", "crps", "coverage90", "n"))
+        if v else "| (no valid alpha = 1 loops in the data folder) | |"
+    )
+    steps = f" --steps {args.steps}" if args.steps is not None else ""
+    text = f"""# EF posterior by diffusion regression ({args.preset} preset)
+
+A conditional DDPM over the z-scored ejection fraction (training labels: mean {cfg.model.ef_mean:.2f} %, sd
+{cfg.model.ef_std:.2f} %), noise (epsilon) prediction, conditioned on features of a {cfg.model.num_frames}-frame clip ({cfg.model.frame_size} x {cfg.model.frame_size}) from a
+small (2+1)D convolutional encoder and, when known, age and sex (learned null embeddings, modality dropout).
+Inference: DDIM, 10 steps x 40 trajectories, clipped to [0, 100] %. Used by `echolvfm estimate-ef` and the
+Studio. {metrics.get("params", 0) / 1e6:.2f} M parameters; DDPM schedule in `scheduler_config.json`.
+
+## Data
+- Prepared folder `{args.data}` (`echolvfm prepare`): loops synthesised from real CAMUS apical 4CH ED / ES pairs at
+  several deformation strengths (EF labels measured on the warped labels, area-length){", plus phantom loops" if data.get("phantom_loops") else ""}.
+- Training split: {data.get("train_loops")} loops of {data.get("train_patients")} patients, all strengths; random
+  phase / 1-{cfg.max_cycles:g} cycles for half of the clips, ultrasound augmentation, {cfg.p_uninformative:.0%} of clips
+  replaced by noise or a still frame with the loop's label kept (uninformative input -> broad posterior).
+  No age or sex in this data: the model has only seen them as unknown.
+- Metrics: the valid split's alpha = 1 loops ({data.get("valid_loops")} loops; the real ED -> ES motion), never
+  used in training. CAMUS (Leclerc et al., IEEE TMI 2019) is for non-commercial research.
+
+## Valid metrics (alpha = 1 loops)
+| metric | value |
+|---|---|
+{rows}
+
+mae / rmse: posterior mean vs the label, EF points; crps: sample CRPS; coverage90: share of labels inside the
+posterior's 5-95 % interval.
+
+## Training
+{cfg.steps} steps, batch {cfg.batch_size} clips x {cfg.noise_draws} noise draws, AdamW lr {cfg.lr:g}, auxiliary
+regression weight {cfg.aux_weight:g}, seed {args.seed}, device {metrics.get("device")}, {metrics.get("seconds", 0) / 60:.1f} min.
+Configuration: `training_config.json`.
+
+## Reproduce
+```bash
+echolvfm prepare --camus CAMUS_DIR --out {args.data}{data.get('prepare_flags', '')}
+echolvfm train ef-regressor --data {args.data} --preset {args.preset} --seed {args.seed}{steps} --out {args.out}
+```
+
+## Limits
+Trained on synthesised loops (real anatomy, synthetic motion); real cines with other frame rates, several beats,
+other views or scanners may be measured less accurately. The posterior is a model's uncertainty, not a
+calibrated clinical interval. Not a medical device; not for diagnosis.
+"""
+    path = Path(final) / "MODEL_CARD.md"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 def train(args: argparse.Namespace) -> int:
     """Entry point of ``echolvfm train ef-regressor``."""
     from ..data.prepared import PreparedLoops
@@ -317,6 +374,16 @@ def train(args: argparse.Namespace) -> int:
         valid = []
     metrics = fit(ClipSampler(train_ds, cfg.model, cfg), cfg, Path(args.out), seed=args.seed, device=args.device,
                   resume=args.resume, valid_loops=valid)
+    meta = train_ds.meta
+    data = {
+        "prepare_flags": f" --loops-per-patient {meta.get('loops_per_patient')} --phantom {meta.get('phantom')} "
+                         f"--seed {meta.get('seed')}",
+        "train_loops": len(train_ds),
+        "train_patients": len(train_ds.patients),
+        "phantom_loops": sum(r["source"] == "phantom" for r in train_ds.manifest),
+        "valid_loops": len(valid),
+    }
+    write_model_card(Path(args.out) / "final", args, cfg, metrics, data)
     v = metrics.get("valid_alpha1")
     if v:
         print(f"valid (alpha = 1): mae {v['mae']:.2f} rmse {v['rmse']:.2f} r2 {v['r2']:.3f} crps {v['crps']:.2f} "

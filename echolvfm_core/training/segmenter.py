@@ -24,7 +24,7 @@ from .augment import AugmentConfig, augment_batch
 from .common import load_checkpoint, make_accelerator, progress, save_checkpoint, set_seed
 
 __all__ = ["SegTrainConfig", "TRAIN_PRESETS", "train_preset", "segmentation_loss", "FrameSampler", "train_step",
-           "fit", "train"]
+           "fit", "write_model_card", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,7 @@ def fit(sampler: FrameSampler, cfg: SegTrainConfig, out: Path, seed: int = 0, de
     elapsed = time.perf_counter() - t0
     unwrapped = accelerator.unwrap_model(model).eval()
     metrics = {
+        "params": int(sum(p.numel() for p in unwrapped.parameters())),
         "steps": cfg.steps,
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "seconds": round(elapsed, 1),
@@ -225,6 +226,57 @@ def fit(sampler: FrameSampler, cfg: SegTrainConfig, out: Path, seed: int = 0, de
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         save_checkpoint(accelerator, out, step, history=history)
     return metrics
+
+
+def write_model_card(final: Path, args: argparse.Namespace, cfg: SegTrainConfig, metrics: dict, data: dict) -> Path:
+    """``final/MODEL_CARD.md``: what the model is, the data and split it saw, its valid metrics, how to reproduce."""
+    v = metrics.get("valid")
+    rows = (
+        "\n".join(f"| {k} | {v[k]:.4g} |" for k in ("dice_lv", "dice_myo", "dice_la", "ef_mae", "n", "n_patients", "ef_failures"))
+        if v else "| (no valid split in the data folder) | |"
+    )
+    steps = f" --steps {args.steps}" if args.steps is not None else ""
+    text = f"""# LV segmenter ({args.preset} preset)
+
+Frame-wise 2D U-Net (diffusers UNet blocks) labelling apical four-chamber frames on the 112 x 112 model grid:
+0 background, 1 LV cavity, 2 myocardium, 3 left atrium. Used by `echolvfm segment` and the Studio to measure
+EF (area-length and single-plane Simpson) from the LV area curve. {metrics.get("params", 0) / 1e6:.2f} M parameters.
+
+## Data
+- Prepared folder `{args.data}` (`echolvfm prepare`): real CAMUS apical 4CH ED / ES frames with expert labels and
+  synthesised loops built from them (labels warped with the images{", plus phantom loops" if data.get("phantom_loops") else ""}).
+- Training split: {data.get("train_patients")} patients, {data.get("train_real_frames")} real ED / ES frames,
+  {data.get("train_loops")} loops; each batch holds {1 - cfg.loop_fraction:.0%} real frames and {cfg.loop_fraction:.0%} loop frames,
+  with ultrasound augmentation (gain, contrast, depth attenuation, rotation and scale about the apex, speckle,
+  sector-edge dropout; no flips).
+- Metrics: the valid split's real ED / ES frames ({data.get("valid_real_frames")} frames), never used in training.
+  CAMUS (Leclerc et al., IEEE TMI 2019) is for non-commercial research; cite it when reporting results.
+
+## Valid metrics
+| metric | value |
+|---|---|
+{rows}
+
+Dice: mean over frames. ef_mae: |area-length EF from predicted ED / ES labels - EF from the expert labels|,
+mean over patients, in EF points.
+
+## Training
+{cfg.steps} steps, batch {cfg.batch_size}, AdamW lr {cfg.lr:g}, seed {args.seed}, device {metrics.get("device")},
+{metrics.get("seconds", 0) / 60:.1f} min. Configuration: `training_config.json`.
+
+## Reproduce
+```bash
+echolvfm prepare --camus CAMUS_DIR --out {args.data}{data.get('prepare_flags', '')}
+echolvfm train segmenter --data {args.data} --preset {args.preset} --seed {args.seed}{steps} --out {args.out}
+```
+
+## Limits
+Trained on one data set's apical 4CH views at ED and ES plus synthesised in-between frames; other views, poor
+windows or other scanners may segment worse. Not a medical device; not for diagnosis.
+"""
+    path = Path(final) / "MODEL_CARD.md"
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 def train(args: argparse.Namespace) -> int:
@@ -248,6 +300,17 @@ def train(args: argparse.Namespace) -> int:
     sampler = FrameSampler(real.images, real.labels, train_ds, cfg.loop_fraction)
     metrics = fit(sampler, cfg, Path(args.out), seed=args.seed, device=args.device, resume=args.resume,
                   real_valid=real_valid)
+    meta = train_ds.meta
+    data = {
+        "prepare_flags": f" --loops-per-patient {meta.get('loops_per_patient')} --phantom {meta.get('phantom')} "
+                         f"--seed {meta.get('seed')}",
+        "train_patients": len(train_ds.patients) or len(set(real.patients)),
+        "train_real_frames": len(real.images),
+        "train_loops": len(train_ds),
+        "phantom_loops": sum(r["source"] == "phantom" for r in train_ds.manifest),
+        "valid_real_frames": 0 if real_valid is None else len(real_valid.images),
+    }
+    write_model_card(Path(args.out) / "final", args, cfg, metrics, data)
     valid = metrics.get("valid")
     if valid:
         print(f"valid: dice_lv {valid['dice_lv']:.3f} dice_myo {valid['dice_myo']:.3f} dice_la {valid['dice_la']:.3f} "
