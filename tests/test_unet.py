@@ -123,6 +123,17 @@ def test_attention_key_mask_equals_truncated_sequence():
     torch.testing.assert_close(short, attn.to_out[0](ref.transpose(1, 2).reshape(3, 5, 16)), atol=1e-6, rtol=1e-5)
 
 
+def test_channels_last_gives_the_same_output():
+    torch.manual_seed(0)
+    net = EchoVelocityUNet.from_preset("tiny").eval()
+    x = _inputs(t=4, hw=12)
+    x["frame_mask"][1, 3:] = False
+    with torch.no_grad():
+        a = net(**x)
+        b = net.to(memory_format=torch.channels_last)(**x)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_save_load_round_trip(tiny, tmp_path):
     tiny.save_pretrained(tmp_path / "gen")
     assert (tmp_path / "gen" / "diffusion_pytorch_model.safetensors").exists()

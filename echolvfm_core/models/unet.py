@@ -82,7 +82,9 @@ class UNetConfig:
     into channels before the first level (quarter of the work per level; used by the CPU ``demo`` preset);
     ``max_frames``: longest clip (frame-index embedding length); ``temporal_ff_mult``: feed-forward width of the
     temporal attention blocks relative to the channels (spatial blocks use 4); ``time_scale``: t and h are
-    multiplied by it before the sinusoidal embedding (moderate, so that du/dt of the MeanFlow JVP stays tame).
+    multiplied by it before the sinusoidal embedding (moderate, so that du/dt of the MeanFlow JVP stays tame);
+    ``upsample_conv``: a 3 x 3 convolution after each nearest-neighbour upsampling (off in ``demo`` for speed: the
+    next residual block convolves anyway).
     """
 
     block_out_channels: tuple[int, ...] = (128, 128, 256, 256)
@@ -94,6 +96,7 @@ class UNetConfig:
     max_frames: int = 32
     temporal_ff_mult: int = 2
     time_scale: float = 100.0
+    upsample_conv: bool = True
     latent_channels: int = LATENT_CHANNELS
     sample_size: int = 28
 
@@ -109,6 +112,7 @@ UNET_PRESETS = {
         attention_head_dim=32,
         norm_num_groups=8,
         patch_size=2,
+        upsample_conv=False,
     ),
     "tiny": UNetConfig(
         block_out_channels=(16, 32),
@@ -195,11 +199,10 @@ class TemporalConv(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, t = mask.shape
-        h = F.silu(self.norm(x))
-        c, hh, ww = h.shape[1:]
-        h = h.view(b, t, c, hh * ww) * mask[:, :, None, None]
-        h = self.conv(h.transpose(1, 2))  # (B, C, T, h*w)
-        return x + h.transpose(1, 2).reshape(x.shape)
+        bt, c, hh, ww = x.shape
+        h = F.silu(self.norm(x)).permute(0, 2, 3, 1).reshape(b, t, hh * ww, c)  # no copy when channels-last
+        h = self.conv((h * mask[:, :, None, None]).permute(0, 3, 1, 2))  # (B, C, T, h*w)
+        return x + h.permute(0, 2, 3, 1).reshape(bt, hh, ww, c).permute(0, 3, 1, 2)
 
 
 class SpatioTemporalTransformer(nn.Module):
@@ -288,14 +291,17 @@ class EchoVelocityUNet(ModelMixin, ConfigMixin):
         max_frames: int = 32,
         temporal_ff_mult: int = 2,
         time_scale: float = 100.0,
+        upsample_conv: bool = True,
         latent_channels: int = LATENT_CHANNELS,
         sample_size: int = 28,
     ):
         super().__init__()
         cfg = UNetConfig(
-            tuple(block_out_channels), layers_per_block, tuple(transformer_layers_per_block), attention_head_dim,
-            norm_num_groups, patch_size, max_frames, temporal_ff_mult, time_scale, latent_channels,
-            sample_size,
+            block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+            transformer_layers_per_block=tuple(transformer_layers_per_block), attention_head_dim=attention_head_dim,
+            norm_num_groups=norm_num_groups, patch_size=patch_size, max_frames=max_frames,
+            temporal_ff_mult=temporal_ff_mult, time_scale=time_scale, upsample_conv=upsample_conv,
+            latent_channels=latent_channels, sample_size=sample_size,
         )
         if len(cfg.transformer_layers_per_block) != len(cfg.block_out_channels):
             raise ValueError(
@@ -347,7 +353,7 @@ class EchoVelocityUNet(ModelMixin, ConfigMixin):
                 cin = cout
             self.up.append(level)
             if i > 0:
-                self.upsamplers.append(Upsample2D(cout, use_conv=True))
+                self.upsamplers.append(Upsample2D(cout, use_conv=upsample_conv))
         self.norm_out = nn.GroupNorm(norm_num_groups, c0)
         self.conv_out = nn.Conv2d(c0, latent_channels * p2, 3, padding=1)
         self.set_jvp_flash(True)
@@ -415,6 +421,8 @@ class EchoVelocityUNet(ModelMixin, ConfigMixin):
         x = x.transpose(1, 2).reshape(b * frames, -1, hh, ww)  # (B*T, 9, h, w)
         if p > 1:
             x = F.pixel_unshuffle(x, p)
+        if self.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1:
+            x = x.contiguous(memory_format=torch.channels_last)  # the model was put in channels-last (fast on CPU)
         # Temporal attention key mask per pixel sequence; None when no clip in the batch is padded.
         all_real = bool(frame_mask.all())
 
@@ -445,4 +453,4 @@ class EchoVelocityUNet(ModelMixin, ConfigMixin):
         x = self.conv_out(F.silu(self.norm_out(x)))
         if p > 1:
             x = F.pixel_shuffle(x, p)
-        return x.view(b, frames, -1, hh, ww).transpose(1, 2)
+        return x.reshape(b, frames, -1, hh, ww).transpose(1, 2)

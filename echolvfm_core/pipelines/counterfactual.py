@@ -118,6 +118,8 @@ class CounterfactualPipeline:
         self.flow = flow.eval()
         if device is not None:
             self.flow.to(device)
+        if self.device.type == "cpu":
+            self.flow.net.to(memory_format=torch.channels_last)  # faster convolutions on CPU, same results
         self.codec = codec
         self.measure_ef = measure_ef
 

@@ -503,6 +503,8 @@ def bench_generator(preset: str = "demo", batch: int = 1, device: str = "cpu", d
         "jvp_flash_attention": jvp_flash_available() and dev.type == "cuda",
     }
     infer_net = copy.deepcopy(net).to(dt)
+    if dev.type == "cpu":
+        infer_net.to(memory_format=torch.channels_last)  # as the pipeline runs it on CPU
     cond = make_batch(batch).cond.to(dev, dt)
     one = MeanFlow(infer_net)
     lin = LinearFlow(infer_net)
