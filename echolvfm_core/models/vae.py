@@ -17,6 +17,7 @@ CPU cores, the slider's critical path), not by memory: see ``docs`` for the widt
 """
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import time
@@ -36,6 +37,7 @@ __all__ = [
     "LatentStats",
     "EchoCodec",
     "compute_latent_stats",
+    "write_latent_stats",
     "evaluate_vae",
     "bench_codec",
 ]
@@ -63,7 +65,7 @@ class VAEConfig:
 
     block_out_channels: tuple[int, ...] = (8, 16, 16)
     layers_per_block: int = 1
-    norm_num_groups: int = 8
+    norm_num_groups: int = 4
     latent_channels: int = 4
     sample_size: int = 112
     mid_block_add_attention: bool = False
@@ -382,6 +384,23 @@ def compute_latent_stats(codec: EchoCodec, frames_iter: Iterable) -> LatentStats
     mean = s1 / count
     std = (s2 / count - mean * mean).clamp_min(1e-12).sqrt()
     return LatentStats(tuple(mean.tolist()), tuple(std.tolist()), "measured")
+
+
+def write_latent_stats(path: str | Path, stats: LatentStats) -> Path:
+    """Record measured latent statistics in an existing VAE folder's ``config.json`` (weights untouched).
+
+    ``path`` may be the VAE folder or a pipeline folder with ``vae/``. Returns the config file written.
+    """
+    if stats.source != "measured":
+        raise ValueError("Only measured latent statistics can be written to a VAE config.")
+    cfg_path = _vae_folder(Path(path)) / "config.json"
+    config = json.loads(cfg_path.read_text())
+    c = int(config.get("latent_channels", len(stats.mean)))
+    if len(stats.mean) != c:
+        raise ValueError(f"latent stats have {len(stats.mean)} channels; the VAE config says {c}.")
+    config["latents_mean"], config["latents_std"] = list(stats.mean), list(stats.std)
+    cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return cfg_path
 
 
 def evaluate_vae(codec: EchoCodec, images, batch_size: int = 64) -> dict:
