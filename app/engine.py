@@ -157,7 +157,8 @@ class CounterfactualResult:
         candidates: number of candidates drawn (rejection sampling when > 1).
         latency_ms: wall time of generation, decoding, selection and video writing.
         measurement: the counterfactual's EF by the instruments (filled by :meth:`StudioEngine.measure_result`).
-        timings_ms: the generator's own split of its time ("encode", "flow", "decode", "measure").
+        timings_ms: parts of ``latency_ms``: the generator's "encode", "flow", "decode" (and "measure" with
+            rejection sampling), then "contours" (segmenting the result) and "video" (composing and writing the MP4).
         candidate_efs: with rejection sampling, the segmentation EF (%) of every candidate (None: unmeasured).
     """
 
@@ -181,7 +182,7 @@ class CounterfactualResult:
             "observed_frames": list(self.observed),
             "candidates": int(self.candidates),
             "latency_ms": round(float(self.latency_ms), 1),
-            "generator_ms": {k: round(float(v), 1) for k, v in self.timings_ms.items()},
+            "timings_ms": {k: round(float(v), 1) for k, v in self.timings_ms.items()},
         }
         if self.candidate_efs is not None:
             out["candidate_efs"] = [None if e is None else round(float(e), 2) for e in self.candidate_efs]
@@ -465,12 +466,17 @@ class StudioEngine:
         with self._run_lock:
             cf = pipe.generate(latents, ef=float(ef), observed=observed, length=length, seed=seed, reject=reject_k)
         frames = cf.frames[0]  # (L, S, S) float32 in [0, 1]
+        timings = dict(cf.timings_ms)
+        t1 = time.perf_counter()
         cf_meas = self.measure(frames, case.echo, masks_only=True) if contours else None
+        timings["contours"] = (time.perf_counter() - t1) * 1000.0
+        t1 = time.perf_counter()
         video = self._side_by_side(case, frames, float(ef), cf_meas, contours, Path(out_dir))
+        timings["video"] = (time.perf_counter() - t1) * 1000.0
         latency = (time.perf_counter() - t0) * 1000.0
         return CounterfactualResult(requested_ef=float(ef), frames=frames, fps=case.fps, video=video, seed=seed,
                                     observed=observed, candidates=reject_k, latency_ms=latency,
-                                    measurement=cf_meas, timings_ms=dict(cf.timings_ms),
+                                    measurement=cf_meas, timings_ms=timings,
                                     candidate_efs=None if cf.candidate_efs is None else list(cf.candidate_efs[0]))
 
     def measure_result(self, case: LoadedCase, result: CounterfactualResult) -> Measurement:
@@ -498,16 +504,18 @@ class StudioEngine:
     # ----------------------------------------------------------------------------------------------- video
     def _side_by_side(self, case: LoadedCase, frames: np.ndarray, ef: float, cf_meas: Measurement | None,
                       contours: bool, out_dir: Path) -> Path:
+        """Original (looped to the counterfactual's length) | counterfactual, each PANEL_SIZE square, one MP4."""
         length = frames.shape[0]
-        left = vid.to_rgb(vid.resize_frames(vid.loop_to_length(case.echo.frames, length), PANEL_SIZE))
-        right = vid.to_rgb(vid.resize_frames(frames, PANEL_SIZE))
-        if contours:
-            orig = case.measurement.lv_masks
-            if orig is not None:
-                left = vid.draw_contours(left, vid.loop_to_length(orig, length))
+        left = vid.resize_frames(vid.to_uint8(vid.loop_to_length(case.echo.frames, length)), PANEL_SIZE)
+        right = vid.resize_frames(vid.to_uint8(frames), PANEL_SIZE)
+        if contours:  # coloured outlines need RGB
+            left, right = vid.to_rgb(left), vid.to_rgb(right)
+            if case.measurement.lv_masks is not None:
+                left = vid.draw_contours(left, vid.loop_to_length(case.measurement.lv_masks, length))
             if cf_meas is not None and cf_meas.lv_masks is not None:
                 right = vid.draw_contours(right, cf_meas.lv_masks)
-        vid.caption(left, "Original")
-        vid.caption(right, f"SYNTHETIC  EF {ef:.0f} %", colour=(255, 120, 120))
+        white = (255, 255, 255) if contours else 255
+        vid.caption(left, "Original", white)
+        vid.caption(right, f"SYNTHETIC  EF {ef:.0f} %", white)
         out_dir.mkdir(parents=True, exist_ok=True)
         return vid.write_h264(vid.side_by_side(left, right), out_dir / f"{secrets.token_hex(8)}.mp4", case.fps)

@@ -1,8 +1,10 @@
-"""Frame composition for the Studio's videos: grey to RGB, resizing, LV contours, side-by-side panels with captions.
+"""Frame composition for the Studio's videos: 8-bit conversion, resizing, LV contours, captions, side-by-side panels,
+and the H.264 writer of what the app shows.
 
-All functions take grey frames as float32 (T, H, W) in [0, 1] or RGB frames as uint8 (T, H, W, 3).
-:func:`write_h264` writes the composed RGB clips the app shows; the downloadable files (the generated loop alone as
-MP4, GIF and DICOM marked synthetic) are written by :mod:`echolvfm_core.io`.
+Clips are uint8, either grey (T, H, W) or RGB (T, H, W, 3); :func:`to_uint8` converts model frames (float32 in
+[0, 1]). The slider's critical path stays grey (a tenth of the work of RGB) and turns RGB only for the coloured LV
+contours. The downloadable files (the generated loop alone as MP4, GIF and DICOM marked synthetic) are written by
+:mod:`echolvfm_core.io`.
 """
 from __future__ import annotations
 
@@ -13,18 +15,25 @@ import av
 import cv2
 import numpy as np
 
-__all__ = ["to_rgb", "resize_frames", "resize_masks", "draw_contours", "caption", "side_by_side", "loop_to_length",
-           "write_h264"]
+__all__ = ["to_uint8", "to_rgb", "resize_frames", "resize_masks", "draw_contours", "caption", "side_by_side",
+           "loop_to_length", "write_h264", "CONTOUR_RGB"]
 
-#: BGR-free RGB colours used for overlays.
+#: Colour of LV contours (RGB).
 CONTOUR_RGB = (255, 200, 0)
 
 
-def to_rgb(frames: np.ndarray) -> np.ndarray:
-    """(T, H, W) float32 grey in [0, 1] -> (T, H, W, 3) uint8 RGB."""
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """(T, H, W) float grey levels in [0, 1] -> (T, H, W) uint8 (rounded, clipped)."""
     if frames.ndim != 3:
         raise ValueError(f"expected grey frames (T, H, W); got shape {frames.shape}.")
-    grey = np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
+
+
+def to_rgb(frames: np.ndarray) -> np.ndarray:
+    """Grey (T, H, W), uint8 or float in [0, 1] -> (T, H, W, 3) uint8 RGB."""
+    grey = frames if frames.dtype == np.uint8 else to_uint8(frames)
+    if grey.ndim != 3:
+        raise ValueError(f"expected grey frames (T, H, W); got shape {frames.shape}.")
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
@@ -37,7 +46,7 @@ def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
 
 
 def resize_masks(masks: np.ndarray, size: int) -> np.ndarray:
-    """Resize (T, h, w) boolean or label masks to (T, size, size) with nearest-neighbour interpolation."""
+    """Resize (T, h, w) boolean or label masks to (T, size, size) uint8 with nearest-neighbour interpolation."""
     m = masks.astype(np.uint8)
     if m.shape[1] == size and m.shape[2] == size:
         return m
@@ -52,8 +61,8 @@ def draw_contours(rgb: np.ndarray, masks: np.ndarray, colour: tuple[int, int, in
         rgb: (T, H, W, 3) uint8 frames.
         masks: (T, h, w) boolean masks (e.g. the LV cavity), resized to (H, W) with nearest neighbour.
     """
-    if rgb.shape[0] != masks.shape[0]:
-        raise ValueError(f"{rgb.shape[0]} frames but {masks.shape[0]} masks.")
+    if rgb.ndim != 4 or rgb.shape[0] != masks.shape[0]:
+        raise ValueError(f"need RGB frames (T, H, W, 3) and one mask per frame; got {rgb.shape} and {masks.shape}.")
     out = rgb.copy()
     masks = resize_masks(masks > 0, rgb.shape[1]) if masks.shape[1:] != rgb.shape[1:3] else masks.astype(np.uint8)
     for frame, mask in zip(out, masks):
@@ -62,23 +71,24 @@ def draw_contours(rgb: np.ndarray, masks: np.ndarray, colour: tuple[int, int, in
     return out
 
 
-def caption(rgb: np.ndarray, text: str, colour: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
-    """Write ``text`` on a black strip in the bottom-left corner of every frame of (T, H, W, 3) uint8 ``rgb``
-    (in place; returned)."""
-    scale = max(rgb.shape[2] / 560.0, 0.35)
+def caption(clip: np.ndarray, text: str, colour: tuple[int, int, int] | int = 255) -> np.ndarray:
+    """Write ``text`` on a black strip in the bottom-left corner of every frame of a uint8 clip (grey or RGB;
+    in place, returned). ``colour`` is a grey level for grey clips, an RGB triple for RGB ones."""
+    scale = max(clip.shape[2] / 560.0, 0.35)
     (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
-    x, y = 4, rgb.shape[1] - 4 - base
-    rgb[:, max(y - h - 3, 0) : min(y + base + 2, rgb.shape[1]), : min(x + w + 4, rgb.shape[2])] = 0
-    for frame in rgb:
-        cv2.putText(frame, text, (x + 2, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
-    return rgb
+    y0, y1 = max(clip.shape[1] - 7 - base - h, 0), clip.shape[1]
+    x1 = min(w + 10, clip.shape[2])
+    strip = np.zeros((y1 - y0, x1) + clip.shape[3:], dtype=np.uint8)
+    cv2.putText(strip, text, (5, strip.shape[0] - 4 - base), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
+    clip[:, y0:y1, :x1] = strip  # drawn once, pasted into every frame
+    return clip
 
 
 def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 4) -> np.ndarray:
-    """Join two (T, H, W, 3) uint8 clips of equal shape into (T, H, 2 W + gap, 3) with a black gap between."""
+    """Join two uint8 clips of equal shape, (T, H, W) or (T, H, W, 3), into (T, H, 2 W + gap, ...) with a black gap."""
     if left.shape != right.shape:
         raise ValueError(f"side-by-side panels must have the same shape; got {left.shape} and {right.shape}.")
-    spacer = np.zeros((left.shape[0], left.shape[1], gap, 3), dtype=np.uint8)
+    spacer = np.zeros((left.shape[0], left.shape[1], gap) + left.shape[3:], dtype=np.uint8)
     return np.concatenate([left, spacer, right], axis=2)
 
 
@@ -89,24 +99,24 @@ def loop_to_length(frames: np.ndarray, length: int) -> np.ndarray:
     return frames[np.arange(length) % frames.shape[0]]
 
 
-def write_h264(rgb: np.ndarray, path: str | Path, fps: float, crf: int = 20) -> Path:
-    """Write (T, H, W, 3) uint8 RGB frames as a browser-playable H.264 MP4 (yuv420p, moov atom first).
-
-    Speed over size: the x264 "ultrafast" preset, since this runs on every slider release. H and W must be even.
-    """
-    if rgb.ndim != 4 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"expected uint8 RGB frames (T, H, W, 3); got {rgb.dtype} {rgb.shape}.")
-    if rgb.shape[1] % 2 or rgb.shape[2] % 2:
-        raise ValueError(f"H.264 in yuv420p needs even frame sides; got {rgb.shape[2]} x {rgb.shape[1]}.")
+def write_h264(clip: np.ndarray, path: str | Path, fps: float, crf: int = 20) -> Path:
+    """Write a uint8 clip, grey (T, H, W) or RGB (T, H, W, 3), as a browser-playable H.264 MP4 (yuv420p, moov atom
+    first). Speed over size: the x264 "ultrafast" preset, since this runs on every slider release. H and W must
+    be even."""
+    grey = clip.ndim == 3
+    if clip.dtype != np.uint8 or not (grey or (clip.ndim == 4 and clip.shape[-1] == 3)):
+        raise ValueError(f"expected uint8 frames (T, H, W) or (T, H, W, 3); got {clip.dtype} {clip.shape}.")
+    if clip.shape[1] % 2 or clip.shape[2] % 2:
+        raise ValueError(f"H.264 in yuv420p needs even frame sides; got {clip.shape[2]} x {clip.shape[1]}.")
     if not fps > 0:
         raise ValueError(f"fps must be positive; got {fps}.")
     path = Path(path)
-    rate = round(float(fps) * 1000)
+    fmt = "gray" if grey else "rgb24"
     with av.open(str(path), "w", format="mp4", options={"movflags": "+faststart"}) as container:
-        stream = container.add_stream("libx264", rate=Fraction(rate, 1000))
-        stream.width, stream.height, stream.pix_fmt = rgb.shape[2], rgb.shape[1], "yuv420p"
+        stream = container.add_stream("libx264", rate=Fraction(round(float(fps) * 1000), 1000))
+        stream.width, stream.height, stream.pix_fmt = clip.shape[2], clip.shape[1], "yuv420p"
         stream.options = {"preset": "ultrafast", "crf": str(crf)}
-        for frame in rgb:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        for frame in clip:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format=fmt)))
         container.mux(stream.encode())
     return path

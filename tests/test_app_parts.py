@@ -14,15 +14,20 @@ def test_side_by_side_with_contours_and_caption():
     grey = np.zeros((3, 16, 16), np.float32)
     mask = np.zeros((3, 8, 8), bool)
     mask[:, 2:6, 2:6] = True
-    rgb = vid.to_rgb(vid.resize_frames(grey, 32))
+    small = vid.resize_frames(vid.to_uint8(grey), 32)
+    rgb = vid.to_rgb(small)
     assert rgb.shape == (3, 32, 32, 3) and rgb.dtype == np.uint8
     drawn = vid.draw_contours(rgb, mask)
     assert drawn.sum() > 0 and rgb.sum() == 0  # a copy, outlined only where the mask's border is
     assert drawn[:, 16, 16].sum() == 0  # the inside of the square stays untouched
-    both = vid.side_by_side(drawn, vid.caption(rgb.copy(), "Original"), gap=4)
+    both = vid.side_by_side(drawn, vid.caption(rgb.copy(), "Original", (255, 255, 255)), gap=4)
     assert both.shape == (3, 32, 68, 3)
     with pytest.raises(ValueError, match="same shape"):
         vid.side_by_side(drawn, drawn[:2])
+    labelled = vid.caption(np.full((2, 64, 64), 100, np.uint8), "EF 40 %")
+    assert (labelled[:, -3:, :4] == 0).all() and labelled[0, :, :40].max() > 200  # white text on a black strip
+    assert (labelled[0] == labelled[1]).all() and labelled[0, 10, 50] == 100  # same caption, rest untouched
+    assert vid.side_by_side(labelled, labelled).shape == (2, 64, 132)
 
 
 def test_loop_to_length_repeats_cyclically():
@@ -30,17 +35,21 @@ def test_loop_to_length_repeats_cyclically():
     assert vid.loop_to_length(frames, 7)[:, 0, 0].tolist() == [0, 1, 2, 0, 1, 2, 0]
 
 
-def test_write_h264_is_browser_playable(tmp_path):
-    rgb = np.zeros((5, 32, 48, 3), np.uint8)
-    rgb[:, :, :, 0] = np.arange(5)[:, None, None] * 40
-    path = vid.write_h264(rgb, tmp_path / "x.mp4", fps=25.0)
+@pytest.mark.parametrize("colour", [False, True])
+def test_write_h264_is_browser_playable(tmp_path, colour):
+    grey = np.zeros((5, 32, 48), np.uint8)
+    grey[:, :, 24:] = 255
+    clip = vid.to_rgb(grey) if colour else grey
+    path = vid.write_h264(clip, tmp_path / "x.mp4", fps=25.0)
     with av.open(str(path)) as c:
         s = c.streams.video[0]
         assert s.codec_context.name == "h264" and s.codec_context.pix_fmt == "yuv420p"
         assert (s.codec_context.width, s.codec_context.height) == (48, 32)
-        assert len([f for f in c.decode(video=0)]) == 5
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == 5
+    assert frames[0][16, 4].max() <= 3 and frames[0][16, 40].min() >= 252  # black stays black, white white
     with pytest.raises(ValueError, match="even"):
-        vid.write_h264(np.zeros((2, 31, 48, 3), np.uint8), tmp_path / "odd.mp4", fps=25.0)
+        vid.write_h264(np.zeros((2, 31, 48), np.uint8), tmp_path / "odd.mp4", fps=25.0)
 
 
 def test_ef_figure_shows_interval_and_requested_line():
