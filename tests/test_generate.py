@@ -77,6 +77,8 @@ def test_latent_input_and_validation(flow, codec):
         pipe.generate(lat, ef=50, reject=2)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         CounterfactualPipeline(flow, codec).generate(_frames() * 3, ef=50)
+    with pytest.raises(ValueError, match="preprocess"):
+        CounterfactualPipeline(flow, codec).generate(_frames(s=96), ef=50)
 
 
 def test_rejection_sampling_keeps_the_closest_candidate(flow, codec):

@@ -65,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     echo = load_echo(args.path)
     pipe = CounterfactualPipeline.from_pretrained(models, device=args.device)
-    size = pipe.codec.vae.config.sample_size if pipe.codec is not None else 112
-    pre = preprocess(echo, size=int(size))
+    pre = preprocess(echo, size=int(pipe.net.config.sample_size) * int(pipe.codec.downsample))
     try:
         cf = pipe.generate(pre.echo, ef=args.ef, observed=args.observed, length=args.frames, steps=args.steps,
                            seed=args.seed, reject=args.reject)

@@ -38,7 +38,6 @@ does this).
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass
 
 import torch
@@ -66,7 +65,6 @@ __all__ = [
     "jvp_flash_available",
 ]
 
-logger = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 4
 

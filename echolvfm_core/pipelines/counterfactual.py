@@ -173,6 +173,10 @@ class CounterfactualPipeline:
             raise ValueError(f"Frames must be a float (T, H, W) stack in [0, 1]; got {frames.dtype} {frames.shape}.")
         if self.codec is None:
             raise ValueError("This pipeline has no codec, so it takes latents only; load one with a VAE.")
+        side = int(self.net.config.sample_size) * int(self.codec.downsample)
+        if frames.shape[1:] != (side, side):
+            raise ValueError(f"Frames must be {side} x {side} (the model grid; run preprocess(echo, size={side}) "
+                             f"first); got {frames.shape[1]} x {frames.shape[2]}.")
         self._check_observed(observed, frames.shape[0])
         chosen = torch.from_numpy(np.ascontiguousarray(frames[list(observed)], dtype=np.float32))
         if not torch.isfinite(chosen).all() or chosen.min() < 0 or chosen.max() > 1:

@@ -502,7 +502,9 @@ def bench_generator(preset: str = "demo", batch: int = 1, device: str = "cpu", d
         "dtype": str(dt).replace("torch.", ""), "batch": batch, "frames": frames, "threads": torch.get_num_threads(),
         "jvp_flash_attention": jvp_flash_available() and dev.type == "cuda",
     }
-    infer_net = copy.deepcopy(net).to(dt)
+    infer_net = copy.deepcopy(net)
+    if dt != torch.float32:
+        infer_net.to(dt)
     if dev.type == "cpu":
         infer_net.to(memory_format=torch.channels_last)  # as the pipeline runs it on CPU
     cond = make_batch(batch).cond.to(dev, dt)
