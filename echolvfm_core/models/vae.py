@@ -12,8 +12,9 @@ posterior mean. A folder without them (e.g. a user's public VAE) falls back to `
 ``scaling_factor`` (``(z - shift) * scale``) and :attr:`EchoCodec.stats_source` says so;
 ``echolvfm vae-stats --vae PATH --data PREPARED`` measures and writes the real ones.
 
-The decoder widths of the ``demo`` preset are set by the decode budget (a 32-frame loop in well under 200 ms on two
-CPU cores, the slider's critical path), not by memory: see ``docs`` for the width / speed table.
+The widths of the ``demo`` preset are set by the decode budget (a 32-frame loop in well under 200 ms on two CPU
+cores, the slider's critical path), not by the 16 MiB file budget: the decoder's full-resolution stage dominates, so
+it runs at 8 channels (about 120 M multiply-adds a frame); docs/benchmarks.md has the width / speed table.
 """
 from __future__ import annotations
 

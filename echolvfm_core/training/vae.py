@@ -77,7 +77,7 @@ class VAETrainConfig:
     """
 
     model: VAEConfig = field(default_factory=VAEConfig)
-    steps: int = 10000
+    steps: int = 8000
     crop: int = 56
     crop_fraction: float = 0.8
     crop_batch_size: int = 32
@@ -88,7 +88,7 @@ class VAETrainConfig:
     ssim_weight: float = 0.2
     kl_weight: float = 1e-4
     loop_fraction: float = 0.5
-    loop_pool: int = 400
+    loop_pool: int = 300
     frames_per_loop: int = 6
     phantom: bool = False
     augment: AugmentConfig = LIGHT_AUGMENT
@@ -235,8 +235,8 @@ def _lr_lambda(cfg: VAETrainConfig):
 
 
 def _codec_copy(model) -> EchoCodec:
-    """An inference codec over a frozen copy of the training network (the original keeps training)."""
-    return EchoCodec(copy.deepcopy(model).float().to("cpu"))
+    """An inference codec over a frozen float32 copy of the training network (the original keeps training)."""
+    return EchoCodec(copy.deepcopy(model).float())
 
 
 def fit(pool: FramePool, cfg: VAETrainConfig, out: Path, seed: int = 0, device: str | None = None,
@@ -333,6 +333,7 @@ def train(args: argparse.Namespace) -> int:
         cfg = replace(cfg, steps=int(args.steps))
     train_ds = PreparedLoops(args.data, split="train", source=None if cfg.phantom else "camus")
     real = PreparedLoops(args.data, split="train").real_frames().images
+    print(f"rendering {min(cfg.loop_pool, len(train_ds))} of {len(train_ds)} training loops ...", flush=True)
     loops = loop_frames(train_ds, cfg.loop_pool, cfg.frames_per_loop, seed=args.seed)
     pool = FramePool(real, loops if len(loops) else None, cfg.loop_fraction)
     valid = PreparedLoops(args.data, split="valid").real_frames().images
