@@ -2,7 +2,7 @@
 
 :func:`benchmark_app` measures what a user waits for after releasing the EF slider: the time from sending the
 ``/counterfactual`` request (the slider's release event) with ``gradio_client`` until the side-by-side MP4 has been
-generated, written, sent and saved on the client, i.e. is playable. The case is loaded once (``/load_sample``), so, as
+generated, written, sent and downloaded by the client, i.e. is playable. The case is loaded once (``/load_sample``), so, as
 in the app, each request runs only the one-step generator, the decoder and the video writer on cached latents.
 
     from app.bench import benchmark_app
@@ -51,7 +51,8 @@ class LocalServer:
         startup_timeout: seconds to wait for the app to answer before giving up (the process is then stopped).
         env: extra environment variables for the subprocess.
 
-    ``url`` is set once the app answers; the server log is kept in ``log_path`` (read it when start-up fails).
+    ``url`` is set once the app answers; the server's output goes to ``log_path`` (see :meth:`log`), which the
+    context manager deletes on a clean exit and keeps when an exception left the block.
     """
 
     def __init__(self, models: str | Path = "assets", device: str = "cpu", extra_args: list[str] | None = None,
@@ -69,8 +70,10 @@ class LocalServer:
         self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.stop()
+        if exc_type is None:
+            self.log_path.unlink(missing_ok=True)
 
     def start(self) -> None:
         with open(self.log_path, "wb") as log:
@@ -105,29 +108,46 @@ class LocalServer:
         return self.log_path.read_text(errors="replace")[-tail:] if self.log_path.exists() else ""
 
 
+def _fetch_video(value) -> int:
+    """Download the video an endpoint returned (as a browser would) and check it is an MP4; returns its size."""
+    import httpx
+
+    data = value.get("video", value) if isinstance(value, dict) else None
+    url = data.get("url") if isinstance(data, dict) else None
+    if not url:
+        raise RuntimeError(f"/counterfactual returned no video URL: {value!r}")
+    response = httpx.get(url, timeout=60)
+    response.raise_for_status()
+    if response.content[4:8] != b"ftyp":
+        raise RuntimeError(f"{url} is not an MP4 file.")
+    return len(response.content)
+
+
 def _measure(url: str, n: int, warmup: int, efs: list[float], length: int | None, seed: int) -> dict:
     from gradio_client import Client
 
-    client = Client(url, verbose=False, download_files=tempfile.mkdtemp(prefix="echolvfm-bench-"))
+    # download_files=False: the bench fetches each video itself, into memory, as the browser does.
+    client = Client(url, verbose=False, download_files=False)
     t0 = time.perf_counter()
     loaded = client.predict(api_name="/load_sample")
     load_ms = (time.perf_counter() - t0) * 1000.0
     info = loaded[2]  # outputs without the session state: video, case text, case numbers, ...
     mode, k, _, _, reject, reject_k, contours = COUNTERFACTUAL_DEFAULTS
     length = int(length or info["frames"])
-    wall, server = [], []
+    wall, server, stages, sizes = [], [], {}, []
     for i in range(warmup + n):
         ef = efs[i % len(efs)]
         t0 = time.perf_counter()
         video, _, summary = client.predict(ef, mode, k, length, seed, reject, reject_k, contours,
-                                              api_name="/counterfactual")
+                                           api_name="/counterfactual")
+        size = _fetch_video(video)
         elapsed = (time.perf_counter() - t0) * 1000.0
-        path = video["video"] if isinstance(video, dict) else video
-        if not path or not Path(path).is_file() or Path(path).stat().st_size == 0:
-            raise RuntimeError(f"/counterfactual returned no video for EF {ef}.")
         if i >= warmup:
             wall.append(elapsed)
             server.append(float(summary["latency_ms"]))
+            sizes.append(size)
+            for name, ms in summary.get("timings_ms", {}).items():
+                stages.setdefault(name, []).append(float(ms))
     wall_sorted = sorted(wall)
     return {
         "n": n,
@@ -138,6 +158,8 @@ def _measure(url: str, n: int, warmup: int, efs: list[float], length: int | None
         "min_ms": wall_sorted[0],
         "max_ms": wall_sorted[-1],
         "server_median_ms": statistics.median(server),
+        "stage_median_ms": {name: statistics.median(v) for name, v in stages.items()},
+        "video_kb": statistics.median(sizes) / 1024,
         "load_sample_ms": load_ms,
         "efs": efs,
     }
@@ -157,9 +179,10 @@ def benchmark_app(url: str | None = None, models: str | Path = "assets", device:
         threads: when starting the app, limit torch / BLAS threads to this many (OMP_NUM_THREADS etc.).
 
     Returns:
-        ``{n, warmup, frames, median_ms, p90_ms, min_ms, max_ms, server_median_ms, load_sample_ms, efs, url,
-        models, device, threads}``; ``server_median_ms`` is the app's own generation-to-file time, the rest of
-        ``median_ms`` is queueing, transfer and the client.
+        ``{n, warmup, frames, median_ms, p90_ms, min_ms, max_ms, server_median_ms, stage_median_ms, video_kb,
+        load_sample_ms, efs, url, models, device, threads}``: times in ms from request to the downloaded MP4;
+        ``server_median_ms`` is the app's own generation-to-file time and ``stage_median_ms`` its parts (flow,
+        decode, video, ...); the rest of ``median_ms`` is queueing, transfer and the client.
     """
     if n < 1:
         raise ValueError(f"n must be at least 1; got {n}.")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -51,11 +52,14 @@ def build_tiny_models(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     models = build_tiny_models(tmp_path_factory.mktemp("tiny_models"))
-    with LocalServer(models, "cpu", env=ONE_THREAD, startup_timeout=150) as srv:
-        yield srv
+    srv = LocalServer(models, "cpu", env=ONE_THREAD, startup_timeout=150)
+    srv.start()
+    yield srv
+    srv.stop()
     # Stopping the app (SIGTERM) removes its temporary folder, uploads and generated videos included.
     temp = re.search(r"temporary files in (\S+), removed on exit", srv.log())
     assert temp and not Path(temp.group(1)).exists(), srv.log()
+    srv.log_path.unlink()
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +74,12 @@ def browser_server(server):
 
 
 @pytest.fixture()
-def client(server):
+def client(server, tmp_path, monkeypatch):
     from gradio_client import Client
 
-    return Client(server.url, verbose=False)
+    # gradio_client stages every download in a fresh folder under tempfile.gettempdir(): keep those in tmp_path.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return Client(server.url, verbose=False, download_files=str(tmp_path / "downloads"))
 
 
 def _video_path(value) -> Path:
@@ -135,7 +141,7 @@ def test_bundled_models_follow_the_requested_ef():
     from gradio_client import Client
 
     with LocalServer(ASSETS, "cpu", startup_timeout=150) as srv:
-        client = Client(srv.url, verbose=False)
+        client = Client(srv.url, verbose=False, download_files=False)
         client.predict(api_name="/load_sample")
         measured = {}
         for ef in (30, 70):
