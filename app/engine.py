@@ -487,7 +487,12 @@ class StudioEngine:
 
     # ----------------------------------------------------------------------------------------------- export
     def export(self, case: LoadedCase, result: CounterfactualResult, out_dir: str | Path) -> list[Path]:
-        """Write the counterfactual loop alone as MP4, GIF and DICOM (marked synthetic); returns the three paths."""
+        """Write the counterfactual loop alone as MP4, GIF and DICOM, each marked synthetic; returns the three paths.
+
+        MP4 and GIF have no standard place for such a mark, so "SYNTHETIC" is burned into their frames (shown at
+        twice the model grid); the DICOM keeps the model-grid pixels and is marked by its tags (derived image,
+        synthetic series description, see :func:`echolvfm_core.io.write_dicom`).
+        """
         from echolvfm_core.io import write_dicom, write_gif, write_mp4
 
         out = Path(out_dir)
@@ -495,9 +500,11 @@ class StudioEngine:
         stem = f"counterfactual_ef{result.requested_ef:.0f}_seed{result.seed}_{secrets.token_hex(4)}"
         echo = case.echo.replace(frames=result.frames, labels=None, labelled=(), synthetic=True,
                                  source_format="synthetic")
+        marked = vid.caption(vid.resize_frames(vid.to_uint8(result.frames), PANEL_SIZE),
+                             f"SYNTHETIC  EF {result.requested_ef:.0f} %")
         return [
-            Path(write_mp4(echo, out / f"{stem}.mp4")),
-            Path(write_gif(echo, out / f"{stem}.gif")),
+            Path(write_mp4(marked, out / f"{stem}.mp4", fps=result.fps)),
+            Path(write_gif(marked, out / f"{stem}.gif", fps=result.fps)),
             Path(write_dicom(echo, out / f"{stem}.dcm")),
         ]
 
