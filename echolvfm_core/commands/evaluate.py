@@ -1,0 +1,121 @@
+"""``echolvfm evaluate``: measure the bundled (or given) models on CAMUS patients and write metrics.json + report.md.
+
+Loops are built from the chosen split's ED/ES pairs exactly as ``echolvfm prepare`` builds training loops (or read
+from an existing prepared folder). A section is computed only when its model folder exists; absent models are
+listed in the report as not evaluated, never filled with numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: section name -> model sub-folder it needs under --models
+SECTIONS = {"vae": "vae", "segmentation": "segmenter", "ef_regression": "ef_regressor"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="measure the models on CAMUS patients (metrics.json + report.md)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--camus", help="CAMUS folder; the split's loops are built as by `echolvfm prepare`")
+    src.add_argument("--prepared", help="an existing `echolvfm prepare` folder to evaluate on instead")
+    p.add_argument("--out", required=True, help="output folder for metrics.json and report.md")
+    p.add_argument("--models", default=None, help="models folder (default: the bundled assets/)")
+    p.add_argument("--split", default="valid", help="split to evaluate on (default: valid)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
+    p.add_argument("--loops-per-patient", type=int, default=4, help="loops built per patient with --camus")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cli import CommandError
+    from ..data.prepared import PreparedLoops
+
+    models = Path(args.models) if args.models else Path(__file__).resolve().parents[2] / "assets"
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise CommandError(f"unknown sections {unknown}; choose from {sorted(SECTIONS)}.")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(args.prepared) if args.prepared else _prepare_split(Path(args.camus), out / "prepared", args)
+    loops = PreparedLoops(data, split=args.split, source="camus")
+    if len(loops) == 0:
+        raise CommandError(f"no CAMUS loops of split '{args.split}' in {data}.")
+
+    metrics: dict = {"split": args.split, "data": str(data), "models": str(models), "seed": args.seed}
+    missing = []
+    for name in sections:
+        folder = models / SECTIONS[name]
+        if not (folder / "config.json").exists() and not any(folder.glob("*/config.json")):
+            missing.append(name)
+            continue
+        metrics[name] = _SECTION_FUNCS[name](folder, loops, args)
+        log.info("%s: %s", name, metrics[name])
+    metrics["not_evaluated"] = missing
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "report.md").write_text(_report(metrics))
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _prepare_split(camus: Path, dest: Path, args: argparse.Namespace) -> Path:
+    """Build the split's loops with the same code and settings as ``echolvfm prepare``."""
+    from ..data.prepared import PrepareConfig, prepare
+    from ..io import read_camus
+
+    ids = [p.patient_id for p in read_camus(camus, views=("4CH",), half_sequences=False) if p.split == args.split]
+    if not ids:
+        from ..cli import CommandError
+
+        raise CommandError(f"no patients of split '{args.split}' in {camus} (splits.csv missing?).")
+    prepare(camus, dest, PrepareConfig(loops_per_patient=args.loops_per_patient, seed=args.seed, patients=tuple(ids)))
+    return dest
+
+
+def _vae(folder: Path, loops, args) -> dict:
+    from ..models.vae import EchoCodec, evaluate_vae
+
+    return evaluate_vae(EchoCodec.from_pretrained(folder, device=args.device), loops.real_frames().images)
+
+
+def _segmentation(folder: Path, loops, args) -> dict:
+    from ..estimators.segmentation import SegmentationEF, evaluate_segmentation
+
+    real = loops.real_frames()
+    seg = SegmentationEF.from_pretrained(folder, device=args.device)
+    return evaluate_segmentation(seg, real.images, real.labels, real.patients, real.phases)
+
+
+def _ef_regression(folder: Path, loops, args) -> dict:
+    from ..estimators.ef_posterior import EFPosteriorEstimator, evaluate_ef_regression
+
+    est = EFPosteriorEstimator.from_pretrained(folder, device=args.device)
+    alpha1 = (loops[i] for i, row in enumerate(loops.manifest) if abs(float(row["alpha"]) - 1.0) < 1e-6)
+    return evaluate_ef_regression(est, alpha1, seed=args.seed)
+
+
+_SECTION_FUNCS = {"vae": _vae, "segmentation": _segmentation, "ef_regression": _ef_regression}
+
+
+def _report(metrics: dict) -> str:
+    lines = [
+        "# EchoLVFM Studio evaluation",
+        "",
+        f"Split: `{metrics['split']}`; data: `{metrics['data']}`; models: `{metrics['models']}`.",
+        "Loops are real CAMUS ED/ES anatomy with synthesised motion (see the data issue), not acquired cines.",
+        "",
+    ]
+    for name in SECTIONS:
+        if name in metrics:
+            lines.append(f"## {name}")
+            lines += [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in metrics[name].items()]
+            lines.append("")
+    if metrics["not_evaluated"]:
+        lines.append("Not evaluated (model absent): " + ", ".join(metrics["not_evaluated"]) + ".")
+    return "\n".join(lines) + "\n"
