@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -214,6 +214,7 @@ class CardiacPair:
     mask: np.ndarray | None = None
     ed_fine: np.ndarray | None = None
     es_fine: np.ndarray | None = None
+    _filled: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         shape = self.ed_image.shape
@@ -508,19 +509,19 @@ def render_loop(
     real_es = alpha == 1.0
     w = blend_weight(phases, blend_width) if real_es else np.zeros(t)
     vel = torch.from_numpy(np.asarray(pair.velocity, dtype=np.float32))[None]
-    sources = [(pair.ed_image, pair.ed_fine, pair.ed_labels, alpha * phases, 1.0 - w)]
+    sources = [("ed", pair.ed_labels, alpha * phases, 1.0 - w)]
     if real_es:
-        sources.append((pair.es_image, pair.es_fine, pair.es_labels, -(1.0 - phases), w))
+        sources.append(("es", pair.es_labels, -(1.0 - phases), w))
     side = size * pair.factor if images else 1
     grey = torch.zeros(2, t, 1, side, side)
     soft = torch.zeros(t, _N_LABELS, size, size)
     with torch.no_grad():
-        for j, (image, fine, labels, scale, weight) in enumerate(sources):
+        for j, (which, labels, scale, weight) in enumerate(sources):
             idx = torch.from_numpy(np.flatnonzero(weight > 0))
             if len(idx) == 0:
                 continue
             if images:
-                grey[j, idx] = _warp_grey(pair, image, fine, vel, torch.from_numpy(scale[idx]).float(), config)
+                grey[j, idx] = _warp_grey(pair, which, vel, torch.from_numpy(scale[idx]).float(), config)
             disp = exp_velocity(vel, size, torch.from_numpy(scale[idx]).float(), config.squarings, config.work_size)
             wt = torch.from_numpy(weight[idx]).float().view(-1, 1, 1, 1)
             soft[idx] += wt * warp(_onehot(labels[None]).expand(len(idx), -1, -1, -1), disp)
@@ -555,12 +556,57 @@ def _argmax_labels(soft: torch.Tensor) -> np.ndarray:
     return labels.numpy()
 
 
-def _warp_grey(pair: CardiacPair, image: np.ndarray, fine: np.ndarray | None, vel: torch.Tensor, scale: torch.Tensor, config: RegistrationConfig) -> torch.Tensor:
-    """Warp one grey image by ``exp(scale v)`` for each scale: (n, 1, kS, kS) float in [0, 1], on the fine grid."""
-    src = image if fine is None else fine
-    side = src.shape[-1]
-    disp = exp_velocity(vel, side, scale, config.squarings, config.work_size)
-    return warp(_grey(src[None]).expand(len(scale), -1, -1, -1), disp, mode="bicubic", padding="zeros").clamp(0, 1)
+def _warp_source(pair: CardiacPair, which: str) -> np.ndarray:
+    """The image ("ed" or "es") to warp: on the fine grid when there is one, outside of the fan filled (see
+    :func:`_fill_outside`); computed once per pair."""
+    if which not in pair._filled:
+        src = getattr(pair, f"{which}_fine") if pair.factor > 1 else getattr(pair, f"{which}_image")
+        if pair.mask is not None:
+            k = pair.factor
+            src = _fill_outside(src, np.kron(pair.mask, np.ones((k, k), dtype=bool)), margin=2 * k)
+        pair._filled[which] = src
+    return pair._filled[which]
+
+
+def _warp_grey(pair: CardiacPair, which: str, vel: torch.Tensor, scale: torch.Tensor, config: RegistrationConfig) -> torch.Tensor:
+    """Warp the ED or ES image by ``exp(scale v)`` for each scale: (n, 1, kS, kS) float in [0, 1], on the fine
+    grid (masked to the fan later)."""
+    src = _warp_source(pair, which)
+    disp = exp_velocity(vel, src.shape[-1], scale, config.squarings, config.work_size)
+    return warp(_grey(src[None]).expand(len(scale), -1, -1, -1), disp, mode="bicubic", padding="border").clamp(0, 1)
+
+
+def _fill_outside(image: np.ndarray, mask: np.ndarray, margin: int) -> np.ndarray:
+    """Copy of ``image`` with the outside of the fan filled with mirrored fan content.
+
+    The fan (``mask`` shrunk by ``margin`` pixels, which drops its dark rim) is described in polar coordinates about
+    its apex (top centre); a pixel beyond the fan's depth or angle takes the value mirrored back across the arc or
+    the straight edge, so speckle-like texture, not black or streaks, is what tissue motion near the edge pulls
+    in. Pixels whose mirror image still falls outside take the nearest fan value.
+    """
+    from scipy.ndimage import binary_erosion, distance_transform_edt
+
+    core = binary_erosion(mask, iterations=margin) if margin > 0 else mask
+    if core.all() or not core.any():
+        return image
+    ys, xs = np.nonzero(core)
+    top = ys.min()
+    apex = (top - margin - 0.5, float(xs[ys == top].mean()))
+    dy, dx = ys - apex[0], xs - apex[1]
+    depth, half = float(np.hypot(dy, dx).max()), float(np.abs(np.arctan2(dx, dy)).max())
+    h, w = mask.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    r = np.hypot(yy - apex[0], xx - apex[1])
+    theta = np.arctan2(xx - apex[1], yy - apex[0])
+    r = np.where(r > depth, 2 * depth - r, r)
+    theta = np.where(np.abs(theta) > half, np.sign(theta) * (2 * half - np.abs(theta)), theta)
+    my = np.clip(np.rint(apex[0] + r * np.cos(theta)), 0, h - 1).astype(np.intp)
+    mx = np.clip(np.rint(apex[1] + r * np.sin(theta)), 0, w - 1).astype(np.intp)
+    ok = core[my, mx]
+    _, (ny, nx) = distance_transform_edt(~core, return_distances=True, return_indices=True)
+    src_y = np.where(core, yy.astype(np.intp), np.where(ok, my, ny))
+    src_x = np.where(core, xx.astype(np.intp), np.where(ok, mx, nx))
+    return image[src_y, src_x]
 
 
 def _gaussian(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -603,8 +649,8 @@ def pair_agreement(pair: CardiacPair, config: RegistrationConfig = RegistrationC
     size, k = pair.size, pair.factor
     vel = torch.from_numpy(np.asarray(pair.velocity, dtype=np.float32))[None]
     with torch.no_grad():
-        fwd = _warp_grey(pair, pair.ed_image, pair.ed_fine, vel, torch.tensor([1.0, 0.5]), config)
-        bwd = _warp_grey(pair, pair.es_image, pair.es_fine, vel, torch.tensor([-0.5]), config)
+        fwd = _warp_grey(pair, "ed", vel, torch.tensor([1.0, 0.5]), config)
+        bwd = _warp_grey(pair, "es", vel, torch.tensor([-0.5]), config)
         moved = torch.cat([fwd, bwd])
         if k > 1:
             moved = F.avg_pool2d(moved, k)

@@ -2,7 +2,7 @@
 
 A prepared folder (written by :func:`prepare`, i.e. ``echolvfm prepare``)::
 
-    meta.json            format, version, grid size, registration config, EF method, seed, counts
+    meta.json            format, version, grid size, registration config, EF method, seed
     pairs.npz            per CAMUS patient: preprocessed ED/ES images and labels (uint8, S x S), fan mask,
                          finer copies of the images (uint8, kS x kS), ED -> ES velocity (float16), EFs
     manifest.csv         one row per loop: loop_id, patient, split, source, alpha, ef, ed_index, es_index, fps,
@@ -11,8 +11,8 @@ A prepared folder (written by :func:`prepare`, i.e. ``echolvfm prepare``)::
     prepare_report.json  measured registration quality, EF agreement, sizes and timings
 
 Full loops of ~450 patients x K alphas x ~30 frames would not fit the size budget, so frames are rendered
-deterministically from the stored pair and recipe in :meth:`PreparedLoops.__getitem__` (tens of ms per loop on a
-CPU core; an LRU cache keeps recent ones).
+deterministically from the stored pair and recipe in :meth:`PreparedLoops.__getitem__` (about 0.1 s per 30-frame
+loop on one CPU core; an LRU cache keeps recent ones, ``cache_size=len(ds)`` all of them, about 0.8 MB a loop).
 """
 from __future__ import annotations
 
@@ -207,6 +207,7 @@ class PreparedLoops:
         for i, r in enumerate(self.manifest):
             self._by_patient.setdefault(r["patient"], []).append(i)
         self._cache: OrderedDict[int, LoopSample] = OrderedDict()
+        self._pair_objects: dict[int, CardiacPair] = {}  # keep each pair's filled source images
         self.cache_size = int(cache_size)
 
     def __len__(self) -> int:
@@ -249,7 +250,7 @@ class PreparedLoops:
         if row["source"] == "phantom":
             loop = _render_phantom_recipe(recipe, self.size)
             return loop.frames, loop.labels
-        loop = _render_camus_recipe(self._pairs, recipe, self.registration, self.blend_width)
+        loop = _render_camus_recipe(self._pairs, recipe, self.registration, self.blend_width, pair_objects=self._pair_objects)
         return loop.frames, loop.labels
 
     def counterfactual(self, patient: str, alpha: float, timing: CycleTiming | None = None, fps: float = 30.0) -> LoopSample:
@@ -268,7 +269,7 @@ class PreparedLoops:
         timing = timing or CycleTiming(30)
         i = self._pair_index[patient]
         recipe = {"pair": i, "alpha": float(alpha), "timing": timing.to_dict()}
-        loop = _render_camus_recipe(self._pairs, recipe, self.registration, self.blend_width)
+        loop = _render_camus_recipe(self._pairs, recipe, self.registration, self.blend_width, pair_objects=self._pair_objects)
         ef, es, _ = _loop_measures(loop.labels, loop.es_index)
         return LoopSample(
             frames=loop.frames, labels=loop.labels, ef=ef, ed_index=0, es_index=es, fps=float(fps), patient=patient,
@@ -336,8 +337,14 @@ def _pair(pairs: dict, i: int) -> CardiacPair:
     )
 
 
-def _render_camus_recipe(pairs: dict, recipe: dict, config: RegistrationConfig, blend_width: float, images: bool = True):
-    pair = _pair(pairs, int(recipe["pair"]))
+def _render_camus_recipe(
+    pairs: dict, recipe: dict, config: RegistrationConfig, blend_width: float, images: bool = True, pair_objects: dict | None = None
+):
+    i = int(recipe["pair"])
+    if pair_objects is None:
+        pair = _pair(pairs, i)
+    else:
+        pair = pair_objects.get(i) or pair_objects.setdefault(i, _pair(pairs, i))
     return render_loop(pair, CycleTiming(**recipe["timing"]), float(recipe["alpha"]), config, blend_width, images)
 
 
@@ -481,15 +488,17 @@ def _register_and_measure(
     vel = register_pairs(images[:, 0], images[:, 1], labels[:, 0], labels[:, 1], config).astype(np.float16)
     pairs = {"images": images, "labels": labels, "mask": masks, "fine": fine, "velocity": vel}
     agreements, measures = [], []
+    objects: dict[int, CardiacPair] = {}
     for i in range(len(images)):
-        ag = pair_agreement(_pair(pairs, i), config)
+        objects[i] = _pair(pairs, i)
+        ag = pair_agreement(objects[i], config)
         agreements.append({"ssim_raw": ag.ssim_raw, "ssim_es": ag.ssim_es, "ssim_mid": ag.ssim_mid, "dice_es": ag.dice_es})
         real_sharp = sharpness(images[i], masks[i])
         per_loop = []
         for j, (loop_id, recipe) in enumerate(recipes[i]):
             # EF needs only the labels; images (for the sharpness check) of the first SHARPNESS_LOOPS loops.
             with_images = j < SHARPNESS_LOOPS
-            loop = _render_camus_recipe(pairs, {**recipe, "pair": i}, config, blend_width, images=with_images)
+            loop = _render_camus_recipe(pairs, {**recipe, "pair": i}, config, blend_width, with_images, objects)
             ef, es, ef_maxmin = _loop_measures(loop.labels, loop.es_index)
             sharp = sharpness(loop.frames, masks[i]) / real_sharp if with_images and real_sharp > 0 else None
             per_loop.append(
