@@ -37,7 +37,7 @@ class EFDenoiserConfig:
     num_frames: int = 16
     frame_size: int = 56
     encoder_channels: tuple[int, ...] = (16, 32, 64, 128)
-    temporal_strides: tuple[int, ...] = (1, 1, 2, 2)
+    temporal_strides: tuple[int, ...] = (1, 1, 1, 2)
     feature_dim: int = 128
     hidden_dim: int = 128
     num_blocks: int = 3
@@ -89,7 +89,7 @@ class EFDenoiser(ModelMixin, ConfigMixin):
         num_frames: int = 16,
         frame_size: int = 56,
         encoder_channels: tuple[int, ...] = (16, 32, 64, 128),
-        temporal_strides: tuple[int, ...] = (1, 1, 2, 2),
+        temporal_strides: tuple[int, ...] = (1, 1, 1, 2),
         feature_dim: int = 128,
         hidden_dim: int = 128,
         num_blocks: int = 3,

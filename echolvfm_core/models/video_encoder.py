@@ -51,6 +51,8 @@ class VideoEncoder(nn.Module):
     """Clip encoder.
 
     ``forward(video)``: video float (B, 1, T, H, W), grey levels in [0, 1] -> features float (B, feature_dim).
+    The stem sees each frame and its deviation from the clip's mean frame; the head pools space, then takes the
+    temporal mean and standard deviation of every channel.
 
     Args:
         channels: output channels of the stem and of each stage; every stage after the first halves H and W,
@@ -63,7 +65,7 @@ class VideoEncoder(nn.Module):
         self,
         channels: tuple[int, ...] = (16, 32, 64, 128),
         feature_dim: int = 128,
-        temporal_strides: tuple[int, ...] = (1, 1, 2, 2),
+        temporal_strides: tuple[int, ...] = (1, 1, 1, 2),
     ):
         super().__init__()
         if len(temporal_strides) != len(channels):
@@ -72,7 +74,7 @@ class VideoEncoder(nn.Module):
             )
         c0 = channels[0]
         self.stem = nn.Sequential(
-            nn.Conv3d(1, c0, (1, 5, 5), stride=(1, 2, 2), padding=(0, 2, 2), bias=False),
+            nn.Conv3d(2, c0, (1, 5, 5), stride=(1, 2, 2), padding=(0, 2, 2), bias=False),
             nn.GroupNorm(_groups(c0), c0),
             nn.SiLU(),
         )
@@ -82,10 +84,15 @@ class VideoEncoder(nn.Module):
             stages.append(R2Plus1DBlock(prev, c, spatial_stride=1 if i == 0 else 2, temporal_stride=t))
             prev = c
         self.stages = nn.Sequential(*stages)
-        self.proj = nn.Sequential(nn.LayerNorm(prev), nn.Linear(prev, feature_dim))
+        self.proj = nn.Sequential(nn.LayerNorm(2 * prev), nn.Linear(2 * prev, feature_dim))
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         if video.ndim != 5 or video.shape[1] != 1:
             raise ValueError(f"VideoEncoder expects video (B, 1, T, H, W); got {tuple(video.shape)}.")
-        h = self.stages(self.stem(2.0 * video - 1.0))
-        return self.proj(h.mean(dim=(2, 3, 4)))
+        # input channels: the frames and their deviation from the clip's mean frame (what moves: the walls)
+        x = torch.cat([2.0 * video - 1.0, 4.0 * (video - video.mean(dim=2, keepdim=True))], dim=1)
+        h = self.stages(self.stem(x)).mean(dim=(3, 4))  # (B, C, T'): spatial average per time
+        # temporal mean and standard deviation: the level of each feature and the amplitude of its change over the
+        # cycle (how much the ventricle moves is what the EF measures)
+        pooled = torch.cat([h.mean(dim=2), h.std(dim=2, unbiased=False)], dim=1)
+        return self.proj(pooled)

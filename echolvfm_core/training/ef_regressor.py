@@ -6,7 +6,7 @@ one encoder pass serves many denoising targets, plus a small auxiliary regressio
 features (it speeds up the encoder's learning on a CPU budget; the posterior comes from the diffusion model only).
 
 Training clips come from every prepared loop of the training split (all counterfactual strengths ``alpha``; their
-EF labels are exact, measured on the warped labels): random phase offset and 1-2 cycles half of the time, the
+EF labels are exact, measured on the warped labels): random phase offset and 1-1.5 cycles half of the time, the
 inference clip (whole loop, from frame 0) otherwise, with ultrasound augmentation. Age and sex are used when the
 samples carry them and dropped at random (modality dropout) so the learned null embeddings stand for "unknown".
 A few uninformative clips (pure noise, or one frame repeated) keep their loop's EF label, which teaches the model
@@ -68,7 +68,7 @@ class EFTrainConfig:
     steps: int = 3000
     batch_size: int = 16
     noise_draws: int = 8
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup: int = 150
     aux_weight: float = 0.5
@@ -76,7 +76,7 @@ class EFTrainConfig:
     p_drop_age: float = 0.3
     p_drop_sex: float = 0.3
     p_inference_clip: float = 0.5
-    max_cycles: float = 2.0
+    max_cycles: float = 1.5
     eval_every: int = 1000
     checkpoint_every: int = 250
     augment: AugmentConfig = field(

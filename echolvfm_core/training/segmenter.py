@@ -44,14 +44,14 @@ class SegTrainConfig:
     """
 
     model: SegmenterConfig = field(default_factory=SegmenterConfig)
-    steps: int = 3000
+    steps: int = 4000
     batch_size: int = 16
     loop_fraction: float = 0.5
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup: int = 100
     dice_weight: float = 1.0
-    eval_every: int = 500
+    eval_every: int = 1000
     checkpoint_every: int = 250
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
