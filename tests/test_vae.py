@@ -267,6 +267,9 @@ def test_cli_train_tiny_and_vae_stats(phantom_data, tmp_path, capsys):
     assert main(args) == 0
     codec = EchoCodec.from_pretrained(out / "final")
     assert codec.stats_source == "measured"
+    card = (out / "final" / "MODEL_CARD.md").read_text()
+    assert "0 real ED / ES frames" in card and "not measured" in card  # phantom-only data: no real frames
+    assert json.loads((out / "metrics.json").read_text())["bench"]["frames"] == 32
     # an external RGB 8x VAE gets its stats measured and written into its config
     ext = tmp_path / "ext"
     _rgb_8x_vae().save_pretrained(ext)

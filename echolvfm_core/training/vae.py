@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.vae import EchoCodec, VAEConfig, build_vae, compute_latent_stats, evaluate_vae, vae_preset
+from ..models.vae import EchoCodec, VAEConfig, bench_codec, build_vae, compute_latent_stats, evaluate_vae, vae_preset
 from .augment import AugmentConfig, augment_batch
 from .common import load_checkpoint, make_accelerator, progress, save_checkpoint, set_seed
 
@@ -37,6 +37,7 @@ __all__ = [
     "vae_loss",
     "FramePool",
     "loop_frames",
+    "model_card",
     "fit",
     "train",
 ]
@@ -239,9 +240,61 @@ def _codec_copy(model) -> EchoCodec:
     return EchoCodec(copy.deepcopy(model).float())
 
 
+def model_card(cfg: VAETrainConfig, metrics: dict, data: str) -> str:
+    """MODEL_CARD.md text for a trained codec, from its configuration and the run's measured metrics."""
+    m = cfg.model
+    n_params = sum(p.numel() for p in build_vae(m).parameters())
+    valid = metrics.get("valid")
+    bench = metrics.get("bench", {})
+    lines = [
+        "# EchoLVFM grey frame VAE (4 latent channels, 4x downsampling)",
+        "",
+        "A diffusers `AutoencoderKL` applied frame by frame to grey apical four-chamber echo frames on the 112 x 112",
+        "model grid: 1 x 112 x 112 in [-1, 1] -> 4 x 28 x 28 (posterior mean) -> 1 x 112 x 112. Use it through",
+        "`echolvfm_core.models.vae.EchoCodec.from_pretrained(folder)`, which handles the [0, 1] pixel range and the",
+        "per-channel latent normalisation stored in `config.json` (`latents_mean`, `latents_std`).",
+        "",
+        "## Architecture",
+        f"- widths {list(m.block_out_channels)}, {m.layers_per_block} resnet(s) per encoder level, GroupNorm "
+        f"{m.norm_num_groups} groups, no mid-block attention; {n_params / 1e3:.1f} k parameters.",
+        "- sized for decoding speed on two CPU cores (the EF slider re-decodes a whole loop).",
+        "",
+        "## Training",
+        f"- data: {data}.",
+        f"- {metrics['steps']} AdamW steps (lr {cfg.lr:g}, cosine): the first {cfg.crop_fraction:.0%} on random "
+        f"{cfg.crop} x {cfg.crop} crops ({cfg.crop_batch_size} a step), then whole frames ({cfg.batch_size} a step); "
+        f"a share {cfg.loop_fraction:g} of each batch from loop frames.",
+        f"- loss: L1 + {cfg.ssim_weight:g} x (1 - SSIM) + {cfg.kl_weight:g} x KL per latent element; light gain /",
+        "  contrast augmentation only (no flips: the orientation is clinical).",
+        f"- seed {metrics['seed']}, device {metrics['device']}, {metrics['seconds']:.0f} s.",
+        "",
+        "## Evaluation (valid split, real ED / ES frames, 112 x 112, skimage SSIM with data range 1)",
+    ]
+    if valid:
+        lines.append(f"- SSIM {valid['ssim']:.4f}, PSNR {valid['psnr']:.2f} dB on {valid['n']} frames.")
+    else:
+        lines.append("- not measured: the data had no real valid frames.")
+    if bench:
+        lines.append(f"- encode / decode of a {bench['frames']}-frame loop: {bench['encode_ms']:.0f} / "
+                     f"{bench['decode_ms']:.0f} ms (median; torch threads: {bench['torch_threads']}, {bench['device']}; "
+                     "on the training machine at the end of training).")
+    lines += [
+        "",
+        "## Intended use and limits",
+        "- Research and teaching: the latent space of EchoLVFM's counterfactual generator. Not a medical device;",
+        "  not for diagnosis.",
+        "- Trained only on CAMUS apical 4CH frames (one centre, one vendor) after the project's sector crop and gain",
+        "  normalisation; other views, vendors or unnormalised frames reconstruct worse.",
+        "- CAMUS (Leclerc et al., IEEE TMI 2019) is released for non-commercial research; the same terms apply here.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def fit(pool: FramePool, cfg: VAETrainConfig, out: Path, seed: int = 0, device: str | None = None,
-        resume: bool = False, valid_images: np.ndarray | None = None) -> dict:
-    """Train a VAE; writes ``out/final`` (codec with latent stats + training_config.json) and ``out/metrics.json``.
+        resume: bool = False, valid_images: np.ndarray | None = None, data: str = "frames given to fit()") -> dict:
+    """Train a VAE; writes ``out/final`` (codec with latent stats, training_config.json, MODEL_CARD.md) and
+    ``out/metrics.json``.
 
     Args:
         pool: training frames (also the frames the latent statistics are measured on).
@@ -250,6 +303,7 @@ def fit(pool: FramePool, cfg: VAETrainConfig, out: Path, seed: int = 0, device: 
         seed: seeds the initialisation; batch ``k`` depends only on (seed, k), so a resumed run sees the same data.
         resume: continue from ``out/checkpoint`` when present.
         valid_images: uint8 (N, S, S) real frames of the valid split for metrics.
+        data: one line describing the training data, for the model card.
 
     Returns:
         The metrics dict (also in ``out/metrics.json``): training summary, latent stats and, with ``valid_images``,
@@ -315,10 +369,12 @@ def fit(pool: FramePool, cfg: VAETrainConfig, out: Path, seed: int = 0, device: 
     }
     if valid_images is not None and len(valid_images):
         metrics["valid"] = evaluate_vae(codec, valid_images)
+    metrics["bench"] = bench_codec(codec, repeats=5)
     if accelerator.is_main_process:
         final = out / "final"
         codec.save_pretrained(final)
         (final / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (final / "MODEL_CARD.md").write_text(model_card(cfg, metrics, data))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
         save_checkpoint(accelerator, out, step, history=history)
     return metrics
@@ -332,14 +388,18 @@ def train(args: argparse.Namespace) -> int:
     if args.steps is not None:
         cfg = replace(cfg, steps=int(args.steps))
     train_ds = PreparedLoops(args.data, split="train", source=None if cfg.phantom else "camus")
-    real = PreparedLoops(args.data, split="train").real_frames().images
+    real_train = PreparedLoops(args.data, split="train").real_frames()
+    real = real_train.images
     print(f"rendering {min(cfg.loop_pool, len(train_ds))} of {len(train_ds)} training loops ...", flush=True)
     loops = loop_frames(train_ds, cfg.loop_pool, cfg.frames_per_loop, seed=args.seed)
     pool = FramePool(real, loops if len(loops) else None, cfg.loop_fraction)
     valid = PreparedLoops(args.data, split="valid").real_frames().images
     print(f"training frames: {len(pool.real)} real, {len(pool.loops)} from loops; valid frames: {len(valid)}")
+    n_patients = len(set(real_train.patients))
+    data = (f"{len(pool.real)} real ED / ES frames ({n_patients} patients, train split) and {len(pool.loops)} frames of "
+            f"{min(cfg.loop_pool, len(train_ds))} prepared {'loops' if cfg.phantom else 'CAMUS loops'}")
     metrics = fit(pool, cfg, Path(args.out), seed=args.seed, device=args.device, resume=args.resume,
-                  valid_images=valid if len(valid) else None)
+                  valid_images=valid if len(valid) else None, data=data)
     if "valid" in metrics:
         v = metrics["valid"]
         print(f"valid: ssim {v['ssim']:.4f} psnr {v['psnr']:.2f} dB (n={v['n']})")
