@@ -21,7 +21,15 @@ from echolvfm_core.models.vae import (
     evaluate_vae,
     vae_preset,
 )
-from echolvfm_core.training.vae import FramePool, VAETrainConfig, fit, loop_frames, ssim_map, train_preset, vae_loss
+from echolvfm_core.training.vae import (
+    FramePool,
+    VAETrainConfig,
+    fit,
+    loop_frames,
+    ssim_map,
+    train_preset,
+    vae_loss,
+)
 
 
 def speckle(n: int, size: int = 112, seed: int = 0) -> torch.Tensor:

@@ -27,7 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from echolvfm_core.cli import CommandError
     from echolvfm_core.data.prepared import PreparedLoops
-    from echolvfm_core.models.vae import EchoCodec, compute_latent_stats, write_latent_stats
+    from echolvfm_core.models.vae import (
+        EchoCodec,
+        compute_latent_stats,
+        write_latent_stats,
+    )
     from echolvfm_core.training.vae import loop_frames
 
     if args.loops < 0 or args.frames_per_loop < 1:

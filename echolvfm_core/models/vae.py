@@ -228,7 +228,7 @@ class EchoCodec:
     def from_pretrained(
         cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
         chunk_size: int = 64,
-    ) -> "EchoCodec":
+    ) -> EchoCodec:
         """Load a local diffusers ``AutoencoderKL`` folder (``path`` or ``path/vae``), ours or a user's.
 
         Args:
@@ -239,7 +239,7 @@ class EchoCodec:
         folder = _vae_folder(Path(path))
         try:
             vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype or torch.float32)
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except (OSError, ValueError) as exc:
             raise ValueError(f"Could not load an AutoencoderKL from {folder}: {exc}".rstrip(".") + ".") from exc
         codec = cls(vae.to(device or "cpu"), chunk_size=chunk_size)
         if codec.stats_source != "measured":
@@ -422,7 +422,7 @@ def evaluate_vae(codec: EchoCodec, images, batch_size: int = 64) -> dict:
     codec._check_frames(x[:, 0][None])
     recon = torch.cat([codec.decode_frames(codec.encode_frames(b)).cpu() for b in x.split(batch_size)])
     a, r = x[:, 0].numpy(), recon[:, 0].numpy()
-    return {"ssim": ssim(a, r), "psnr": psnr(a, r), "n": int(len(a))}
+    return {"ssim": ssim(a, r), "psnr": psnr(a, r), "n": len(a)}
 
 
 def bench_codec(codec: EchoCodec, frames: int = 32, size: int = 112, repeats: int = 10, seed: int = 0) -> dict:

@@ -24,9 +24,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.vae import EchoCodec, VAEConfig, bench_codec, build_vae, compute_latent_stats, evaluate_vae, vae_preset
+from ..models.vae import (
+    EchoCodec,
+    VAEConfig,
+    bench_codec,
+    build_vae,
+    compute_latent_stats,
+    evaluate_vae,
+    vae_preset,
+)
 from .augment import AugmentConfig, augment_batch
-from .common import load_checkpoint, make_accelerator, progress, save_checkpoint, set_seed
+from .common import (
+    load_checkpoint,
+    make_accelerator,
+    progress,
+    save_checkpoint,
+    set_seed,
+)
 
 __all__ = [
     "VAETrainConfig",
@@ -186,7 +200,7 @@ class FramePool:
 
         With ``crop`` > 0 each frame is cut to a random ``crop`` x ``crop`` window: (B, 1, crop, crop).
         """
-        n_loop = int(round(batch_size * self.loop_fraction))
+        n_loop = round(batch_size * self.loop_fraction)
         parts = []
         if batch_size - n_loop:
             parts.append(self.real[torch.randint(0, len(self.real), (batch_size - n_loop,), generator=generator).numpy()])
@@ -255,15 +269,15 @@ def model_card(cfg: VAETrainConfig, metrics: dict, data: str) -> str:
         "per-channel latent normalisation stored in `config.json` (`latents_mean`, `latents_std`).",
         "",
         "## Architecture",
-        f"- widths {list(m.block_out_channels)}, {m.layers_per_block} resnet(s) per encoder level, GroupNorm "
-        f"{m.norm_num_groups} groups, no mid-block attention; {n_params / 1e3:.1f} k parameters.",
+        (f"- widths {list(m.block_out_channels)}, {m.layers_per_block} resnet(s) per encoder level, GroupNorm "
+         f"{m.norm_num_groups} groups, no mid-block attention; {n_params / 1e3:.1f} k parameters."),
         "- sized for decoding speed on two CPU cores (the EF slider re-decodes a whole loop).",
         "",
         "## Training",
         f"- data: {data}.",
-        f"- {metrics['steps']} AdamW steps (lr {cfg.lr:g}, cosine): the first {cfg.crop_fraction:.0%} on random "
-        f"{cfg.crop} x {cfg.crop} crops ({cfg.crop_batch_size} a step), then whole frames ({cfg.batch_size} a step); "
-        f"a share {cfg.loop_fraction:g} of each batch from loop frames.",
+        (f"- {metrics['steps']} AdamW steps (lr {cfg.lr:g}, cosine): the first {cfg.crop_fraction:.0%} on random "
+         f"{cfg.crop} x {cfg.crop} crops ({cfg.crop_batch_size} a step), then whole frames ({cfg.batch_size} a step); "
+         f"a share {cfg.loop_fraction:g} of each batch from loop frames."),
         f"- loss: L1 + {cfg.ssim_weight:g} x (1 - SSIM) + {cfg.kl_weight:g} x KL per latent element; light gain /",
         "  contrast augmentation only (no flips: the orientation is clinical).",
         f"- seed {metrics['seed']}, device {metrics['device']}, {metrics['seconds']:.0f} s.",
