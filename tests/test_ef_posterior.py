@@ -316,3 +316,19 @@ def test_train_command_writes_model_card_and_loads(tmp_path):
     assert "coverage90" in (out / "final" / "MODEL_CARD.md").read_text()
     est = EFPosteriorEstimator.from_pretrained(out / "final")
     assert est.model.config.ef_std == pytest.approx(np.std(train_efs, ddof=1))
+
+
+def test_estimate_ef_command_on_the_dicom_sample(sample_path, tmp_path, capsys):
+    from echolvfm_core.cli import main
+
+    folder = tmp_path / "ef_regressor"
+    tiny_model().save_pretrained(folder)
+    make_train_scheduler().save_pretrained(folder)
+    args = ["estimate-ef", str(sample_path), "--models", str(tmp_path), "--json", "--seed", "2"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert {"mean", "sd", "p05", "p95", "samples"} <= set(first) and len(first["samples"]) == 40
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == first["samples"]  # deterministic for a seed
+    assert main(["estimate-ef", str(sample_path), "--models", str(tmp_path / "none")]) == 2
+    assert "No EF posterior model" in capsys.readouterr().err

@@ -263,3 +263,34 @@ def test_train_command_writes_model_card_and_loads(phantom_prepared, tmp_path, c
     assert json.loads((out / "metrics.json").read_text())["steps"] == 2
     seg = SegmentationEF.from_pretrained(out / "final")
     assert seg.model.config.block_out_channels == list(segmenter_preset("tiny").block_out_channels)
+
+
+def test_segment_command_on_the_dicom_sample(sample_path, tmp_path, capsys, monkeypatch):
+    """Plumbing of `echolvfm segment` (load, preprocess, measure, JSON, overlay) with the network's labels replaced
+    by a phantom's exact labels, so the result is known: the phantom's EF."""
+    from echolvfm_core.cli import main
+
+    models = tmp_path / "models"
+    tiny_model().save_pretrained(models / "segmenter")
+    loop = render_phantom(7, 45.0, CycleTiming(30), fps=30.0)
+    monkeypatch.setattr(SegmentationEF, "segment", lambda self, frames: loop.labels[: len(frames)])
+    out = tmp_path / "overlay.mp4"
+    assert main(["segment", str(sample_path), "--models", str(models), "--json", "--overlay", str(out)]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert {"lv_area", "ed_index", "es_index", "ef", "ef_simpson"} <= set(record)
+    assert len(record["lv_area"]) == 30 and record["ef"] == pytest.approx(loop.ef, abs=1.0)
+    assert out.is_file() and out.stat().st_size > 0
+    assert main(["segment", str(sample_path), "--models", str(tmp_path / "none")]) == 2
+    assert "No segmenter" in capsys.readouterr().err
+
+
+def test_segment_command_rejects_a_still(tmp_path, capsys):
+    import imageio.v3 as iio
+
+    from echolvfm_core.cli import main
+
+    tiny_model().save_pretrained(tmp_path / "segmenter")
+    still = tmp_path / "still.png"
+    iio.imwrite(still, (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8))
+    assert main(["segment", str(still), "--models", str(tmp_path)]) == 2
+    assert "error" in capsys.readouterr().err
