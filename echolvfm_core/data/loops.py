@@ -556,24 +556,37 @@ def _argmax_labels(soft: torch.Tensor) -> np.ndarray:
     return labels.numpy()
 
 
+def _support(pair: CardiacPair) -> np.ndarray:
+    """bool (kS, kS): where the warp source images show the fan (their non-zero pixels inside the model-grid fan,
+    holes filled); computed once per pair."""
+    if "support" not in pair._filled:
+        from scipy.ndimage import binary_fill_holes
+
+        k = pair.factor
+        ed, es = (pair.ed_fine, pair.es_fine) if k > 1 else (pair.ed_image, pair.es_image)
+        seen = (ed > 0) | (es > 0)
+        if pair.mask is not None:
+            seen &= np.kron(pair.mask, np.ones((k, k), dtype=bool))
+        pair._filled["support"] = binary_fill_holes(seen)
+    return pair._filled["support"]
+
+
 def _warp_source(pair: CardiacPair, which: str) -> np.ndarray:
     """The image ("ed" or "es") to warp: on the fine grid when there is one, outside of the fan filled (see
     :func:`_fill_outside`); computed once per pair."""
     if which not in pair._filled:
         src = getattr(pair, f"{which}_fine") if pair.factor > 1 else getattr(pair, f"{which}_image")
-        if pair.mask is not None:
-            k = pair.factor
-            src = _fill_outside(src, np.kron(pair.mask, np.ones((k, k), dtype=bool)), margin=2 * k)
-        pair._filled[which] = src
+        pair._filled[which] = _fill_outside(src, _support(pair), margin=pair.factor)
     return pair._filled[which]
 
 
 def _warp_grey(pair: CardiacPair, which: str, vel: torch.Tensor, scale: torch.Tensor, config: RegistrationConfig) -> torch.Tensor:
-    """Warp the ED or ES image by ``exp(scale v)`` for each scale: (n, 1, kS, kS) float in [0, 1], on the fine
-    grid (masked to the fan later)."""
+    """Warp the ED or ES image by ``exp(scale v)`` for each scale: (n, 1, kS, kS) float in [0, 1] on the fine grid,
+    zero outside the sources' fan (so the fan's edge looks as in the real frames)."""
     src = _warp_source(pair, which)
     disp = exp_velocity(vel, src.shape[-1], scale, config.squarings, config.work_size)
-    return warp(_grey(src[None]).expand(len(scale), -1, -1, -1), disp, mode="bicubic", padding="border").clamp(0, 1)
+    moved = warp(_grey(src[None]).expand(len(scale), -1, -1, -1), disp, mode="bicubic", padding="border").clamp(0, 1)
+    return moved * torch.from_numpy(_support(pair))
 
 
 def _fill_outside(image: np.ndarray, mask: np.ndarray, margin: int) -> np.ndarray:
