@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-__all__ = ["LocalServer", "free_port", "benchmark_app", "COUNTERFACTUAL_DEFAULTS"]
+__all__ = ["COUNTERFACTUAL_DEFAULTS", "LocalServer", "benchmark_app", "free_port"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ class LocalServer:
         self.log_path = Path(tempfile.mkstemp(prefix="echolvfm-studio-server-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "LocalServer":
+    def __enter__(self) -> LocalServer:
         self.start()
         return self
 
@@ -154,7 +154,7 @@ def _measure(url: str, n: int, warmup: int, efs: list[float], length: int | None
         "warmup": warmup,
         "frames": length,
         "median_ms": statistics.median(wall),
-        "p90_ms": wall_sorted[min(len(wall_sorted) - 1, int(round(0.9 * (len(wall_sorted) - 1))))],
+        "p90_ms": wall_sorted[min(len(wall_sorted) - 1, round(0.9 * (len(wall_sorted) - 1)))],
         "min_ms": wall_sorted[0],
         "max_ms": wall_sorted[-1],
         "server_median_ms": statistics.median(server),

@@ -20,7 +20,14 @@ import gradio as gr
 from echolvfm_core.echo import EchoLoadError
 
 from .cases import list_cases, load_case
-from .engine import EF_RANGE, CounterfactualResult, LoadedCase, Measurement, ModelUnavailable, StudioEngine
+from .engine import (
+    EF_RANGE,
+    CounterfactualResult,
+    LoadedCase,
+    Measurement,
+    ModelUnavailable,
+    StudioEngine,
+)
 from .figures import EFReadout, area_figure, ef_figure
 
 __all__ = ["Session", "StudioCallbacks", "user_errors"]
@@ -47,7 +54,7 @@ def user_errors(fn):
             raise
         except (EchoLoadError, ModelUnavailable, ValueError) as exc:
             raise gr.Error(str(exc), print_exception=False) from exc
-        except Exception as exc:  # noqa: BLE001 - the session must survive anything a request triggers
+        except Exception as exc:  # the session must survive anything a request triggers
             log.exception("request failed")
             raise gr.Error(f"The request failed ({type(exc).__name__}); see the server log.",
                            print_exception=False) from exc

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from echolvfm_core.echo import Echo, EchoLoadError
 
-__all__ = ["data_kind", "list_cases", "load_case", "MAX_CASES"]
+__all__ = ["MAX_CASES", "data_kind", "list_cases", "load_case"]
 
 #: Most cases listed from one folder.
 MAX_CASES = 1000

@@ -28,14 +28,14 @@ from echolvfm_core.echo import Echo, EchoLoadError
 from . import video as vid
 
 __all__ = [
-    "StudioEngine",
-    "LoadedCase",
+    "EF_RANGE",
+    "MODEL_DESCRIPTIONS",
+    "OBSERVED_MODES",
     "CounterfactualResult",
+    "LoadedCase",
     "Measurement",
     "ModelUnavailable",
-    "OBSERVED_MODES",
-    "MODEL_DESCRIPTIONS",
-    "EF_RANGE",
+    "StudioEngine",
 ]
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ class StudioEngine:
         measure = None
         if rejection:
             seg = self.model("segmenter")
-            measure = lambda frames: float(seg.measure(frames).ef)  # noqa: E731
+            measure = lambda frames: float(seg.measure(frames).ef)
         return CounterfactualPipeline(flow, codec, measure_ef=measure)
 
     def max_frames(self) -> int | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import plotly.graph_objects as go
 
-__all__ = ["EFReadout", "ef_figure", "area_figure"]
+__all__ = ["EFReadout", "area_figure", "ef_figure"]
 
 _COLOURS = {"Original": "#4c78a8", "Counterfactual": "#e45756"}
 # A light look without plotly's template (which would add ~10 kB of JSON to every readout sent to the browser).

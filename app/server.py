@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["StudioConfig", "prepare_environment", "create_demo", "serve"]
+__all__ = ["StudioConfig", "create_demo", "prepare_environment", "serve"]
 
 log = logging.getLogger(__name__)
 

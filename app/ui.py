@@ -16,7 +16,7 @@ from .callbacks import StudioCallbacks
 from .cases import list_cases
 from .engine import EF_RANGE, MODEL_DESCRIPTIONS, OBSERVED_MODES, StudioEngine
 
-__all__ = ["build_demo", "about_markdown", "MODEL_QUEUE", "CSS"]
+__all__ = ["CSS", "MODEL_QUEUE", "about_markdown", "build_demo"]
 
 #: concurrency_id shared by every event that runs a model.
 MODEL_QUEUE = "model"

@@ -15,8 +15,18 @@ import av
 import cv2
 import numpy as np
 
-__all__ = ["to_uint8", "to_rgb", "resize_frames", "resize_masks", "draw_contours", "caption", "side_by_side",
-           "loop_to_length", "write_h264", "CONTOUR_RGB"]
+__all__ = [
+    "CONTOUR_RGB",
+    "caption",
+    "draw_contours",
+    "loop_to_length",
+    "resize_frames",
+    "resize_masks",
+    "side_by_side",
+    "to_rgb",
+    "to_uint8",
+    "write_h264",
+]
 
 #: Colour of LV contours (RGB).
 CONTOUR_RGB = (255, 200, 0)

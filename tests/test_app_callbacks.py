@@ -79,5 +79,5 @@ def test_about_and_layout_without_models(tmp_path):
     assert {"load_sample", "load_upload", "counterfactual", "measure", "export"} <= names
     model_fns = [f for f in demo.fns.values() if f.api_name in ("load_sample", "counterfactual", "measure")]
     assert len(model_fns) == 3 and all(f.concurrency_id == "model" and f.concurrency_limit == 1 for f in model_fns)
-    release = [d for d in demo.config["dependencies"] if d.get("api_name") == "counterfactual"][0]
+    release = next(d for d in demo.config["dependencies"] if d.get("api_name") == "counterfactual")
     assert release["trigger_mode"] == "always_last" and release["targets"][0][1] == "release"

@@ -58,7 +58,7 @@ def test_ef_figure_shows_interval_and_requested_line():
                      EFReadout("Counterfactual", 38.0, samples, 40.0, 35.0, 45.0)], requested_ef=40)
     kinds = [t.type for t in fig.data]
     assert kinds.count("violin") == 1 and kinds.count("scatter") == 3
-    interval = [t for t in fig.data if t.type == "scatter" and t.error_x.array is not None][0]
+    interval = next(t for t in fig.data if t.type == "scatter" and t.error_x.array is not None)
     assert interval.error_x.array[0] == pytest.approx(5.0) and interval.error_x.arrayminus[0] == pytest.approx(5.0)
     assert any("requested 40" in a.text for a in fig.layout.annotations)
 

@@ -115,7 +115,7 @@ def test_load_sample_then_ef_30_and_70(client):
     assert sorted(Path(f).suffix for f in files) == [".dcm", ".gif", ".mp4"]
     import pydicom
 
-    ds = pydicom.dcmread([f for f in files if f.endswith(".dcm")][0])
+    ds = pydicom.dcmread(next(f for f in files if f.endswith(".dcm")))
     assert "DERIVED" in ds.ImageType and "synthetic" in ds.SeriesDescription.lower()
 
 
