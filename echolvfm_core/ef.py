@@ -28,19 +28,19 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
-    "LVGeometry",
-    "EFResult",
-    "CyclePhases",
-    "lv_geometry",
-    "lv_areas",
-    "area_length_volume",
-    "simpson_volume",
-    "lv_volumes",
-    "ejection_fraction",
-    "ef_from_pair",
-    "ef_from_loop",
-    "detect_ed_es",
     "METHODS",
+    "CyclePhases",
+    "EFResult",
+    "LVGeometry",
+    "area_length_volume",
+    "detect_ed_es",
+    "ef_from_loop",
+    "ef_from_pair",
+    "ejection_fraction",
+    "lv_areas",
+    "lv_geometry",
+    "lv_volumes",
+    "simpson_volume",
 ]
 
 #: Volume methods accepted by :func:`lv_volumes` and the ``method`` arguments below.

@@ -5,7 +5,12 @@ import numpy as np
 import pytest
 
 from echolvfm_core.data.loops import CycleTiming
-from echolvfm_core.data.phantom import EF_RANGE, phantom_echo, render_phantom, sample_anatomy
+from echolvfm_core.data.phantom import (
+    EF_RANGE,
+    phantom_echo,
+    render_phantom,
+    sample_anatomy,
+)
 from echolvfm_core.ef import ejection_fraction, lv_volumes
 
 

@@ -8,7 +8,14 @@ import pytest
 
 from echolvfm_core.cli import main
 from echolvfm_core.data.loops import RegistrationConfig
-from echolvfm_core.data.prepared import MANIFEST_FIELDS, LoopSample, PreparedLoops, PrepareConfig, collate_loops, prepare
+from echolvfm_core.data.prepared import (
+    MANIFEST_FIELDS,
+    LoopSample,
+    PrepareConfig,
+    PreparedLoops,
+    collate_loops,
+    prepare,
+)
 from echolvfm_core.ef import ejection_fraction, lv_volumes
 
 
@@ -106,7 +113,7 @@ def test_camus_prepare_with_loops(camus_root, tmp_path):
     real = ds.real_frames()
     for k, patient in enumerate(["patient0001", "patient0002"]):
         loops = [ds[i] for i in ds.loops_of(patient)]
-        assert [s.alpha for s in loops][0] == 1.0 and loops[1].alpha != 1.0
+        assert loops[0].alpha == 1.0 and loops[1].alpha != 1.0
         for s in loops:
             assert np.array_equal(s.frames[0], real.images[2 * k])  # frame 0 is the real ED
             assert s.split == "train" and s.source == "camus"

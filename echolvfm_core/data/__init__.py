@@ -1,25 +1,46 @@
 """Training data: cardiac loops synthesised from real ED/ES pairs, a procedural phantom, prepared data sets."""
-from .loops import CardiacPair, CycleTiming, RegistrationConfig, SynthLoop, register_pairs, render_loop, sample_timing
-from .phantom import PhantomAnatomy, PhantomLoop, phantom_echo, render_phantom, sample_anatomy
-from .prepared import LoopSample, PreparedLoops, PrepareConfig, RealFrames, collate_loops, prepare
+from .loops import (
+    CardiacPair,
+    CycleTiming,
+    RegistrationConfig,
+    SynthLoop,
+    register_pairs,
+    render_loop,
+    sample_timing,
+)
+from .phantom import (
+    PhantomAnatomy,
+    PhantomLoop,
+    phantom_echo,
+    render_phantom,
+    sample_anatomy,
+)
+from .prepared import (
+    LoopSample,
+    PrepareConfig,
+    PreparedLoops,
+    RealFrames,
+    collate_loops,
+    prepare,
+)
 
 __all__ = [
     "CardiacPair",
     "CycleTiming",
-    "RegistrationConfig",
-    "SynthLoop",
-    "register_pairs",
-    "render_loop",
-    "sample_timing",
+    "LoopSample",
     "PhantomAnatomy",
     "PhantomLoop",
+    "PrepareConfig",
+    "PreparedLoops",
+    "RealFrames",
+    "RegistrationConfig",
+    "SynthLoop",
+    "collate_loops",
     "phantom_echo",
+    "prepare",
+    "register_pairs",
+    "render_loop",
     "render_phantom",
     "sample_anatomy",
-    "LoopSample",
-    "PreparedLoops",
-    "PrepareConfig",
-    "RealFrames",
-    "prepare",
-    "collate_loops",
+    "sample_timing",
 ]

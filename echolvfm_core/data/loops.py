@@ -35,21 +35,21 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "RegistrationConfig",
-    "CycleTiming",
-    "CardiacPair",
-    "SynthLoop",
-    "PairAgreement",
-    "register_pairs",
-    "exp_velocity",
-    "warp",
-    "blend_weight",
-    "sample_timing",
-    "render_loop",
-    "pair_agreement",
-    "sharpness",
-    "MIN_FRAMES",
     "MAX_FRAMES",
+    "MIN_FRAMES",
+    "CardiacPair",
+    "CycleTiming",
+    "PairAgreement",
+    "RegistrationConfig",
+    "SynthLoop",
+    "blend_weight",
+    "exp_velocity",
+    "pair_agreement",
+    "register_pairs",
+    "render_loop",
+    "sample_timing",
+    "sharpness",
+    "warp",
 ]
 
 #: Shortest and longest synthesised cycle, in frames.
@@ -624,7 +624,7 @@ def _fill_outside(image: np.ndarray, mask: np.ndarray, margin: int) -> np.ndarra
 
 def _gaussian(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (B, C, H, W), replicate padding."""
-    r = max(1, int(math.ceil(3 * sigma)))
+    r = max(1, math.ceil(3 * sigma))
     k = torch.exp(-(torch.arange(-r, r + 1, dtype=x.dtype) ** 2) / (2 * sigma * sigma))
     k = (k / k.sum()).to(x.dtype)
     c = x.shape[1]

@@ -34,7 +34,7 @@ from ..echo import ClinicalInfo, Echo
 from ..ef import ejection_fraction, lv_volumes
 from .loops import CycleTiming
 
-__all__ = ["PhantomAnatomy", "PhantomLoop", "sample_anatomy", "render_phantom", "phantom_echo", "EF_RANGE"]
+__all__ = ["EF_RANGE", "PhantomAnatomy", "PhantomLoop", "phantom_echo", "render_phantom", "sample_anatomy"]
 
 #: EFs (%) a phantom can be asked for.
 EF_RANGE = (5.0, 85.0)
@@ -419,7 +419,7 @@ def _motion_grid(anatomy: PhantomAnatomy, g: _Grid, phases: np.ndarray, kl: floa
 def _blur(x: torch.Tensor, sigma_y: float, sigma_x: float) -> torch.Tensor:
     c = x.shape[1]
     for sigma, horizontal in ((sigma_x, True), (sigma_y, False)):
-        r = max(1, int(math.ceil(3 * sigma)))
+        r = max(1, math.ceil(3 * sigma))
         k = torch.exp(-(torch.arange(-r, r + 1, dtype=x.dtype) ** 2) / (2 * sigma * sigma))
         k = k / k.sum()
         if horizontal:

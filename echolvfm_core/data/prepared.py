@@ -33,19 +33,28 @@ import numpy as np
 
 from ..echo import ClinicalInfo, Echo
 from ..ef import ef_from_pair, ejection_fraction, lv_volumes
-from .loops import CardiacPair, CycleTiming, RegistrationConfig, pair_agreement, register_pairs, render_loop, sample_timing, sharpness
+from .loops import (
+    CardiacPair,
+    CycleTiming,
+    RegistrationConfig,
+    pair_agreement,
+    register_pairs,
+    render_loop,
+    sample_timing,
+    sharpness,
+)
 from .phantom import render_phantom
 
 __all__ = [
-    "LoopSample",
-    "RealFrames",
-    "PreparedLoops",
-    "PrepareConfig",
-    "prepare",
-    "collate_loops",
-    "MANIFEST_FIELDS",
     "FORMAT",
+    "MANIFEST_FIELDS",
     "VERSION",
+    "LoopSample",
+    "PrepareConfig",
+    "PreparedLoops",
+    "RealFrames",
+    "collate_loops",
+    "prepare",
 ]
 
 log = logging.getLogger(__name__)
@@ -512,7 +521,7 @@ def _register_and_measure(
                     "ef": ef,
                     "ef_maxmin": ef_maxmin,
                     "es_index": es,
-                    "n_frames": int(len(loop.labels)),
+                    "n_frames": len(loop.labels),
                     "sharpness_ratio": sharp,
                 }
             )
@@ -523,7 +532,7 @@ def _register_and_measure(
 def _phantom_measure(loop_id: str, recipe: dict, size: int) -> dict:
     loop = _render_phantom_recipe(recipe, size)
     ef, es, ef_maxmin = _loop_measures(loop.labels, CycleTiming(**recipe["timing"]).es_index)
-    return {"loop_id": loop_id, "ef": ef, "ef_maxmin": ef_maxmin, "es_index": es, "n_frames": int(len(loop.frames))}
+    return {"loop_id": loop_id, "ef": ef, "ef_maxmin": ef_maxmin, "es_index": es, "n_frames": len(loop.frames)}
 
 
 def _init_worker(threads: int) -> None:
@@ -536,7 +545,7 @@ def _seeded_split(ids: list[str], seed: int, salt: int) -> dict[str, str]:
     """Patient-level split: a seeded VALID_FRACTION of ``ids`` (at least one when there are two or more) is valid."""
     rng = np.random.default_rng([seed, salt])
     order = rng.permutation(len(ids))
-    n_valid = int(round(VALID_FRACTION * len(ids)))
+    n_valid = round(VALID_FRACTION * len(ids))
     if len(ids) >= 2:
         n_valid = max(n_valid, 1)
     valid = {ids[i] for i in order[:n_valid]}
@@ -762,7 +771,7 @@ def _report(pairs, splits, agreements, rows, measures, recipes, skipped, timings
     by_split: dict[str, dict] = {}
     for sp in sorted(set(splits)):
         sel = np.flatnonzero(split_arr == sp)
-        entry: dict = {"patients": int(len(sel))}
+        entry: dict = {"patients": len(sel)}
         if agreements:
             for key in ("ssim_raw", "ssim_es", "ssim_mid", "dice_es"):
                 entry[key] = _summary(agreements[i][key] for i in sel)
@@ -780,7 +789,7 @@ def _report(pairs, splits, agreements, rows, measures, recipes, skipped, timings
     sharp_a1 = [measures[r["loop_id"]]["sharpness_ratio"] for r in alpha1]
     return {
         "counts": {
-            "patients": int(len(pairs["patient"])),
+            "patients": len(pairs["patient"]),
             "skipped": [{"patient": p, "reason": why} for p, why in skipped],
             "loops_camus": len(camus_rows),
             "loops_phantom": len(phantom_rows),
@@ -844,7 +853,9 @@ def _write_manifest(path: Path, rows: list[dict]) -> None:
 def _camus_ids(root: str | Path, patients: Iterable[str | int] | None) -> list[str]:
     """Patient ids under a CAMUS root, optionally restricted, without reading their files."""
     from ..io import read_camus
-    from ..io.camus import _find_patients  # folder listing only; the files are read by read_camus in the workers
+    from ..io.camus import (
+        _find_patients,  # folder listing only; the files are read by read_camus in the workers
+    )
 
     read_camus(root, views=("4CH",), patients=patients, half_sequences=False)  # validates the folder and ids now
     ids = [folder.name.lower() for folder, _ in _find_patients(Path(root))]

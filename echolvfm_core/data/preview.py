@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["overlay_contours", "montage", "CONTOUR_COLOURS", "frame_picks"]
+__all__ = ["CONTOUR_COLOURS", "frame_picks", "montage", "overlay_contours"]
 
 #: RGB colour per label drawn as a contour: LV cavity, myocardium, left atrium.
 CONTOUR_COLOURS = {1: (255, 80, 80), 2: (80, 220, 80), 3: (90, 160, 255)}
