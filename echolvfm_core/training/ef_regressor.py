@@ -298,7 +298,10 @@ def _evaluate(model: EFDenoiser, scheduler, loops, seed: int) -> dict:
 
 
 def _alpha_one(ds) -> list[int]:
-    return [i for i, row in enumerate(ds.manifest) if abs(float(row["alpha"]) - 1.0) < 1e-6]
+    """Indices of the alpha = 1 loops: the CAMUS ones when there are any (the acceptance set), else all."""
+    rows = [(i, r) for i, r in enumerate(ds.manifest) if abs(float(r["alpha"]) - 1.0) < 1e-6]
+    camus = [i for i, r in rows if r["source"] == "camus"]
+    return camus or [i for i, _ in rows]
 
 
 def write_model_card(final: Path, args: argparse.Namespace, cfg: EFTrainConfig, metrics: dict, data: dict) -> Path:
