@@ -7,6 +7,7 @@ line instead of thrashing the CPU. Other tabs (the quiz, its results) are added 
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -34,8 +35,8 @@ CSS = """
 
 
 def about_markdown(engine: StudioEngine) -> str:
-    """The About panel: what the model is, its training data, measured EF adherence (from the bundled model cards
-    and ``metrics.json`` files), and the synthetic-data warning."""
+    """The About panel: what the model is, its training data, measured EF adherence (from the bundled model cards,
+    or their ``metrics.json`` when a card is missing), and the synthetic-data warning."""
     parts = [
         "## About EchoLVFM Studio",
         "**What the model is.** EchoLVFM is a latent video generative model: a video autoencoder compresses the "
@@ -54,21 +55,31 @@ def about_markdown(engine: StudioEngine) -> str:
             parts.append(f"Not trained yet: {engine.missing_message(name)}")
             continue
         card = engine.model_card(name)
-        metrics = engine.metrics(name)
         if card:
             body = card.strip()
             if body.startswith("# "):
                 body = body.split("\n", 1)[1].strip() if "\n" in body else ""
-            parts.append(body.replace("\n# ", "\n#### ").replace("\n## ", "\n#### "))
-        else:
-            parts.append("Bundled, without a model card.")
+            parts.append(re.sub(r"^#{1,3} ", "#### ", body, flags=re.MULTILINE))  # headings below the panel's
+            continue
+        metrics = _flat(engine.metrics(name) or {})
         if metrics:
-            rows = "\n".join(f"| {k} | {_fmt_metric(v)} |" for k, v in metrics.items() if not isinstance(v, dict | list))
-            if rows:
-                parts.append("| Metric (metrics.json) | Value |\n|---|---|\n" + rows)
+            rows = "\n".join(f"| {k} | {_fmt_metric(v)} |" for k, v in metrics.items())
+            parts.append("Bundled without a model card; its measured metrics (metrics.json):\n\n"
+                         "| Metric | Value |\n|---|---|\n" + rows)
         else:
-            parts.append("No measured metrics (metrics.json) are bundled with this model yet.")
+            parts.append("Bundled without a model card or measured metrics (metrics.json).")
     return "\n\n".join(parts)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Scalars of a metrics dict, nested keys joined by dots (lists such as training histories are left out)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _fmt_metric(v) -> str:

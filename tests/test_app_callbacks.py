@@ -81,3 +81,16 @@ def test_about_and_layout_without_models(tmp_path):
     assert len(model_fns) == 3 and all(f.concurrency_id == "model" and f.concurrency_limit == 1 for f in model_fns)
     release = next(d for d in demo.config["dependencies"] if d.get("api_name") == "counterfactual")
     assert release["trigger_mode"] == "always_last" and release["targets"][0][1] == "release"
+
+
+def test_about_reads_model_cards_and_metrics(tmp_path):
+    (tmp_path / "segmenter").mkdir()
+    (tmp_path / "segmenter" / "config.json").write_text("{}")
+    (tmp_path / "segmenter" / "MODEL_CARD.md").write_text("# LV segmenter\n\n## Data\nCAMUS valid split\n")
+    (tmp_path / "generator").mkdir()
+    (tmp_path / "generator" / "config.json").write_text("{}")
+    (tmp_path / "generator" / "metrics.json").write_text('{"ef_adherence": {"mae": 4.25}, "history": [1, 2]}')
+    about = about_markdown(StudioEngine(tmp_path, device="cpu"))
+    assert "#### Data\nCAMUS valid split" in about and "# LV segmenter\n" not in about  # title dropped
+    assert "| ef_adherence.mae | 4.25 |" in about and "history" not in about
+    assert about.count("Not trained yet") == 2
