@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-#: model name -> module in echolvfm_core.training exposing ``add_arguments(parser)`` and ``train(args) -> int``.
+#: model name -> module in echolvfm_core.training exposing ``train(args) -> int``.
 TRAINERS = {
     "vae": "vae",
     "segmenter": "segmenter",
@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         mp.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
         mp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
         mp.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")
+        if name == "generator":
+            mp.add_argument("--vae", default=None, help="codec folder (default: the bundled assets/vae)")
         mp.set_defaults(func=_runner(module))
 
 
