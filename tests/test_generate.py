@@ -56,6 +56,7 @@ def test_generate_shapes_determinism_and_timings(flow, codec):
     assert a.latency_ms > 0 and set(a.timings_ms) == {"encode", "flow", "decode"}
     longer = pipe.generate(frames, ef=40, length=12, seed=0)
     assert longer.length == 12 and longer.frames.shape[1] == 12
+    assert pipe.generate(frames[:1], ef=40, seed=0).length == 12  # a still: max_frames of this network
 
 
 def test_latent_input_and_validation(flow, codec):

@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="PATH", help="DICOM, NIfTI or video file of an apical four-chamber loop (or still)")
     p.add_argument("--ef", type=float, required=True, help="requested ejection fraction in %%")
     p.add_argument("--observed", type=_indices, default=[0], help="frames to condition on, e.g. 0,5 (default 0)")
-    p.add_argument("--frames", type=int, default=None, help="frames to generate (default: the input's, at most 32)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames to generate (default: the input's, at most 32; 32 for a still)")
     p.add_argument("--steps", type=int, default=None, help="flow steps (default: 1 for the one-step generator)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--reject", type=int, default=1, metavar="K",

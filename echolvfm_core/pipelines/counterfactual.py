@@ -6,8 +6,8 @@
     cf = pipe.generate(frames, ef=35.0, reject=4, seed=0)  # rejection sampling: best of 4 by measured EF
 
 Observed frame ``k`` of the input is placed at position ``k`` of the generated clip (same timeline); the clip has
-``length`` frames (default: the input's, at most the network's ``max_frames``). Only the observed frames are
-encoded. A models folder holds ``generator/`` (:class:`~echolvfm_core.models.unet.EchoVelocityUNet` +
+``length`` frames (default: the input's, at most the network's ``max_frames``; ``max_frames`` for a still). Only
+the observed frames are encoded. A models folder holds ``generator/`` (:class:`~echolvfm_core.models.unet.EchoVelocityUNet` +
 ``flow.json``), ``vae/`` (:class:`~echolvfm_core.models.vae.EchoCodec`) and optionally ``segmenter/``
 (:class:`~echolvfm_core.estimators.segmentation.SegmentationEF`, the ``measure_ef`` of rejection sampling).
 """
@@ -214,7 +214,8 @@ class CounterfactualPipeline:
                 preprocess first), or normalised latents (C, T, h, w) / (1, C, T, h, w).
             ef: requested ejection fraction in % (1-99).
             observed: frame indices of the input to condition on; they keep their position in the output.
-            length: frames to generate (default: the input's frame count, capped at the network's max_frames).
+            length: frames to generate (default: the input's frame count capped at the network's max_frames;
+                max_frames for a still).
             steps: flow steps (default 1 for MeanFlow, 25 midpoint steps for a linear flow).
             seed: noise seed; the same seed gives the same loops.
             n: loops to return.
@@ -238,7 +239,9 @@ class CounterfactualPipeline:
         t0 = time.perf_counter()
         obs_lat, n_input = self._observed_latents(echo_or_latents, observed)
         timings["encode"] = (time.perf_counter() - t0) * 1e3
-        length = min(n_input, self.max_frames) if length is None else int(length)
+        if length is None:  # a still gets a whole clip of max_frames
+            length = min(n_input, self.max_frames) if n_input > 1 else self.max_frames
+        length = int(length)
         if not 1 <= length <= self.max_frames:
             raise ValueError(f"length must be between 1 and {self.max_frames} frames; got {length}.")
         if max(observed) >= length:
