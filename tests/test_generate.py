@@ -1,7 +1,6 @@
 """Counterfactual pipeline, rejection sampling, `echolvfm generate`, generator training and benchmark (tiny models)."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -184,9 +183,9 @@ def test_training_writes_final_model_samples_and_resumes(tmp_path, codec):
                  "--quiet"]) == 0
     codec.save_pretrained(tmp_path / "vae")
     out = tmp_path / "run"
-    args = argparse.Namespace(data=str(data), preset="tiny", out=str(out), seed=0, resume=False, device="cpu",
-                              steps=None, vae=str(tmp_path / "vae"))
-    assert gen_train.train(args) == 0
+    args = ["train", "generator", "--data", str(data), "--preset", "tiny", "--out", str(out), "--device", "cpu",
+            "--vae", str(tmp_path / "vae")]
+    assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["resumed_from"] == 0 and np.isfinite(metrics["final_loss"]["loss"])
     assert (out / "latents_train.pt").is_file()
@@ -195,8 +194,7 @@ def test_training_writes_final_model_samples_and_resumes(tmp_path, codec):
     assert pipe.generate(_frames(t=6), ef=50, seed=0).frames.shape == (1, 6, 112, 112)
     # Resume: one more step from the checkpoint at step 4, the latent cache is reused.
     mtime = (out / "latents_train.pt").stat().st_mtime
-    args.resume, args.steps = True, 5
-    assert gen_train.train(args) == 0
+    assert main([*args, "--resume", "--steps", "5"]) == 0
     resumed = json.loads((out / "metrics.json").read_text())
     assert resumed["steps"] == 5 and resumed["resumed_from"] == 4
     assert (out / "latents_train.pt").stat().st_mtime == mtime

@@ -57,7 +57,6 @@ __all__ = [
     "ema_update",
     "fit",
     "train",
-    "add_arguments",
     "bench_generator",
 ]
 
@@ -407,11 +406,6 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
     return metrics
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Generator-specific flags of ``echolvfm train generator``."""
-    parser.add_argument("--vae", default=None, help="codec folder (default: the bundled assets/vae)")
-
-
 def train(args: argparse.Namespace) -> int:
     """Entry point of ``echolvfm train generator``."""
     from ..cli import CommandError
@@ -422,7 +416,7 @@ def train(args: argparse.Namespace) -> int:
     cfg = train_preset(args.preset)
     if args.steps is not None:
         cfg = replace(cfg, steps=int(args.steps))
-    vae = Path(getattr(args, "vae", None) or default_models_dir() / "vae")
+    vae = Path(args.vae or default_models_dir() / "vae")
     if not (vae / "config.json").is_file():
         raise CommandError(f"No VAE in {vae}: the generator trains on latents; train one with `echolvfm train vae` "
                            "or pass --vae DIR.")
