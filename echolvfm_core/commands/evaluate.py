@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="valid", help="split to evaluate on (default: valid)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
     p.add_argument("--loops-per-patient", type=int, default=4, help="loops built per patient with --camus")
+    p.add_argument("--max-patients", type=int, default=None, help="with --camus: only the split's first N patients")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -70,6 +71,7 @@ def _prepare_split(camus: Path, dest: Path, args: argparse.Namespace) -> Path:
     from ..io import read_camus
 
     ids = [p.patient_id for p in read_camus(camus, views=("4CH",), half_sequences=False) if p.split == args.split]
+    ids = ids[: args.max_patients] if args.max_patients else ids
     if not ids:
         from ..cli import CommandError
 
