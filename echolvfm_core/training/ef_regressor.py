@@ -323,7 +323,7 @@ Studio. {metrics.get("params", 0) / 1e6:.2f} M parameters; DDPM schedule in `sch
 ## Data
 - Prepared folder `{args.data}` (`echolvfm prepare`): loops synthesised from real CAMUS apical 4CH ED / ES pairs at
   several deformation strengths (EF labels measured on the warped labels, area-length){", plus phantom loops" if data.get("phantom_loops") else ""}.
-- Training split: {data.get("train_loops")} loops of {data.get("train_patients")} patients, all strengths; random
+- Training split: {data.get("train_loops")} loops ({data.get("phantom_loops")} of them phantoms) from {data.get("train_patients")} CAMUS patients, all strengths; random
   phase / 1-{cfg.max_cycles:g} cycles for half of the clips, ultrasound augmentation, {cfg.p_uninformative:.0%} of clips
   replaced by noise or a still frame with the loop's label kept (uninformative input -> broad posterior).
   No age or sex in this data: the model has only seen them as unknown.
@@ -382,7 +382,7 @@ def train(args: argparse.Namespace) -> int:
         "prepare_flags": f" --loops-per-patient {meta.get('loops_per_patient')} --phantom {meta.get('phantom')} "
                          f"--seed {meta.get('seed')}",
         "train_loops": len(train_ds),
-        "train_patients": len(train_ds.patients),
+        "train_patients": len({r["patient"] for r in train_ds.manifest if r["source"] == "camus"}),
         "phantom_loops": sum(r["source"] == "phantom" for r in train_ds.manifest),
         "valid_loops": len(valid),
     }

@@ -304,7 +304,7 @@ def train(args: argparse.Namespace) -> int:
     data = {
         "prepare_flags": f" --loops-per-patient {meta.get('loops_per_patient')} --phantom {meta.get('phantom')} "
                          f"--seed {meta.get('seed')}",
-        "train_patients": len(train_ds.patients) or len(set(real.patients)),
+        "train_patients": len(set(real.patients)),  # CAMUS patients (phantom anatomies are not patients)
         "train_real_frames": len(real.images),
         "train_loops": len(train_ds),
         "phantom_loops": sum(r["source"] == "phantom" for r in train_ds.manifest),
