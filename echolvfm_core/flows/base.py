@@ -22,6 +22,7 @@ __all__ = [
     "sample_logit_normal",
     "frame_weights",
     "per_video_mse",
+    "initial_noise",
 ]
 
 
@@ -154,3 +155,19 @@ def per_video_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tenso
     per_frame = (pred.float() - target.float()).square().mean(dim=(1, 3, 4))  # (B, T)
     w = weights.float()
     return torch.where(w > 0, per_frame * w, 0.0).sum(1) / w.sum(1)
+
+
+def initial_noise(
+    cond: Conditioning, noise: torch.Tensor | None = None, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Starting point of sampling: ``(z, pad)`` with z = eps * pad, (B, C, T, h, w) like ``cond.cond``.
+
+    ``pad`` (B, 1, T, 1, 1) is 1 on real frames and 0 on padding; ``noise`` overrides drawing eps from ``generator``.
+    """
+    shape = cond.cond.shape
+    pad = cond.frame_mask[:, None, :, None, None].to(cond.cond.dtype)
+    if noise is None:
+        noise = torch.randn(shape, device=cond.cond.device, dtype=cond.cond.dtype, generator=generator)
+    elif noise.shape != shape:
+        raise ValueError(f"noise must have shape {tuple(shape)}; got {tuple(noise.shape)}.")
+    return noise * pad, pad

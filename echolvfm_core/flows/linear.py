@@ -13,7 +13,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .base import Conditioning, FlowLoss, VideoBatch, frame_weights, per_video_mse, sample_logit_normal
+from .base import (
+    Conditioning,
+    FlowLoss,
+    VideoBatch,
+    frame_weights,
+    initial_noise,
+    per_video_mse,
+    sample_logit_normal,
+)
 
 __all__ = ["LinearFlow", "LinearFlowConfig"]
 
@@ -96,14 +104,8 @@ class LinearFlow(nn.Module):
             raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}.")
         if steps < 1:
             raise ValueError(f"steps must be >= 1; got {steps}.")
-        shape = cond.cond.shape
-        pad = cond.frame_mask[:, None, :, None, None].to(cond.cond.dtype)
-        if noise is None:
-            noise = torch.randn(shape, device=cond.cond.device, dtype=cond.cond.dtype, generator=generator)
-        elif noise.shape != shape:
-            raise ValueError(f"noise must have shape {tuple(shape)}; got {tuple(noise.shape)}.")
-        z = noise * pad
-        n = shape[0]
+        z, pad = initial_noise(cond, noise, generator)
+        n = z.shape[0]
         times = torch.linspace(1.0, 0.0, steps + 1, device=z.device, dtype=z.dtype)
         for i in range(steps):
             t, dt = times[i], times[i + 1] - times[i]  # dt < 0

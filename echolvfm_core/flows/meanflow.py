@@ -30,7 +30,15 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .base import Conditioning, FlowLoss, VideoBatch, frame_weights, per_video_mse, sample_logit_normal
+from .base import (
+    Conditioning,
+    FlowLoss,
+    VideoBatch,
+    frame_weights,
+    initial_noise,
+    per_video_mse,
+    sample_logit_normal,
+)
 
 __all__ = ["MeanFlow", "MeanFlowConfig"]
 
@@ -163,15 +171,9 @@ class MeanFlow(nn.Module):
         """
         if steps < 1:
             raise ValueError(f"steps must be >= 1; got {steps}.")
-        shape = cond.cond.shape
-        pad = cond.frame_mask[:, None, :, None, None].to(cond.cond.dtype)
-        if noise is None:
-            noise = torch.randn(shape, device=cond.cond.device, dtype=cond.cond.dtype, generator=generator)
-        elif noise.shape != shape:
-            raise ValueError(f"noise must have shape {tuple(shape)}; got {tuple(noise.shape)}.")
-        z = noise * pad
+        z, pad = initial_noise(cond, noise, generator)
         times = torch.linspace(1.0, 0.0, steps + 1, device=z.device, dtype=z.dtype)
-        n = shape[0]
+        n = z.shape[0]
         for i in range(steps):
             t, r = times[i].expand(n), times[i + 1].expand(n)
             u = self.net(z, t, t - r, cond.ef, cond.cond, cond.frame_mask)
