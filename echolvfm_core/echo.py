@@ -5,7 +5,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-__all__ = ["Echo", "EchoLoadError", "ClinicalInfo", "LoadLimits", "LABELS"]
+__all__ = ["Echo", "EchoLoadError", "ClinicalInfo", "LoadLimits", "LABELS", "check_grey_stack"]
 
 #: Label values used throughout the project (CAMUS convention).
 LABELS = {"background": 0, "lv": 1, "myo": 2, "la": 3}
@@ -13,6 +13,22 @@ LABELS = {"background": 0, "lv": 1, "myo": 2, "la": 3}
 
 class EchoLoadError(ValueError):
     """An input could not be read as an echo; the message is one sentence saying what is wrong and what is accepted."""
+
+
+def check_grey_stack(frames) -> np.ndarray:
+    """Return ``frames`` as an array after checking it is a float (T, H, W) stack of finite grey levels in [0, 1].
+
+    Raises:
+        ValueError: wrong number of dimensions, an integer dtype, or values outside [0, 1].
+    """
+    f = np.asarray(frames)
+    if f.ndim != 3:
+        raise ValueError(f"frames must be a (T, H, W) stack; got shape {f.shape}.")
+    if not np.issubdtype(f.dtype, np.floating):
+        raise ValueError(f"frames must be float grey levels in [0, 1]; got dtype {f.dtype}.")
+    if not np.all(np.isfinite(f)) or f.min() < 0 or f.max() > 1:
+        raise ValueError("frames must be finite grey levels in [0, 1].")
+    return f
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from ..echo import Echo, EchoLoadError
+from ..echo import Echo, EchoLoadError, check_grey_stack
 from ..metrics import crps_samples, interval_coverage
 from ..models.ef_denoiser import SEX_CODES, EFDenoiser
 
@@ -227,17 +227,11 @@ class EFPosteriorEstimator:
     # ------------------------------------------------------------------------------------------ features
     def _check_frames(self, frames: np.ndarray) -> np.ndarray:
         f = np.asarray(frames)
-        if f.ndim != 3:
-            raise ValueError(f"frames must be a (T, H, W) stack; got shape {f.shape}.")
-        if f.shape[0] < 2:
+        if f.ndim == 3 and f.shape[0] < 2:
             raise EchoLoadError("The EF posterior needs a loop of at least 2 frames, but the input is a single still frame.")
-        if f.shape[1] != f.shape[2]:
+        if f.ndim == 3 and f.shape[1] != f.shape[2]:
             raise ValueError(f"frames must be square (the model grid of preprocess()); got {f.shape[1]} x {f.shape[2]}.")
-        if not np.issubdtype(f.dtype, np.floating):
-            raise ValueError(f"frames must be float grey levels in [0, 1]; got dtype {f.dtype}.")
-        if not np.all(np.isfinite(f)) or f.min() < 0 or f.max() > 1:
-            raise ValueError("frames must be finite grey levels in [0, 1].")
-        return f
+        return check_grey_stack(f)
 
     @torch.no_grad()
     def features(self, frames: np.ndarray) -> torch.Tensor:

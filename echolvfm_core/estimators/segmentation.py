@@ -20,7 +20,7 @@ import torch
 from scipy import ndimage as ndi
 
 from .. import ef as efm
-from ..echo import Echo, EchoLoadError
+from ..echo import Echo, EchoLoadError, check_grey_stack
 from ..metrics import dice
 from ..models.segmenter import LVSegmenter
 
@@ -236,18 +236,12 @@ class SegmentationEF:
         return int(self.model.config.sample_size)
 
     def _check_frames(self, frames: np.ndarray) -> np.ndarray:
-        f = np.asarray(frames)
-        if f.ndim != 3:
-            raise ValueError(f"frames must be a (T, H, W) stack; got shape {f.shape}.")
+        f = check_grey_stack(frames)
         if f.shape[1:] != (self.size, self.size):
             raise ValueError(
                 f"frames must be {self.size} x {self.size} (the segmenter's grid; run preprocess(echo, "
                 f"size={self.size}) first); got {f.shape[1]} x {f.shape[2]}."
             )
-        if not np.issubdtype(f.dtype, np.floating):
-            raise ValueError(f"frames must be float grey levels in [0, 1]; got dtype {f.dtype}.")
-        if not np.all(np.isfinite(f)) or f.min() < 0 or f.max() > 1:
-            raise ValueError("frames must be finite grey levels in [0, 1].")
         return f
 
     @torch.no_grad()
