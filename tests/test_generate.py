@@ -204,3 +204,44 @@ def test_bench_generator_reports_both_samplers_and_training_steps():
     r = gen_train.bench_generator("tiny", batch=1, device="cpu", frames=4, repeats=1, linear_steps=2)
     assert r["one_step"]["videos_per_s"] > 0 and r["linear"]["network_calls"] == 4
     assert r["speedup"] > 0 and r["train_step"]["meanflow_jvp"]["ms"] > 0 and r["train_step"]["ratio"] > 0
+
+
+def _loop(n_frames: int, ef: float, seed: int):
+    from echolvfm_core.data.prepared import LoopSample
+
+    frames = (_frames(n_frames, seed=seed) * 255).astype(np.uint8)
+    return LoopSample(frames, np.zeros_like(frames), ef, 0, n_frames // 3, 30.0, f"p{seed}", 1.0, "valid",
+                      "camus", f"p{seed}_a0")
+
+
+def test_agreement_known_answer():
+    from echolvfm_core.pipelines.evaluation import agreement
+
+    out = agreement([30, 50, 70, 40], [35, 45, 70, None])
+    assert out["n"] == 3 and out["unmeasured"] == 1
+    assert out["mae"] == pytest.approx(10 / 3)
+    assert out["rmse"] == pytest.approx(np.sqrt(50 / 3))
+    assert out["r2"] == pytest.approx(1 - 50 / 800)  # requested 30, 50, 70: mean 50, total sum of squares 800
+
+
+def test_gen_ef_draw_keeps_its_distance():
+    from echolvfm_core.pipelines.evaluation import GEN_EF_RANGE, draw_gen_ef
+
+    rng = np.random.default_rng(0)
+    draws = [draw_gen_ef(50.0, rng) for _ in range(500)]
+    assert all(abs(d - 50) >= 5 and GEN_EF_RANGE[0] <= d <= GEN_EF_RANGE[1] for d in draws)
+
+
+def test_evaluate_generation_protocol_counts(flow, codec):
+    from echolvfm_core.pipelines.evaluation import evaluate_generation
+
+    pipe = CounterfactualPipeline(flow, codec, measure_ef=brightness_ef)
+    loops = [_loop(8, 55.0, 0), _loop(15, 35.0, 1)]  # the second is longer than max_frames (12): resampled
+    out = evaluate_generation(pipe, loops, seeds=2, reject=3, progress=False)
+    assert out["n"] == 2 and out["seeds"] == 2 and out["reject"] == 3
+    for key in ("rec", "gen", "rec_reject", "gen_reject"):
+        assert out[key]["n"] + out[key]["unmeasured"] == 4
+    assert -1.0 <= out["es_ssim"] <= 1.0
+    assert np.isfinite(out["rec"]["mae"]) and np.isfinite(out["gen_reject"]["mae"])
+    with pytest.raises(ValueError, match="segmenter"):
+        evaluate_generation(CounterfactualPipeline(flow, codec), loops)

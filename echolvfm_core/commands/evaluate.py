@@ -14,7 +14,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 #: section name -> model sub-folder it needs under --models
-SECTIONS = {"vae": "vae", "segmentation": "segmenter", "ef_regression": "ef_regressor"}
+SECTIONS = {"vae": "vae", "segmentation": "segmenter", "ef_regression": "ef_regressor", "generation": "generator"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -102,7 +102,21 @@ def _ef_regression(folder: Path, loops, args) -> dict:
     return evaluate_ef_regression(est, alpha1, seed=args.seed)
 
 
-_SECTION_FUNCS = {"vae": _vae, "segmentation": _segmentation, "ef_regression": _ef_regression}
+def _generation(folder: Path, loops, args) -> dict:
+    from ..pipelines.counterfactual import CounterfactualPipeline
+    from ..pipelines.evaluation import evaluate_generation
+
+    pipe = CounterfactualPipeline.from_pretrained(folder.parent, device=args.device)
+    if pipe.measure_ef is None:
+        from ..cli import CommandError
+
+        raise CommandError(f"the generation section measures EF with a segmenter; none in {folder.parent}.")
+    alpha1 = (loops[i] for i, row in enumerate(loops.manifest) if abs(float(row["alpha"]) - 1.0) < 1e-6)
+    return evaluate_generation(pipe, alpha1, seed=args.seed)
+
+
+_SECTION_FUNCS = {"vae": _vae, "segmentation": _segmentation, "ef_regression": _ef_regression,
+                  "generation": _generation}
 
 
 def _report(metrics: dict) -> str:
@@ -116,8 +130,16 @@ def _report(metrics: dict) -> str:
     for name in SECTIONS:
         if name in metrics:
             lines.append(f"## {name}")
-            lines += [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in metrics[name].items()]
+            lines += [f"- {k}: {_fmt(v)}" for k, v in metrics[name].items()]
             lines.append("")
     if metrics["not_evaluated"]:
         lines.append("Not evaluated (model absent): " + ", ".join(metrics["not_evaluated"]) + ".")
     return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items())
+    return str(v)
