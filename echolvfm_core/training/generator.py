@@ -99,6 +99,9 @@ class GeneratorTrainConfig:
 TRAIN_PRESETS = {
     "demo": GeneratorTrainConfig(),
     "paper": GeneratorTrainConfig(model=unet_preset("paper"), steps=100000, lr=1e-4, sample_every=5000),
+    # The bundled model when no GPU is lent: the demo network on one CPU thread for about 100 minutes.
+    "cpu": GeneratorTrainConfig(steps=1500, batch_size=8, lr=4e-4, warmup=100, ema_decay=0.995,
+                                checkpoint_every=200, sample_every=400),
     "tiny": GeneratorTrainConfig(
         model=unet_preset("tiny"), steps=4, batch_size=2, warmup=1, phantom=True, checkpoint_every=2,
         sample_every=3, flow=MeanFlowConfig(share_r_neq_t=0.5, recon_weight=0.1, linear_ratio=0.25),
@@ -108,7 +111,7 @@ TRAIN_PRESETS = {
 
 
 def train_preset(name: str) -> GeneratorTrainConfig:
-    """The :class:`GeneratorTrainConfig` of preset ``name`` ("demo", "paper" or "tiny")."""
+    """The :class:`GeneratorTrainConfig` of preset ``name`` ("demo", "cpu", "paper" or "tiny")."""
     if name not in TRAIN_PRESETS:
         raise ValueError(f"Unknown generator preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}.")
     return TRAIN_PRESETS[name]
