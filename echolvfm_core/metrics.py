@@ -8,12 +8,14 @@ Probabilistic regression (EF posteriors):
 Segmentation: :func:`dice`.
 
 Image reconstruction (grey frames in [0, 1]): :func:`ssim`, :func:`psnr`.
+
+Distribution distances in a feature space: :func:`feature_stats`, :func:`frechet_distance`.
 """
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["crps_samples", "interval_coverage", "dice", "ssim", "psnr"]
+__all__ = ["crps_samples", "interval_coverage", "dice", "ssim", "psnr", "feature_stats", "frechet_distance"]
 
 
 def crps_samples(samples: np.ndarray, truth: float | np.ndarray) -> float | np.ndarray:
@@ -110,3 +112,36 @@ def psnr(reference: np.ndarray, test: np.ndarray, per_image: bool = False) -> fl
     mse = ((x - y) ** 2).mean(axis=(1, 2))
     values = 10.0 * np.log10(1.0 / np.maximum(mse, 1e-10))
     return values if per_image else float(values.mean())
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D) of features (N, D), N >= 2, as float64 (the statistics of a Fréchet distance)."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"features must be (N, D) with N >= 2; got shape {f.shape}.")
+    if not np.all(np.isfinite(f)):
+        raise ValueError("features must be finite.")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al., NeurIPS 2017, FID):
+    ``|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2))``.
+
+    ``tr((sigma1 sigma2)^(1/2))`` is computed as the sum of the square roots of the eigenvalues of the symmetric
+    ``sigma1^(1/2) sigma2 sigma1^(1/2)`` (same spectrum), which stays real for rank-deficient covariances.
+
+    Args:
+        mu1, mu2: (D,) means; sigma1, sigma2: (D, D) covariances (see :func:`feature_stats`).
+    """
+    m1, m2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)
+    s1, s2 = np.asarray(sigma1, dtype=np.float64), np.asarray(sigma2, dtype=np.float64)
+    d = m1.shape[0] if m1.ndim == 1 else -1
+    if m1.shape != (d,) or m2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"expected means (D,) and covariances (D, D) of one D; got {m1.shape}, {s1.shape}, "
+                         f"{m2.shape}, {s2.shape}.")
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.linalg.eigvalsh(root1 @ ((s2 + s2.T) / 2) @ root1)
+    value = float(((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(cross, 0, None)).sum())
+    return max(value, 0.0)
