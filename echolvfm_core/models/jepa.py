@@ -1,0 +1,232 @@
+"""EchoJEPA: a V-JEPA-style video ViT for echo loops (networks only; masking, EMA and loss live in training/).
+
+V-JEPA (Bardes et al., "Revisiting Feature Prediction for Learning Visual Representations from Video", 2024):
+a context encoder sees the unmasked tubelets of a clip, a narrow predictor fills in the features of the masked
+ones (mask tokens + positions), and the target is the layer-normed output of an EMA copy of the encoder on the
+whole clip. Here clips are 16 frames of 112 x 112, cut into tubelets of 2 frames x 16 x 16 pixels: an 8 x 7 x 7
+grid, 392 tokens, numbered ``t * 49 + h * 7 + w``.
+
+* :class:`VideoViT` - the encoder: tubelet embedding (a strided Conv3d), fixed 3D sine-cosine positions, pre-norm
+  transformer blocks; ``forward(video, keep)`` encodes only the ``keep`` tokens when given.
+* :class:`JEPAPredictor` - context tokens + mask tokens at the target positions -> predicted target features.
+* :class:`EchoJEPA` - both, with the config saved beside the weights (``save_pretrained`` / ``from_pretrained``).
+  The bundled encoder is the EMA target encoder at the end of training (as V-JEPA evaluates its target encoder).
+* :class:`AttentiveProbe` - a learned query cross-attends to the frozen tokens, then a linear read-out
+  (V-JEPA's attentive probe, one query); :class:`LinearProbe` - a linear read-out of the mean token.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+__all__ = [
+    "JEPAConfig",
+    "JEPA_PRESETS",
+    "jepa_preset",
+    "sincos_positions_3d",
+    "VideoViT",
+    "JEPAPredictor",
+    "EchoJEPA",
+    "AttentiveProbe",
+    "LinearProbe",
+]
+
+
+@dataclass(frozen=True)
+class JEPAConfig:
+    """Constructor arguments of :class:`EchoJEPA` (what ``config.json`` stores).
+
+    Attributes:
+        num_frames, frame_size: clip shape (T, S, S); tubelet (frames) and patch (pixels) must divide them.
+        dim, depth, heads: encoder width, blocks and attention heads; mlp_ratio: hidden width / dim.
+        pred_dim, pred_depth, pred_heads: the (narrower) predictor.
+    """
+
+    num_frames: int = 16
+    frame_size: int = 112
+    tubelet: int = 2
+    patch: int = 16
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    pred_dim: int = 64
+    pred_depth: int = 2
+    pred_heads: int = 4
+
+
+#: ``demo`` (bundled: 1.0 M parameters, 4 MB, trains on one CPU core) and ``tiny`` (tests).
+JEPA_PRESETS = {
+    "demo": JEPAConfig(),
+    "tiny": JEPAConfig(dim=32, depth=1, heads=2, mlp_ratio=2.0, pred_dim=16, pred_depth=1, pred_heads=2),
+}
+
+
+def jepa_preset(name: str) -> JEPAConfig:
+    """The :class:`JEPAConfig` of preset ``name`` ("demo" or "tiny")."""
+    if name not in JEPA_PRESETS:
+        raise ValueError(f"Unknown jepa preset {name!r}; choose one of {sorted(JEPA_PRESETS)}.")
+    return JEPA_PRESETS[name]
+
+
+def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """(N,) positions -> (N, dim) [sin | cos] at geometric frequencies 1 / 10000^(2i / dim) (Vaswani et al. 2017)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+    angles = positions.double()[:, None] * omega[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def sincos_positions_3d(dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Fixed positions of a (T, H, W) token grid -> (T * H * W, dim), token order ``t * H * W + h * W + w``.
+
+    As in V-JEPA, half of the channels encode time and a quarter each the row and the column; ``dim`` must be a
+    multiple of 8.
+    """
+    if dim % 8:
+        raise ValueError(f"dim must be a multiple of 8 for 3D sine-cosine positions; got {dim}.")
+    t, h, w = grid
+    tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.cat([_sincos_1d(dim // 2, tt.reshape(-1)), _sincos_1d(dim // 4, hh.reshape(-1)),
+                      _sincos_1d(dim // 4, ww.reshape(-1))], dim=1)
+
+
+def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float) -> nn.ModuleList:
+    return nn.ModuleList(
+        nn.TransformerEncoderLayer(dim, heads, int(dim * mlp_ratio), dropout=0.0, activation="gelu",
+                                   batch_first=True, norm_first=True)
+        for _ in range(depth)
+    )
+
+
+def _gather(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """tokens (B, N, D), index int64 (B, K) -> (B, K, D)."""
+    return torch.gather(tokens, 1, index[..., None].expand(-1, -1, tokens.shape[-1]))
+
+
+class VideoViT(nn.Module):
+    """Encoder. ``forward(video, keep=None)``: video float (B, 1, T, S, S) in [0, 1], keep int64 (B, K) token
+    indices (None: all N tokens) -> tokens float (B, K or N, dim), after a final LayerNorm."""
+
+    def __init__(self, cfg: JEPAConfig):
+        super().__init__()
+        if cfg.num_frames % cfg.tubelet or cfg.frame_size % cfg.patch:
+            raise ValueError(f"tubelet {cfg.tubelet} x patch {cfg.patch} must divide the clip "
+                             f"{cfg.num_frames} x {cfg.frame_size}.")
+        self.cfg = cfg
+        self.grid = (cfg.num_frames // cfg.tubelet, cfg.frame_size // cfg.patch, cfg.frame_size // cfg.patch)
+        k = (cfg.tubelet, cfg.patch, cfg.patch)
+        self.embed = nn.Conv3d(1, cfg.dim, kernel_size=k, stride=k)
+        self.register_buffer("pos", sincos_positions_3d(cfg.dim, self.grid), persistent=False)
+        self.blocks = _blocks(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio)
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.grid)
+
+    def forward(self, video: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        shape = (1, self.cfg.num_frames, self.cfg.frame_size, self.cfg.frame_size)
+        if video.ndim != 5 or tuple(video.shape[1:]) != shape:
+            raise ValueError(f"VideoViT expects video (B, {', '.join(map(str, shape))}); got {tuple(video.shape)}.")
+        x = self.embed(2.0 * video - 1.0).flatten(2).transpose(1, 2) + self.pos  # (B, N, D)
+        if keep is not None:
+            x = _gather(x, keep)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+class JEPAPredictor(nn.Module):
+    """Predictor. ``forward(context, context_idx, target_idx)``: context tokens (B, Kc, dim) from the encoder at
+    token indices context_idx (B, Kc), target indices target_idx (B, Kt) -> predicted features (B, Kt, dim)."""
+
+    def __init__(self, cfg: JEPAConfig, grid: tuple[int, int, int]):
+        super().__init__()
+        self.proj_in = nn.Linear(cfg.dim, cfg.pred_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.pred_dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.register_buffer("pos", sincos_positions_3d(cfg.pred_dim, grid), persistent=False)
+        self.blocks = _blocks(cfg.pred_dim, cfg.pred_depth, cfg.pred_heads, cfg.mlp_ratio)
+        self.norm = nn.LayerNorm(cfg.pred_dim)
+        self.proj_out = nn.Linear(cfg.pred_dim, cfg.dim)
+
+    def forward(self, context: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
+        b, kt = target_idx.shape
+        pos = self.pos.expand(b, -1, -1)
+        ctx = self.proj_in(context) + _gather(pos, context_idx)
+        tgt = self.mask_token.expand(b, kt, -1) + _gather(pos, target_idx)
+        x = torch.cat([ctx, tgt], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.proj_out(self.norm(x[:, ctx.shape[1]:]))
+
+
+class EchoJEPA(ModelMixin, ConfigMixin):
+    """Encoder + predictor of one configuration (:class:`JEPAConfig` fields as keyword arguments).
+
+    ``encode(video)`` -> tokens (B, N, dim); ``features(video)`` -> mean token (B, dim). Video float
+    (B, 1, num_frames, frame_size, frame_size), grey levels in [0, 1].
+    """
+
+    @register_to_config
+    def __init__(self, num_frames: int = 16, frame_size: int = 112, tubelet: int = 2, patch: int = 16, dim: int = 128,
+                 depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0, pred_dim: int = 64, pred_depth: int = 2,
+                 pred_heads: int = 4):
+        super().__init__()
+        cfg = JEPAConfig(num_frames, frame_size, tubelet, patch, dim, depth, heads, mlp_ratio, pred_dim, pred_depth,
+                         pred_heads)
+        self.encoder = VideoViT(cfg)
+        self.predictor = JEPAPredictor(cfg, self.encoder.grid)
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        return self.encoder(video)
+
+    def features(self, video: torch.Tensor) -> torch.Tensor:
+        return self.encoder(video).mean(dim=1)
+
+
+class AttentiveProbe(ModelMixin, ConfigMixin):
+    """EF read-out from frozen tokens: ``forward(tokens (B, N, dim)) -> EF (B,)`` in %.
+
+    A learned query cross-attends (``heads`` heads over ``attn_dim`` channels; keys and values are projections of
+    the layer-normed tokens), then a residual MLP, a LayerNorm and a linear layer predict the z-scored EF,
+    de-normalised with ``ef_mean`` / ``ef_std`` (%). ``attn_dim`` below ``dim`` keeps probe training cheap on a CPU.
+    """
+
+    @register_to_config
+    def __init__(self, dim: int = 128, attn_dim: int = 64, heads: int = 4, ef_mean: float = 50.0, ef_std: float = 15.0):
+        super().__init__()
+        if attn_dim % heads:
+            raise ValueError(f"attn_dim ({attn_dim}) must be a multiple of heads ({heads}).")
+        self.query = nn.Parameter(torch.zeros(1, heads, 1, attn_dim // heads))
+        nn.init.trunc_normal_(self.query, std=0.02)
+        self.kv = nn.Linear(dim, 2 * attn_dim)
+        self.mlp = nn.Sequential(nn.LayerNorm(attn_dim), nn.Linear(attn_dim, 2 * attn_dim), nn.GELU(),
+                                 nn.Linear(2 * attn_dim, attn_dim))
+        self.head = nn.Sequential(nn.LayerNorm(attn_dim), nn.Linear(attn_dim, 1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, n, d = tokens.shape
+        heads = self.query.shape[1]
+        k, v = self.kv(F.layer_norm(tokens, (d,))).view(b, n, 2, heads, -1).permute(2, 0, 3, 1, 4)  # (B, h, N, c)
+        q = F.scaled_dot_product_attention(self.query.expand(b, -1, -1, -1), k, v).reshape(b, -1)  # (B, attn_dim)
+        q = q + self.mlp(q)
+        return self.head(q)[:, 0] * self.config.ef_std + self.config.ef_mean
+
+
+class LinearProbe(nn.Module):
+    """``forward(tokens (B, N, dim)) -> EF (B,)`` in %: a linear map of the mean token (z-scored EF target)."""
+
+    def __init__(self, dim: int, ef_mean: float, ef_std: float):
+        super().__init__()
+        self.linear = nn.Linear(dim, 1)
+        self.ef_mean, self.ef_std = ef_mean, ef_std
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.linear(F.layer_norm(tokens.mean(dim=1), (tokens.shape[-1],)))[:, 0] * self.ef_std + self.ef_mean
