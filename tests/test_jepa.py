@@ -1,0 +1,213 @@
+"""EchoJEPA: mask collator, EMA update, a tiny training step, probes, Fréchet distances (fast, tiny CPU models)."""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from echolvfm_core.data.jepa_masks import DEFAULT_MASKS, BlockMaskConfig, MultiBlockMaskCollator
+from echolvfm_core.estimators.jepa import (
+    FeatureStats,
+    encode_clips,
+    fid_jepa,
+    fit_probe,
+    fvd_jepa,
+    loop_clips,
+    predict,
+)
+from echolvfm_core.metrics import feature_stats, frechet_distance
+from echolvfm_core.models.jepa import AttentiveProbe, EchoJEPA, LinearProbe, jepa_preset, sincos_positions_3d
+from echolvfm_core.training.jepa import (
+    LoopClipSampler,
+    context_predictions,
+    ema_update,
+    fit,
+    jepa_loss,
+    momentum,
+    target_features,
+    train_preset,
+)
+
+GRID = (8, 7, 7)
+
+
+def _tiny() -> EchoJEPA:
+    torch.manual_seed(0)
+    return EchoJEPA(**asdict(jepa_preset("tiny")))
+
+
+def _clips(n: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand((1, 16, 112, 112), generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("masks", [DEFAULT_MASKS, (BlockMaskConfig(1, (0.3, 0.5)),)])
+def test_mask_collator_shapes_disjoint_and_tubes(masks):
+    batch = MultiBlockMaskCollator(GRID, masks, seed=0)(_clips(3))
+    assert batch.clips.shape == (3, 1, 16, 112, 112)
+    assert len(batch.context) == len(batch.targets) == len(masks)
+    for ctx, tgt in zip(batch.context, batch.targets):
+        assert ctx.dtype == tgt.dtype == torch.int64 and ctx.shape[0] == tgt.shape[0] == 3
+        assert ctx.shape[1] >= 1 and tgt.shape[1] >= 1 and ctx.shape[1] + tgt.shape[1] <= 392
+        for c, t in zip(ctx, tgt):
+            assert not set(c.tolist()) & set(t.tolist())
+            assert 0 <= int(c.min()) and int(t.max()) < 392
+    # before the batch-minimum truncation, a target mask is a tube: the same positions at every time step
+    (_,), (tgt,) = MultiBlockMaskCollator(GRID, masks[:1], seed=1).sample(1, torch.Generator().manual_seed(3))
+    pos = tgt[0] % 49
+    assert all(set(pos[tgt[0] // 49 == t].tolist()) == set(pos[tgt[0] // 49 == 0].tolist()) for t in range(8))
+
+
+def test_mask_collator_is_deterministic():
+    a = MultiBlockMaskCollator(GRID, seed=5)(_clips(2))
+    b = MultiBlockMaskCollator(GRID, seed=5)(_clips(2))
+    c = MultiBlockMaskCollator(GRID, seed=6)(_clips(2))
+    assert all(torch.equal(x, y) for x, y in zip(a.context + a.targets, b.context + b.targets))
+    assert not all(torch.equal(x, y) for x, y in zip(a.context + a.targets, c.context + c.targets))
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    coll = MultiBlockMaskCollator(GRID, seed=0)
+    assert torch.equal(coll.sample(2, g1)[1][0], coll.sample(2, g2)[1][0])
+
+
+def test_mask_collator_rejects_bad_input():
+    with pytest.raises(ValueError, match="grid"):
+        MultiBlockMaskCollator((8, 7))
+    with pytest.raises(ValueError, match="whole"):
+        MultiBlockMaskCollator(GRID, (BlockMaskConfig(1, (1.0, 1.0), (1.0, 1.0)),)).sample(1, torch.Generator())
+
+
+def test_positions_and_encoder_shapes():
+    assert sincos_positions_3d(32, GRID).shape == (392, 32)
+    model = _tiny()
+    x = torch.rand(2, 1, 16, 112, 112)
+    assert model.encode(x).shape == (2, 392, 32)
+    keep = torch.tensor([[0, 5, 9], [1, 2, 3]])
+    z = model.encoder(x, keep=keep)
+    assert z.shape == (2, 3, 32)
+    assert model.predictor(z, keep, torch.tensor([[7, 8], [9, 10]])).shape == (2, 2, 32)
+    with pytest.raises(ValueError, match="expects video"):
+        model.encode(torch.rand(2, 16, 112, 112))
+
+
+def test_ema_update_and_momentum_schedule():
+    online = _tiny().encoder
+    target = copy.deepcopy(online).requires_grad_(False)
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in target.parameters()]
+    ema_update(target, online, 0.9)
+    for b, t, o in zip(before, target.parameters(), online.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * o)
+        assert not t.requires_grad
+    cfg = train_preset("tiny")
+    assert momentum(0, cfg) == pytest.approx(cfg.ema[0])
+    assert momentum(cfg.steps, cfg) == pytest.approx(cfg.ema[1])
+    assert cfg.ema[0] < momentum(cfg.steps // 2, cfg) < cfg.ema[1]
+
+
+def test_tiny_training_steps_lower_the_loss():
+    model = _tiny()
+    target = copy.deepcopy(model.encoder).requires_grad_(False)
+    batch = MultiBlockMaskCollator(model.encoder.grid, seed=0)(_clips(2))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = jepa_loss(context_predictions(model, batch), target_features(target, batch.clips), batch.targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema_update(target, model.encoder, 0.99)
+        losses.append(float(loss.detach()))
+    assert np.isfinite(losses).all() and losses[-1] < 0.9 * losses[0]
+
+
+def test_fit_saves_model_and_resumes(tmp_path):
+    g = np.random.default_rng(0)
+    loops = [SimpleNamespace(frames=g.integers(0, 255, (int(n), 112, 112), dtype=np.uint8)) for n in (12, 20, 31)]
+    cfg = train_preset("tiny")
+    model, metrics = fit(LoopClipSampler(loops, cfg), cfg, tmp_path, seed=0, device="cpu")
+    assert metrics["steps"] == cfg.steps and np.isfinite(metrics["final_loss"])
+    again = EchoJEPA.from_pretrained(tmp_path / "final")
+    x = torch.rand(1, 1, 16, 112, 112)
+    torch.testing.assert_close(again.eval().encode(x), model.encode(x))
+    _, resumed = fit(LoopClipSampler(loops, cfg), cfg, tmp_path, seed=0, device="cpu", resume=True)
+    assert resumed["steps_per_second"] is None  # nothing left to train
+
+
+def test_probes_fit_and_predict_in_percent():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(40, 10, 8, generator=g)
+    ef = 50 + 10 * tokens[:, :, 0].mean(dim=1) * 3
+    for probe in (AttentiveProbe(dim=8, attn_dim=8, heads=2, ef_mean=50, ef_std=10), LinearProbe(8, 50.0, 10.0)):
+        start = np.abs(predict(probe, tokens) - ef.numpy()).mean()
+        fit_probe(probe, tokens, ef, steps=150, batch_size=16, lr=1e-2, seed=0)
+        assert np.abs(predict(probe, tokens) - ef.numpy()).mean() < 0.7 * start
+
+
+def test_frechet_distance_known_answers():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 6))
+    mu, sigma = feature_stats(x)
+    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-8)
+    # two Gaussians with identity covariances: the squared distance of the means
+    assert frechet_distance(np.zeros(3), np.eye(3), np.ones(3), np.eye(3)) == pytest.approx(3.0)
+    # N(0, I) vs N(0, 4 I): tr(I) + tr(4 I) - 2 tr(2 I) = d
+    assert frechet_distance(np.zeros(4), np.eye(4), np.zeros(4), 4 * np.eye(4)) == pytest.approx(4.0)
+    grow = [frechet_distance(mu, sigma, *feature_stats(x + s * rng.normal(size=x.shape))) for s in (0.1, 0.5, 1.0)]
+    assert grow[0] < grow[1] < grow[2]
+    with pytest.raises(ValueError, match="N >= 2"):
+        feature_stats(np.zeros((1, 3)))
+
+
+def test_fvd_and_fid_jepa_with_cached_stats(tmp_path):
+    model = _tiny()
+    g = np.random.default_rng(1)
+    loops = [g.integers(0, 255, (20, 112, 112), dtype=np.uint8) for _ in range(6)]
+    clips = loop_clips(loops, 16, 112)
+    assert clips.shape == (6, 16, 112, 112) and clips.dtype == torch.uint8
+    tokens = encode_clips(model.encoder, clips)
+    stats = FeatureStats.from_tokens(tokens, GRID)
+    stats.save(tmp_path / "s.npz")
+    cached = FeatureStats.load(tmp_path / "s.npz")
+    assert fvd_jepa(tokens, cached) == pytest.approx(0.0, abs=1e-6)
+    assert fid_jepa(tokens, GRID, cached) == pytest.approx(0.0, abs=1e-6)
+    noisy = encode_clips(model.encoder, (clips.float() * 0.5).to(torch.uint8))
+    assert fvd_jepa(noisy, cached) > 1e-3
+
+
+class _Loops:
+    """A stand-in for PreparedLoops: ``manifest`` rows and items with ``frames``."""
+
+    def __init__(self, n: int, seed: int = 0):
+        g = np.random.default_rng(seed)
+        self.frames = [g.integers(0, 255, (int(g.integers(10, 40)), 112, 112), dtype=np.uint8) for _ in range(n)]
+        self.manifest = [{"ef": float(40 + i), "alpha": 1.0} for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, i: int):
+        return SimpleNamespace(frames=self.frames[i])
+
+
+def test_evaluate_section_without_generator_uses_cached_real_stats(tmp_path):
+    from argparse import Namespace
+
+    from echolvfm_core.estimators.jepa import PROBE_DIR, STATS_FILE, evaluate_jepa_section
+
+    folder = tmp_path / "jepa"
+    model = _tiny()
+    model.save_pretrained(str(folder))
+    AttentiveProbe(dim=32, attn_dim=16, heads=2, ef_mean=45.0, ef_std=10.0).save_pretrained(str(folder / PROBE_DIR))
+    loops = _Loops(5)
+    tokens = encode_clips(model.encoder, loop_clips(loops.frames, 16, 112))
+    FeatureStats.from_tokens(tokens, GRID).save(folder / STATS_FILE)
+    out = evaluate_jepa_section(folder, loops, Namespace(device="cpu", seed=0))
+    assert out["n"] == 5 and np.isfinite(out["probe_mae"])
+    assert out["fvd_jepa"] == pytest.approx(0.0, abs=1e-6) and out["fid_jepa"] == pytest.approx(0.0, abs=1e-6)
+    assert "no generator" in out["compared"]
