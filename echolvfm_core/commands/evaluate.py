@@ -14,7 +14,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 #: section name -> model sub-folder it needs under --models
-SECTIONS = {"vae": "vae", "segmentation": "segmenter", "ef_regression": "ef_regressor", "generation": "generator"}
+SECTIONS = {"vae": "vae", "segmentation": "segmenter", "ef_regression": "ef_regressor", "generation": "generator",
+            "jepa": "jepa"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -115,8 +116,14 @@ def _generation(folder: Path, loops, args) -> dict:
     return evaluate_generation(pipe, alpha1, seed=args.seed)
 
 
+def _jepa(folder: Path, loops, args) -> dict:
+    from ..estimators.jepa import evaluate_jepa_section
+
+    return evaluate_jepa_section(folder, loops, args)
+
+
 _SECTION_FUNCS = {"vae": _vae, "segmentation": _segmentation, "ef_regression": _ef_regression,
-                  "generation": _generation}
+                  "generation": _generation, "jepa": _jepa}
 
 
 def _report(metrics: dict) -> str:
