@@ -13,6 +13,7 @@ from echolvfm_core.data.phantom import render_phantom
 from echolvfm_core.echo import Echo, EchoLoadError
 from echolvfm_core.ef import ef_from_pair
 from echolvfm_core.estimators.segmentation import (
+    TTA_TRANSFORMS,
     SegmentationEF,
     SegmentationError,
     default_segmenter_dir,
@@ -168,6 +169,43 @@ def test_largest_component_cleanup():
     out = keep_largest_components(two)
     assert (out[1, 0:3, 0:3] == 1).all() and (out[0, 15:17, 15:17] == 0).all()
     assert np.array_equal(keep_largest_components(lab[0]), out[0])
+
+
+class BrightIsLV(torch.nn.Module):
+    """A 'network' labelling bright pixels (> 0.5) LV cavity and the rest background, pixel by pixel, so it commutes
+    with any warp of the image: on frames = (labels == 1) it returns the cavity."""
+
+    config = dataclasses.make_dataclass("Config", [("sample_size", int, 112)])()
+    device, dtype = torch.device("cpu"), torch.float32
+
+    def forward(self, x):
+        return torch.cat([0.5 - x, x - 0.5, -torch.ones_like(x), -torch.ones_like(x)], dim=1)
+
+
+def test_tta_maps_the_logits_back_to_the_input_grid(phantom):
+    """With a warp-equivariant network, averaging over the rotated / scaled copies gives the labels of one pass."""
+    assert TTA_TRANSFORMS[0] == (0.0, 1.0) and len(TTA_TRANSFORMS) > 1
+    cavity = (phantom.labels == 1).astype(np.uint8)
+    frames = cavity.astype(np.float32)
+    plain = SegmentationEF(BrightIsLV(), tta=False).segment(frames)
+    assert np.array_equal(plain, cavity)
+    tta = SegmentationEF(BrightIsLV()).segment(frames)
+    assert np.mean(tta == plain) > 0.9995
+    assert measure_labels(tta).ef == pytest.approx(measure_labels(plain).ef, abs=0.2)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_a_spurious_blob_does_not_change_the_ef(phantom, tta):
+    """A detached LV-labelled blob (in some frames) is removed before measuring: same labels and EF as without it."""
+    frames = (phantom.labels == 1).astype(np.float32)
+    assert not frames[:, 90:104, 4:18].any()
+    blobbed = frames.copy()
+    blobbed[::3, 94:100, 8:14] = 1.0
+    seg = SegmentationEF(BrightIsLV(), tta=tta)
+    assert np.array_equal(seg.segment(blobbed), seg.segment(frames))
+    assert seg.measure(blobbed).ef == seg.measure(frames).ef
+    raw = SegmentationEF(BrightIsLV(), tta=tta, cleanup=False)
+    assert (raw.segment(blobbed)[0] == 1).sum() > (raw.segment(frames)[0] == 1).sum()  # the blob is there before cleanup
 
 
 def test_estimator_bad_inputs(phantom):

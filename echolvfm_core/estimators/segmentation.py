@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage as ndi
 
 from .. import ef as efm
@@ -28,6 +29,7 @@ __all__ = [
     "EFMeasurement",
     "SegmentationEF",
     "SegmentationError",
+    "TTA_TRANSFORMS",
     "measure_labels",
     "keep_largest_components",
     "evaluate_segmentation",
@@ -35,6 +37,12 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Test-time augmentation of :class:`SegmentationEF`: (rotation in degrees, scale) about the apex, inside the ranges of
+#: the training augmentation (rotation +-10 degrees, scale 0.9-1.1 about the apex; no flips, the view is in clinical
+#: orientation). Each transformed copy's logits are mapped back to the input grid and the logits are averaged. Chosen
+#: on the CAMUS valid split (assets/segmenter/MODEL_CARD.md).
+TTA_TRANSFORMS: tuple[tuple[float, float], ...] = ((0.0, 1.0), (-6.0, 1.0), (6.0, 1.0), (0.0, 0.96), (0.0, 1.04))
 
 
 class SegmentationError(ValueError):
@@ -131,6 +139,18 @@ def keep_largest_components(labels: np.ndarray) -> np.ndarray:
     return stack[0] if single else stack
 
 
+def _about_apex(x: torch.Tensor, angle_deg: float, scale: float, padding: str) -> torch.Tensor:
+    """Maps (B, C, S, S) rotated by ``angle_deg`` and scaled by ``scale`` about the apex (top centre), bilinear.
+
+    The same geometry as the training augmentation; ``(-angle_deg, 1 / scale)`` undoes ``(angle_deg, scale)``.
+    """
+    a = np.deg2rad(angle_deg)
+    cos, sin = np.cos(a) / scale, np.sin(a) / scale
+    theta = torch.tensor([[cos, -sin, -sin], [sin, cos, -1.0 + cos]], dtype=x.dtype, device=x.device)
+    grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+
+
 def _beats(area: np.ndarray, present: np.ndarray) -> tuple[list[tuple[int, int]], bool]:
     """(ED, ES) pairs on the area curve of the frames with a cavity; fallback largest / smallest area."""
     idx = np.flatnonzero(present)
@@ -211,15 +231,17 @@ class SegmentationEF:
         model: a trained :class:`LVSegmenter`.
         device: torch device for the network (default: the model's).
         cleanup: keep only the largest connected component of every class in every frame.
+        tta: average the logits over :data:`TTA_TRANSFORMS` (one network pass per transform) instead of one pass.
         batch_size: frames per network call.
     """
 
     def __init__(self, model: LVSegmenter, device: str | torch.device | None = None, cleanup: bool = True,
-                 batch_size: int = 32):
+                 tta: bool = True, batch_size: int = 32):
         self.model = model.eval().to(memory_format=torch.channels_last)  # faster convolutions on CPU
         if device is not None:
             self.model.to(device)
         self.cleanup = cleanup
+        self.tta = tta
         self.batch_size = batch_size
 
     @classmethod
@@ -244,12 +266,32 @@ class SegmentationEF:
             )
         return f
 
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Float logits (B, C, S, S) of frames (B, 1, S, S) on the model's device, averaged over the TTA transforms."""
+
+        def run(t: torch.Tensor) -> torch.Tensor:
+            return self.model(t.contiguous(memory_format=torch.channels_last)).float()
+
+        if not self.tta:
+            return run(x)
+        total = torch.zeros(())
+        for angle, scale in TTA_TRANSFORMS:
+            if angle == 0.0 and scale == 1.0:
+                total = total + run(x)
+            else:
+                moved = run(_about_apex(x, angle, scale, "zeros"))  # zeros outside the fan, as in training
+                total = total + _about_apex(moved, -angle, 1.0 / scale, "border")
+        return total / len(TTA_TRANSFORMS)
+
     @torch.no_grad()
     def segment(self, frames: np.ndarray) -> np.ndarray:
         """Labels of every frame: float (T, S, S) in [0, 1] -> uint8 (T, S, S) with values 0-3."""
         f = self._check_frames(frames)
         x = torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32))
-        labels = self.model.predict(x, batch_size=self.batch_size).numpy().astype(np.uint8)
+        dev, dtype = self.model.device, self.model.dtype
+        labels = torch.cat(
+            [self._logits(chunk[:, None].to(dev, dtype)).argmax(1).cpu() for chunk in x.split(self.batch_size)]
+        ).numpy().astype(np.uint8)
         return keep_largest_components(labels) if self.cleanup else labels
 
     def measure(self, frames: np.ndarray, spacing_mm: tuple[float, float] | None = None) -> EFMeasurement:

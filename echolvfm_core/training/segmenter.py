@@ -253,6 +253,9 @@ EF (area-length and single-plane Simpson) from the LV area curve. {metrics.get("
   CAMUS (Leclerc et al., IEEE TMI 2019) is for non-commercial research; cite it when reporting results.
 
 ## Valid metrics
+Default inference of `SegmentationEF` (test-time augmentation over `TTA_TRANSFORMS`, largest connected component of
+each class per frame).
+
 | metric | value |
 |---|---|
 {rows}
