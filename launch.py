@@ -1,11 +1,13 @@
 """Start EchoLVFM Studio: ``python launch.py`` serves http://127.0.0.1:7860 with the bundled models.
 
-Flags: --host, --port, --device, --models DIR, --auth USER:PASS, --data DIR, --max-upload SIZE.
+Flags: --host, --port, --device, --models DIR, --auth USER:PASS, --data DIR, --max-upload SIZE, and for the
+realism quiz --quiz-db PATH, --quiz-study ID, --admin-password PASS (or the ECHOLVFM_ADMIN_PASSWORD variable).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import sys
@@ -26,6 +28,11 @@ def parse_args(argv: list[str] | None = None) -> StudioConfig:
     p.add_argument("--data", type=Path, default=None, help="a CAMUS or echo folder to pick cases from")
     p.add_argument("--max-upload", default="200mb", metavar="SIZE",
                    help="largest accepted upload, e.g. 200mb or 1gb (default 200mb)")
+    p.add_argument("--quiz-db", type=Path, default=None, metavar="PATH",
+                   help="realism-quiz database (from `echolvfm quiz create`): adds the Quiz and Results tabs")
+    p.add_argument("--quiz-study", default=None, metavar="ID", help="study to take (default: the newest in --quiz-db)")
+    p.add_argument("--admin-password", default=os.environ.get("ECHOLVFM_ADMIN_PASSWORD"), metavar="PASS",
+                   help="opens the Results tab (default: $ECHOLVFM_ADMIN_PASSWORD; without it the tab stays locked)")
     args = p.parse_args(argv)
     auth = None
     if args.auth is not None:
@@ -37,10 +44,15 @@ def parse_args(argv: list[str] | None = None) -> StudioConfig:
         p.error(f"--max-upload must look like 200mb or 1gb; got {args.max_upload!r}.")
     if args.data is not None and not args.data.is_dir():
         p.error(f"--data {args.data} is not a folder.")
+    if args.quiz_db is not None and not args.quiz_db.is_file():
+        p.error(f"--quiz-db {args.quiz_db} is not a file; create a study with `echolvfm quiz create`.")
+    if args.quiz_study is not None and args.quiz_db is None:
+        p.error("--quiz-study needs --quiz-db.")
     if not 0 < args.port < 65536:
         p.error(f"--port must be between 1 and 65535; got {args.port}.")
     return StudioConfig(host=args.host, port=args.port, device=args.device, models=args.models, auth=auth,
-                        data=args.data, max_upload=args.max_upload.strip().lower())
+                        data=args.data, max_upload=args.max_upload.strip().lower(), quiz_db=args.quiz_db,
+                        quiz_study=args.quiz_study, admin_password=args.admin_password or None)
 
 
 def main(argv: list[str] | None = None) -> int:

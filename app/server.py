@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["StudioConfig", "create_demo", "prepare_environment", "serve"]
@@ -34,6 +34,9 @@ class StudioConfig:
         auth: (user, password) required to open the app, or ``None``.
         data: optional folder of cases (CAMUS patients or echo files) to pick from.
         max_upload: largest accepted upload, e.g. "200mb".
+        quiz_db: a realism-quiz database; when set, the Quiz and Results tabs are added.
+        quiz_study: the study readers take (default: the newest in ``quiz_db``).
+        admin_password: opens the Results tab (None: it stays locked); left out of the repr.
     """
 
     host: str = "127.0.0.1"
@@ -43,6 +46,9 @@ class StudioConfig:
     auth: tuple[str, str] | None = None
     data: Path | None = None
     max_upload: str = "200mb"
+    quiz_db: Path | None = None
+    quiz_study: str | None = None
+    admin_password: str | None = field(default=None, repr=False)
 
 
 def prepare_environment() -> Path:
@@ -61,13 +67,18 @@ def prepare_environment() -> Path:
 
 
 def create_demo(config: StudioConfig, extra_tabs: Sequence[Callable[[], None]] = ()):
-    """Build the app (models are not loaded until first use). Returns ``(demo, engine)``."""
+    """Build the app (models are not loaded until first use); with ``config.quiz_db`` the Quiz and Results tabs come
+    before ``extra_tabs``. Returns ``(demo, engine)``."""
     from .engine import StudioEngine
     from .ui import build_demo
 
     if config.data is not None and not Path(config.data).is_dir():
         raise FileNotFoundError(config.data)
     work_root = Path(os.environ.get("GRADIO_TEMP_DIR") or tempfile.gettempdir()) / "studio"
+    if config.quiz_db is not None:
+        from .quiz.tabs import quiz_tabs
+
+        extra_tabs = [*quiz_tabs(config.quiz_db, work_root, config.quiz_study, config.admin_password), *extra_tabs]
     engine = StudioEngine(config.models, config.device)
     return build_demo(engine, work_root, config.data, extra_tabs=extra_tabs), engine
 
