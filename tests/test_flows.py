@@ -256,3 +256,33 @@ def test_observation_sampler_patterns_are_valid_and_seeded():
     assert s.observed(12, pattern="every_other")[0][:12].sum() == 6
     with pytest.raises(ValueError, match="shorter than min_frames"):
         s.length(5)
+
+
+def test_anchor_interpolates_between_observed_frames_and_holds_outside():
+    from echolvfm_core.flows.base import anchor_latents
+
+    c = torch.zeros(1, 1, 6, 1, 1)
+    observed = torch.zeros(1, 6, dtype=torch.bool)
+    observed[0, [1, 3]] = True
+    c[0, 0, 1], c[0, 0, 3] = 2.0, 4.0
+    frame_mask = torch.ones(1, 6, dtype=torch.bool)
+    frame_mask[0, 5] = False
+    anchor = anchor_latents(Conditioning(c, observed, frame_mask, torch.tensor([50.0])))
+    assert anchor.flatten().tolist() == [2.0, 2.0, 3.0, 4.0, 4.0, 0.0]
+
+
+@pytest.mark.parametrize("flow_cls", [MeanFlow, LinearFlow])
+def test_residual_flow_learns_the_motion_and_adds_the_anchor_back(flow_cls):
+    from echolvfm_core.flows.base import anchor_latents
+
+    batch = _batch()
+    residual = batch.x - anchor_latents(batch.cond)
+    kwargs = {"share_r_neq_t": 1.0, "adaptive_p": 0.0} if flow_cls is MeanFlow else {}
+    flow = flow_cls(Oracle(residual), residual=True, **kwargs)
+    if flow_cls is MeanFlow:  # the oracle of the residual data has zero loss on the real clips
+        assert flow(batch, generator=torch.Generator().manual_seed(0)).parts["mse"] < 1e-8
+    x = flow.sample(batch.cond, steps=2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x, batch.x, atol=1e-4, rtol=1e-4)
+    # at observed frames the residual is zero, so the sample keeps the observed latents
+    obs = batch.cond.observed[:, None, :, None, None].expand_as(x)
+    torch.testing.assert_close(x[obs], batch.cond.cond[obs], atol=1e-4, rtol=1e-4)

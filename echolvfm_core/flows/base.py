@@ -23,6 +23,7 @@ __all__ = [
     "frame_weights",
     "per_video_mse",
     "initial_noise",
+    "anchor_latents",
 ]
 
 
@@ -171,3 +172,27 @@ def initial_noise(
     elif noise.shape != shape:
         raise ValueError(f"noise must have shape {tuple(shape)}; got {tuple(noise.shape)}.")
     return noise * pad, pad
+
+
+def anchor_latents(cond: Conditioning) -> torch.Tensor:
+    """(B, C, T, h, w) per-frame anchor of the residual parameterisation: the observed latents interpolated in time.
+
+    Frame k gets the linear interpolation between the observed frames just before and just after it, or the
+    nearest observed frame where it lies outside them (one observed frame: that frame's latent at every frame).
+    Observed frames get their own latent; padding gets zero.
+    """
+    c = cond.cond
+    t = c.shape[2]
+    pos = torch.arange(t, device=c.device, dtype=torch.float32)
+    big = torch.tensor(float(t) * 4, device=c.device)
+    obs = cond.observed
+    # index of the last observed frame at or before k, and of the first at or after k (either side may be missing)
+    before = torch.where(obs, pos, -big).cummax(dim=1).values  # (B, T)
+    after = torch.where(obs, pos, big).flip(1).cummin(dim=1).values.flip(1)
+    before = torch.where(before < 0, after, before)
+    after = torch.where(after >= t, before, after)
+    span = (after - before).clamp_min(1.0)
+    w = ((pos - before) / span).clamp(0.0, 1.0).to(c.dtype)  # weight of the later observed frame
+    gather = lambda idx: torch.take_along_dim(c, idx.long()[:, None, :, None, None], dim=2)  # noqa: E731
+    anchor = (1 - w)[:, None, :, None, None] * gather(before) + w[:, None, :, None, None] * gather(after)
+    return anchor * cond.frame_mask[:, None, :, None, None].to(c.dtype)

@@ -17,6 +17,7 @@ from .base import (
     Conditioning,
     FlowLoss,
     VideoBatch,
+    anchor_latents,
     frame_weights,
     initial_noise,
     per_video_mse,
@@ -30,12 +31,14 @@ SOLVERS = ("euler", "midpoint")
 
 @dataclass(frozen=True)
 class LinearFlowConfig:
-    """Hyper-parameters of :class:`LinearFlow`: logit-normal time sampling, EF dropout share, observed-frame weight."""
+    """Hyper-parameters of :class:`LinearFlow`: logit-normal time sampling, EF dropout share, observed-frame weight,
+    and ``residual`` (flow over the difference from the observed-frame anchor, as in :class:`MeanFlowConfig`)."""
 
     time_mean: float = 0.0
     time_std: float = 1.0
     ef_dropout: float = 0.1
     observed_weight: float = 1.0
+    residual: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ef_dropout < 1.0:
@@ -55,6 +58,8 @@ class LinearFlow(nn.Module):
     def forward(self, batch: VideoBatch, step: int = 0, generator: torch.Generator | None = None) -> FlowLoss:
         """Masked flow-matching loss ``|u(z_t, t, t) - v|^2`` per clip, averaged over clips (``step`` is unused)."""
         x, cond = batch.x, batch.cond
+        if self.config.residual:
+            x = x - anchor_latents(cond)
         n = x.shape[0]
         pad = cond.frame_mask[:, None, :, None, None].to(x.dtype)
         eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) * pad
@@ -113,4 +118,6 @@ class LinearFlow(nn.Module):
             if solver == "midpoint":
                 v = self.velocity(z + 0.5 * dt * v, (t + 0.5 * dt).expand(n), cond, guidance)
             z = z + dt * v
+        if self.config.residual:
+            z = z + anchor_latents(cond)
         return z * pad

@@ -35,6 +35,7 @@ from .base import (
     FlowLoss,
     VideoBatch,
     frame_weights,
+    anchor_latents,
     initial_noise,
     per_video_mse,
     sample_logit_normal,
@@ -61,6 +62,9 @@ class MeanFlowConfig:
     linear_ratio: share of training steps that use the masked linear flow-matching objective (all r = t, no JVP,
         same weighting) instead of the MeanFlow objective; steps alternate deterministically.
     observed_weight: loss weight of observed frames relative to the other real frames.
+    residual: the flow carries each frame's difference from its anchor (the observed latents interpolated in time,
+        :func:`~echolvfm_core.flows.base.anchor_latents`) instead of the latent itself; sampling adds the anchor
+        back. The anatomy then comes from the observed frames and the network learns the motion only.
     """
 
     share_r_neq_t: float = 0.25
@@ -72,6 +76,7 @@ class MeanFlowConfig:
     recon_on: str = "instantaneous"
     linear_ratio: float = 0.0
     observed_weight: float = 1.0
+    residual: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.share_r_neq_t <= 1.0:
@@ -122,6 +127,8 @@ class MeanFlow(nn.Module):
         """Loss of one training batch. ``step`` selects the objective when ``linear_ratio`` > 0."""
         cfg = self.config
         x, cond = batch.x, batch.cond
+        if cfg.residual:
+            x = x - anchor_latents(cond)
         n = x.shape[0]
         pad = cond.frame_mask[:, None, :, None, None].to(x.dtype)
         eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) * pad
@@ -178,4 +185,6 @@ class MeanFlow(nn.Module):
             t, r = times[i].expand(n), times[i + 1].expand(n)
             u = self.net(z, t, t - r, cond.ef, cond.cond, cond.frame_mask)
             z = z - (times[i] - times[i + 1]) * u
+        if self.config.residual:
+            z = z + anchor_latents(cond)
         return z * pad
