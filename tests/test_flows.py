@@ -286,3 +286,32 @@ def test_residual_flow_learns_the_motion_and_adds_the_anchor_back(flow_cls):
     # at observed frames the residual is zero, so the sample keeps the observed latents
     obs = batch.cond.observed[:, None, :, None, None].expand_as(x)
     torch.testing.assert_close(x[obs], batch.cond.cond[obs], atol=1e-4, rtol=1e-4)
+
+
+class PointNet(nn.Module):
+    """x-prediction oracle when the data is one point x*: returns x* whatever the input."""
+
+    def __init__(self, target: torch.Tensor):
+        super().__init__()
+        self.register_buffer("target", target)
+
+    def forward(self, z, t, h, ef, cond, frame_mask, ef_drop=None):
+        return self.target.repeat(z.shape[0] // self.target.shape[0], 1, 1, 1, 1)
+
+
+def test_x_prediction_reads_the_network_as_a_clean_estimate():
+    batch = _batch()
+    target = batch.x
+    flow = MeanFlow(PointNet(target), prediction="x", share_r_neq_t=1.0, adaptive_p=0.0)
+    assert flow(batch, generator=torch.Generator().manual_seed(0)).parts["mse"] < 1e-8
+    for steps in (1, 3):
+        torch.testing.assert_close(flow.sample(batch.cond, steps=steps, generator=torch.Generator().manual_seed(0)),
+                                   target, atol=1e-4, rtol=1e-4)
+    # an untrained (zero) network gives the anchor in one step with the residual flow: no noise left
+    zero = MeanFlow(PointNet(torch.zeros_like(target)), prediction="x", residual=True)
+    from echolvfm_core.flows.base import anchor_latents
+
+    torch.testing.assert_close(zero.sample(batch.cond, steps=1, generator=torch.Generator().manual_seed(0)),
+                               anchor_latents(batch.cond))
+    with pytest.raises(ValueError, match="prediction"):
+        MeanFlow(PointNet(target), prediction="v")

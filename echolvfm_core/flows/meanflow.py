@@ -44,6 +44,9 @@ from .base import (
 __all__ = ["MeanFlow", "MeanFlowConfig"]
 
 RECON_ON = ("instantaneous", "all")
+PREDICTIONS = ("u", "x")
+#: Smallest t in the "x" prediction's ``u = (z_t - x_hat) / t``.
+PREDICTION_T_MIN = 1e-2
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,10 @@ class MeanFlowConfig:
     residual: the flow carries each frame's difference from its anchor (the observed latents interpolated in time,
         :func:`~echolvfm_core.flows.base.anchor_latents`) instead of the latent itself; sampling adds the anchor
         back. The anatomy then comes from the observed frames and the network learns the motion only.
+    prediction: what the network outputs. "u": the average velocity itself. "x": a clean-data estimate x_hat,
+        read as the average velocity ``u = (z_t - x_hat) / t`` (t clamped at ``PREDICTION_T_MIN``), so a one-step
+        sample is x_hat itself and an untrained network already returns clean (zero, or with ``residual`` the
+        anchor) latents instead of noise. The loss and its JVP target are the same in both cases.
     """
 
     share_r_neq_t: float = 0.25
@@ -77,6 +84,7 @@ class MeanFlowConfig:
     linear_ratio: float = 0.0
     observed_weight: float = 1.0
     residual: bool = False
+    prediction: str = "u"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.share_r_neq_t <= 1.0:
@@ -85,6 +93,8 @@ class MeanFlowConfig:
             raise ValueError(f"linear_ratio must be in [0, 1]; got {self.linear_ratio}.")
         if self.adaptive_p < 0 or self.adaptive_c <= 0:
             raise ValueError("adaptive_p must be >= 0 and adaptive_c > 0.")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}; got {self.prediction!r}.")
         if self.recon_on not in RECON_ON:
             raise ValueError(f"recon_on must be one of {RECON_ON}; got {self.recon_on!r}.")
         if self.recon_weight < 0 or self.observed_weight < 0:
@@ -119,7 +129,10 @@ class MeanFlow(nn.Module):
 
     def _velocity_fn(self, cond: Conditioning):
         def fn(z, r, t):
-            return self.net(z, t, t - r, cond.ef, cond.cond, cond.frame_mask)
+            out = self.net(z, t, t - r, cond.ef, cond.cond, cond.frame_mask)
+            if self.config.prediction == "x":
+                out = (z - out) / t.clamp_min(PREDICTION_T_MIN)[:, None, None, None, None]
+            return out
 
         return fn
 
@@ -183,7 +196,7 @@ class MeanFlow(nn.Module):
         n = z.shape[0]
         for i in range(steps):
             t, r = times[i].expand(n), times[i + 1].expand(n)
-            u = self.net(z, t, t - r, cond.ef, cond.cond, cond.frame_mask)
+            u = self._velocity_fn(cond)(z, r, t)
             z = z - (times[i] - times[i + 1]) * u
         if self.config.residual:
             z = z + anchor_latents(cond)
