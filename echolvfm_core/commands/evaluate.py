@@ -107,13 +107,20 @@ def _generation(folder: Path, loops, args) -> dict:
     from ..pipelines.counterfactual import CounterfactualPipeline
     from ..pipelines.evaluation import evaluate_generation
 
-    pipe = CounterfactualPipeline.from_pretrained(folder.parent, device=args.device)
-    if pipe.measure_ef is None:
+    from ..estimators.segmentation import SegmentationEF
+
+    seg_dir = folder.parent / "segmenter"
+    if not (seg_dir / "config.json").is_file():
         from ..cli import CommandError
 
         raise CommandError(f"the generation section measures EF with a segmenter; none in {folder.parent}.")
+    pipe = CounterfactualPipeline.from_pretrained(folder.parent, device=args.device, segmenter=False)
+    # One network pass per frame: 30 loops per video are measured, and test-time augmentation would make that 5x
+    # slower for a gain within the noise (assets/segmenter/MODEL_CARD.md).
+    seg = SegmentationEF.from_pretrained(seg_dir, device=args.device, tta=False)
+    pipe.measure_ef = lambda frames: float(seg.measure(frames).ef)
     alpha1 = (loops[i] for i, row in enumerate(loops.manifest) if abs(float(row["alpha"]) - 1.0) < 1e-6)
-    return evaluate_generation(pipe, alpha1, seed=args.seed)
+    return {**evaluate_generation(pipe, alpha1, seed=args.seed), "segmenter_tta": False}
 
 
 def _jepa(folder: Path, loops, args) -> dict:
