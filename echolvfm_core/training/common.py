@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -44,3 +45,15 @@ def load_checkpoint(accelerator: Accelerator, out: Path) -> dict:
 def progress(accelerator: Accelerator, total: int, initial: int = 0, desc: str = "train") -> tqdm:
     """A tqdm bar shown only on the main process."""
     return tqdm(total=total, initial=initial, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+
+
+def warmup_cosine(warmup: int, steps: int, floor: float = 0.05):
+    """LambdaLR factor: linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` of the peak at ``steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        p = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1 + math.cos(math.pi * p))
+
+    return factor

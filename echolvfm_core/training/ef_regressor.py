@@ -39,7 +39,7 @@ from ..estimators.ef_posterior import (
 )
 from ..models.ef_denoiser import SEX_CODES, EFDenoiser, EFDenoiserConfig, ef_denoiser_preset
 from .augment import AugmentConfig, augment_batch
-from .common import load_checkpoint, make_accelerator, progress, save_checkpoint, set_seed
+from .common import load_checkpoint, make_accelerator, progress, save_checkpoint, set_seed, warmup_cosine
 
 __all__ = ["EFTrainConfig", "TRAIN_PRESETS", "train_preset", "ClipSampler", "diffusion_loss", "label_stats", "fit", "write_model_card",
            "train"]
@@ -195,16 +195,6 @@ def diffusion_loss(model: EFDenoiser, scheduler, clips, ef, age, sex, noise_draw
     return eps_mse + aux_weight * aux_mse, {"eps_mse": float(eps_mse.detach()), "aux_mse": float(aux_mse.detach())}
 
 
-def _lr_lambda(cfg: EFTrainConfig):
-    def f(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / max(1, cfg.warmup)
-        p = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
-
-    return f
-
-
 def label_stats(efs: np.ndarray) -> tuple[float, float]:
     """Mean and standard deviation of the training EF labels (%), the z-scoring of the diffused variable."""
     e = np.asarray(efs, dtype=np.float64)
@@ -231,7 +221,7 @@ def fit(sampler: ClipSampler, cfg: EFTrainConfig, out: Path, seed: int = 0, devi
     model = EFDenoiser(**asdict(cfg.model))
     scheduler = make_train_scheduler()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, cfg.steps, 0.05))
     model, optimizer, lr_sched = accelerator.prepare(model, optimizer, lr_sched)
     state = load_checkpoint(accelerator, out) if resume else {"step": 0}
     step = int(state["step"])

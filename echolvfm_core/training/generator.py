@@ -26,7 +26,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -45,7 +44,7 @@ from ..flows import (
 )
 from ..models.unet import EchoVelocityUNet, UNetConfig, jvp_flash_available, unet_preset
 from ..pipelines.counterfactual import save_generator
-from .common import load_checkpoint, make_accelerator, progress, save_checkpoint, set_seed
+from .common import load_checkpoint, make_accelerator, progress, save_checkpoint, set_seed, warmup_cosine
 
 __all__ = [
     "GeneratorTrainConfig",
@@ -267,16 +266,6 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         be.copy_(bm)
 
 
-def _lr_lambda(cfg: GeneratorTrainConfig):
-    def f(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / max(1, cfg.warmup)
-        p = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
-
-    return f
-
-
 def _preview_batch(loops: LatentLoops, cfg: GeneratorTrainConfig, n: int = 4) -> VideoBatch:
     """Fixed preview clips: the first ``n`` loops from ED, ED observed, their own EF."""
     xs, conds, obs, fms, efs = [], [], [], [], []
@@ -346,7 +335,7 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
     flow = MeanFlow(net, cfg.flow)
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, cfg.steps, 0.1))
     flow, optimizer, scheduler = accelerator.prepare(flow, optimizer, scheduler)
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)

@@ -44,7 +44,7 @@ from ..estimators.jepa import (
 from ..estimators.ef_posterior import clip_indices
 from ..models.jepa import AttentiveProbe, EchoJEPA, JEPAConfig, LinearProbe, VideoViT, jepa_preset
 from .augment import AugmentConfig, augment_batch
-from .common import load_checkpoint, make_accelerator, progress, save_checkpoint, set_seed
+from .common import load_checkpoint, make_accelerator, progress, save_checkpoint, set_seed, warmup_cosine
 
 __all__ = ["JEPATrainConfig", "TRAIN_PRESETS", "train_preset", "LoopClipSampler", "momentum", "ema_update",
            "target_features", "context_predictions", "jepa_loss", "fit", "evaluate_representation", "train"]
@@ -165,16 +165,6 @@ def jepa_loss(predictions: list[torch.Tensor], targets: torch.Tensor, target_idx
     return torch.stack(losses).mean()
 
 
-def _lr_lambda(cfg: JEPATrainConfig):
-    def f(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / max(1, cfg.warmup)
-        p = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
-
-    return f
-
-
 def fit(sampler: LoopClipSampler, cfg: JEPATrainConfig, out: Path, seed: int = 0, device: str | None = None,
         resume: bool = False) -> tuple[EchoJEPA, dict]:
     """Train; writes ``out/final`` (model whose encoder is the EMA target, + ``training_config.json``).
@@ -189,7 +179,7 @@ def fit(sampler: LoopClipSampler, cfg: JEPATrainConfig, out: Path, seed: int = 0
     target = copy.deepcopy(model.encoder).requires_grad_(False)
     collator = MultiBlockMaskCollator(model.encoder.grid, cfg.masks, seed=seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, cfg.steps, 0.05))
     model, optimizer, lr_sched = accelerator.prepare(model, optimizer, lr_sched)
     target.to(accelerator.device)
     accelerator.register_for_checkpointing(target)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 from ..models.segmenter import LVSegmenter, SegmenterConfig, segmenter_preset
 from .augment import AugmentConfig, augment_batch
-from .common import load_checkpoint, make_accelerator, progress, save_checkpoint, set_seed
+from .common import load_checkpoint, make_accelerator, progress, save_checkpoint, set_seed, warmup_cosine
 
 __all__ = ["SegTrainConfig", "TRAIN_PRESETS", "train_preset", "segmentation_loss", "FrameSampler", "train_step",
            "fit", "write_model_card", "train"]
@@ -140,16 +139,6 @@ def train_step(model, optimizer, x: torch.Tensor, y: torch.Tensor, cfg: SegTrain
     return float(loss.detach())
 
 
-def _lr_lambda(cfg: SegTrainConfig):
-    def f(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / max(1, cfg.warmup)
-        p = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
-
-    return f
-
-
 def _evaluate(model, real_valid, batch_size: int = 64) -> dict:
     from ..estimators.segmentation import SegmentationEF, evaluate_segmentation
 
@@ -178,7 +167,7 @@ def fit(sampler: FrameSampler, cfg: SegTrainConfig, out: Path, seed: int = 0, de
     set_seed(seed)
     model = LVSegmenter(**asdict(cfg.model))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, cfg.steps, 0.05))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = load_checkpoint(accelerator, out) if resume else {"step": 0}
     step = int(state["step"])

@@ -15,7 +15,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,6 +39,7 @@ from .common import (
     progress,
     save_checkpoint,
     set_seed,
+    warmup_cosine,
 )
 
 __all__ = [
@@ -239,16 +239,6 @@ def loop_frames(loops, n_loops: int, frames_per_loop: int, seed: int = 0) -> np.
 
 
 # ---------------------------------------------------------------------------------------------------------- train
-def _lr_lambda(cfg: VAETrainConfig):
-    def f(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / max(1, cfg.warmup)
-        p = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
-
-    return f
-
-
 def _codec_copy(model) -> EchoCodec:
     """An inference codec over a frozen float32 copy of the training network (the original keeps training)."""
     return EchoCodec(copy.deepcopy(model).float())
@@ -329,7 +319,7 @@ def fit(pool: FramePool, cfg: VAETrainConfig, out: Path, seed: int = 0, device: 
     set_seed(seed)
     model = build_vae(cfg.model)  # contiguous (NCHW) memory: GroupNorm backward is slow in channels-last on CPU
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, cfg.steps, 0.05))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = load_checkpoint(accelerator, out) if resume else {"step": 0}
     step = start_step = int(state["step"])

@@ -1,0 +1,12 @@
+"""Shared training helpers."""
+import pytest
+
+from echolvfm_core.training.common import warmup_cosine
+
+
+def test_warmup_cosine_known_points():
+    f = warmup_cosine(warmup=10, steps=110, floor=0.1)
+    assert f(0) == pytest.approx(0.1) and f(4) == pytest.approx(0.5) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
