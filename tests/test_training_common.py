@@ -10,3 +10,15 @@ def test_warmup_cosine_known_points():
     assert f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
     assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+
+
+def test_preset_from_args_overrides_only_the_steps():
+    from argparse import Namespace
+
+    from echolvfm_core.training.common import preset_from_args
+    from echolvfm_core.training.generator import train_preset
+
+    base = train_preset("cpu")
+    assert preset_from_args(train_preset, Namespace(preset="cpu", steps=None)) == base
+    cfg = preset_from_args(train_preset, Namespace(preset="cpu", steps=7))
+    assert cfg.steps == 7 and cfg.batch_size == base.batch_size and cfg.flow == base.flow

@@ -194,9 +194,10 @@ class MeanFlow(nn.Module):
         z, pad = initial_noise(cond, noise, generator)
         times = torch.linspace(1.0, 0.0, steps + 1, device=z.device, dtype=z.dtype)
         n = z.shape[0]
+        velocity = self._velocity_fn(cond)
         for i in range(steps):
             t, r = times[i].expand(n), times[i + 1].expand(n)
-            u = self._velocity_fn(cond)(z, r, t)
+            u = velocity(z, r, t)
             z = z - (times[i] - times[i + 1]) * u
         if self.config.residual:
             z = z + anchor_latents(cond)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -57,3 +58,10 @@ def warmup_cosine(warmup: int, steps: int, floor: float = 0.05):
         return floor + (1.0 - floor) * 0.5 * (1 + math.cos(math.pi * p))
 
     return factor
+
+
+def preset_from_args(train_preset, args):
+    """The training configuration of ``echolvfm train``: preset ``args.preset`` (looked up with ``train_preset``),
+    with ``args.steps`` replacing its number of steps when given."""
+    cfg = train_preset(args.preset)
+    return replace(cfg, steps=int(args.steps)) if args.steps is not None else cfg

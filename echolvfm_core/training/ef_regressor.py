@@ -39,7 +39,15 @@ from ..estimators.ef_posterior import (
 )
 from ..models.ef_denoiser import SEX_CODES, EFDenoiser, EFDenoiserConfig, ef_denoiser_preset
 from .augment import AugmentConfig, augment_batch
-from .common import load_checkpoint, make_accelerator, progress, save_checkpoint, set_seed, warmup_cosine
+from .common import (
+    load_checkpoint,
+    make_accelerator,
+    preset_from_args,
+    progress,
+    save_checkpoint,
+    set_seed,
+    warmup_cosine,
+)
 
 __all__ = ["EFTrainConfig", "TRAIN_PRESETS", "train_preset", "ClipSampler", "diffusion_loss", "label_stats", "fit", "write_model_card",
            "train"]
@@ -353,9 +361,7 @@ def train(args: argparse.Namespace) -> int:
     """Entry point of ``echolvfm train ef-regressor``."""
     from ..data.prepared import PreparedLoops
 
-    cfg = train_preset(args.preset)
-    if args.steps is not None:
-        cfg = replace(cfg, steps=int(args.steps))
+    cfg = preset_from_args(train_preset, args)
     train_ds = PreparedLoops(args.data, split="train", cache_size=0)  # ClipSampler keeps small copies
     mean, sd = label_stats(np.array([float(r["ef"]) for r in train_ds.manifest]))
     cfg = replace(cfg, model=replace(cfg.model, ef_mean=mean, ef_std=sd))

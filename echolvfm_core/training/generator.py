@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,15 @@ from ..flows import (
 )
 from ..models.unet import EchoVelocityUNet, UNetConfig, jvp_flash_available, unet_preset
 from ..pipelines.counterfactual import save_generator
-from .common import load_checkpoint, make_accelerator, progress, save_checkpoint, set_seed, warmup_cosine
+from .common import (
+    load_checkpoint,
+    make_accelerator,
+    preset_from_args,
+    progress,
+    save_checkpoint,
+    set_seed,
+    warmup_cosine,
+)
 
 __all__ = [
     "GeneratorTrainConfig",
@@ -408,9 +416,7 @@ def train(args: argparse.Namespace) -> int:
     from ..models.vae import EchoCodec
     from ..pipelines.counterfactual import default_models_dir
 
-    cfg = train_preset(args.preset)
-    if args.steps is not None:
-        cfg = replace(cfg, steps=int(args.steps))
+    cfg = preset_from_args(train_preset, args)
     vae = Path(args.vae or default_models_dir() / "vae")
     if not (vae / "config.json").is_file():
         raise CommandError(f"No VAE in {vae}: the generator trains on latents; train one with `echolvfm train vae` "

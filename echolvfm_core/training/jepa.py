@@ -21,7 +21,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,15 @@ from ..estimators.jepa import (
 from ..estimators.ef_posterior import clip_indices
 from ..models.jepa import AttentiveProbe, EchoJEPA, JEPAConfig, LinearProbe, VideoViT, jepa_preset
 from .augment import AugmentConfig, augment_batch
-from .common import load_checkpoint, make_accelerator, progress, save_checkpoint, set_seed, warmup_cosine
+from .common import (
+    load_checkpoint,
+    make_accelerator,
+    preset_from_args,
+    progress,
+    save_checkpoint,
+    set_seed,
+    warmup_cosine,
+)
 
 __all__ = ["JEPATrainConfig", "TRAIN_PRESETS", "train_preset", "LoopClipSampler", "momentum", "ema_update",
            "target_features", "context_predictions", "jepa_loss", "fit", "evaluate_representation", "train"]
@@ -416,9 +424,7 @@ def train(args: argparse.Namespace) -> int:
     """Entry point of ``echolvfm train jepa``."""
     from ..data.prepared import PreparedLoops
 
-    cfg = train_preset(args.preset)
-    if args.steps is not None:
-        cfg = replace(cfg, steps=int(args.steps))
+    cfg = preset_from_args(train_preset, args)
     out = Path(args.out)
     train_ds = PreparedLoops(args.data, split="train", cache_size=0)  # the sampler keeps the frames
     used = [i for p in train_ds.patients for i in train_ds.loops_of(p)[: cfg.loops_per_patient]]

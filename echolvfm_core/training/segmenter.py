@@ -11,7 +11,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,15 @@ import torch.nn.functional as F
 
 from ..models.segmenter import LVSegmenter, SegmenterConfig, segmenter_preset
 from .augment import AugmentConfig, augment_batch
-from .common import load_checkpoint, make_accelerator, progress, save_checkpoint, set_seed, warmup_cosine
+from .common import (
+    load_checkpoint,
+    make_accelerator,
+    preset_from_args,
+    progress,
+    save_checkpoint,
+    set_seed,
+    warmup_cosine,
+)
 
 __all__ = ["SegTrainConfig", "TRAIN_PRESETS", "train_preset", "segmentation_loss", "FrameSampler", "train_step",
            "fit", "write_model_card", "train"]
@@ -275,9 +283,7 @@ def train(args: argparse.Namespace) -> int:
     """Entry point of ``echolvfm train segmenter``."""
     from ..data.prepared import PreparedLoops
 
-    cfg = train_preset(args.preset)
-    if args.steps is not None:
-        cfg = replace(cfg, steps=int(args.steps))
+    cfg = preset_from_args(train_preset, args)
     train_ds = PreparedLoops(args.data, split="train")
     train_ds.cache_size = len(train_ds)  # loops are rendered on access: render each once, keep them (~1 GB)
     real = train_ds.real_frames()

@@ -16,7 +16,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from ..models.vae import (
 from .augment import AugmentConfig, augment_batch
 from .common import (
     load_checkpoint,
+    preset_from_args,
     make_accelerator,
     progress,
     save_checkpoint,
@@ -388,9 +389,7 @@ def train(args: argparse.Namespace) -> int:
     """Entry point of ``echolvfm train vae``."""
     from ..data.prepared import PreparedLoops
 
-    cfg = train_preset(args.preset)
-    if args.steps is not None:
-        cfg = replace(cfg, steps=int(args.steps))
+    cfg = preset_from_args(train_preset, args)
     train_ds = PreparedLoops(args.data, split="train", source=None if cfg.phantom else "camus")
     real_train = PreparedLoops(args.data, split="train").real_frames()
     real = real_train.images
