@@ -89,7 +89,7 @@ def serve(config: StudioConfig, block: bool = True, extra_tabs: Sequence[Callabl
         prepare_environment()
     import gradio as gr
 
-    from .ui import CSS
+    from .ui import CSS, HEAD
 
     demo, _ = create_demo(config, extra_tabs)
     demo.queue(default_concurrency_limit=4)
@@ -110,5 +110,6 @@ def serve(config: StudioConfig, block: bool = True, extra_tabs: Sequence[Callabl
         prevent_thread_lock=not block,
         theme=gr.themes.Default(),
         css=CSS,
+        head=HEAD,
     )
     return demo

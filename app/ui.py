@@ -34,6 +34,23 @@ CSS = """
 """
 
 
+#: Passed to ``launch(head=...)``: quiz case videos get no context menu ("Save video as"), no native download
+#: entry in their controls and no picture-in-picture, so a reader cannot take a case out of the quiz.
+HEAD = """<script>
+(() => {
+  const lock = (v) => {
+    v.setAttribute("controlsList", "nodownload noremoteplayback");
+    v.disablePictureInPicture = true;
+  };
+  document.addEventListener("contextmenu", (e) => {
+    if (e.target.closest && e.target.closest("#quiz-video")) e.preventDefault();
+  }, true);
+  new MutationObserver(() => document.querySelectorAll("#quiz-video video").forEach(lock))
+    .observe(document.documentElement, {childList: true, subtree: true});
+})();
+</script>"""
+
+
 def about_markdown(engine: StudioEngine) -> str:
     """The About panel: what the model is, its training data, measured EF adherence (from the bundled model cards,
     or their ``metrics.json`` when a card is missing), and the synthetic-data warning."""

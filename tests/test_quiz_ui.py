@@ -260,6 +260,12 @@ def test_browser_answers_three_cases(models, study):
                         "n => document.querySelector('#quiz-progress').innerText.includes(n + ' of 8 answered')",
                         arg=str(answered), timeout=30_000)
                     assert page.locator("#quiz-video a[download], #quiz-video button[aria-label*=ownload]").count() == 0
+                    # no "Save video as", no native download entry, no picture-in-picture
+                    page.wait_for_function("() => (document.querySelector('#quiz-video video').getAttribute("
+                                           "'controlsList') || '').includes('nodownload')", timeout=10_000)
+                    assert page.evaluate("() => document.querySelector('#quiz-video video').disablePictureInPicture")
+                    assert not page.evaluate("() => document.querySelector('#quiz-video video').dispatchEvent("
+                                             "new MouseEvent('contextmenu', {bubbles: true, cancelable: true}))")
                     page.locator("#quiz-confidence label").nth(answered + 1).click()
                     page.click("#quiz-synthetic" if answered % 2 else "#quiz-real")
                 page.wait_for_function(

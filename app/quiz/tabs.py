@@ -3,7 +3,7 @@
 Every quiz event is ``api_visibility="private"``: not in the API page and not callable with the Gradio client
 libraries (the page itself calls them). Their names are given (``quiz_*``, ``results_*``) so that they never take
 the Explore tab's public names (these tabs are laid out before the Explore events are wired). Case videos loop and
-autoplay, with no download button.
+autoplay, with no download button, no context menu and no picture-in-picture (``app.ui.HEAD``).
 """
 from __future__ import annotations
 
