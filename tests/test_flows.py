@@ -315,3 +315,64 @@ def test_x_prediction_reads_the_network_as_a_clean_estimate():
                                anchor_latents(batch.cond))
     with pytest.raises(ValueError, match="prediction"):
         MeanFlow(PointNet(target), prediction="v")
+
+
+def test_warp_latents_matches_grid_sample_and_has_a_forward_derivative():
+    import torch.nn.functional as F
+
+    from echolvfm_core.flows.base import warp_latents
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(3, 4, 7, 9, generator=g, dtype=torch.float64)
+    disp = torch.randn(3, 2, 7, 9, generator=g, dtype=torch.float64) * 1.5  # some positions leave the grid
+    ys, xs = torch.meshgrid(torch.arange(7.0), torch.arange(9.0), indexing="ij")
+    grid = torch.stack([(xs + disp[:, 0]).clamp(0, 8) / 4 - 1, (ys + disp[:, 1]).clamp(0, 6) / 3 - 1], -1)
+    ref = F.grid_sample(src, grid.to(src.dtype), align_corners=True, padding_mode="border")
+    torch.testing.assert_close(warp_latents(src, disp), ref)
+    # a whole-pixel shift moves the content: out[..., j] = src[..., j + 1]
+    shift = torch.zeros_like(disp)
+    shift[:, 0] = 1.0
+    torch.testing.assert_close(warp_latents(src, shift)[..., :-1], src[..., 1:])
+    # forward mode (the MeanFlow JVP) agrees with central differences
+    tangent = torch.randn(disp.shape, generator=g, dtype=torch.float64)
+    _, jvp = torch.func.jvp(lambda d: warp_latents(src, d), (disp,), (tangent,))
+    fd = (warp_latents(src, disp + 1e-6 * tangent) - warp_latents(src, disp - 1e-6 * tangent)) / 2e-6
+    torch.testing.assert_close(jvp, fd, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="disp must be"):
+        warp_latents(src, disp[:, :1])
+
+
+class WarpNet(nn.Module):
+    """Warp-prediction oracle: a fixed displacement field and residual, whatever the input."""
+
+    def __init__(self, residual: torch.Tensor, disp: torch.Tensor):
+        super().__init__()
+        self.register_buffer("out", torch.cat([residual, disp / MeanFlowConfig().displacement_gain], 1))
+
+    def forward(self, z, t, h, ef, cond, frame_mask, ef_drop=None):
+        return self.out.repeat(z.shape[0] // self.out.shape[0], 1, 1, 1, 1)
+
+
+def test_warp_prediction_moves_the_anchor_by_the_network_displacement():
+    from echolvfm_core.flows.base import anchor_latents, warp_latents
+
+    batch = _batch()
+    b, c, t, h, w = batch.x.shape
+    anchor = anchor_latents(batch.cond)
+    disp = torch.zeros(b, 2, t, h, w)
+    disp[:, 1] = 0.5  # half a pixel down everywhere
+    residual = torch.randn(b, c, t, h, w, generator=torch.Generator().manual_seed(1)) * 0.1
+    frames = lambda v: v.transpose(1, 2).reshape(b * t, -1, h, w)  # noqa: E731
+    moved = warp_latents(frames(anchor), frames(disp)).reshape(b, t, c, h, w).transpose(1, 2)
+    pad = batch.cond.frame_mask[:, None, :, None, None].float()
+    expected = (moved + residual) * pad
+    flow = MeanFlow(WarpNet(residual, disp), prediction="warp", residual=True)
+    torch.testing.assert_close(flow.sample(batch.cond, steps=1, generator=torch.Generator().manual_seed(0)), expected,
+                               atol=1e-5, rtol=1e-5)
+    # the loss of that oracle on its own samples is zero (every r < t: through the JVP)
+    exact = MeanFlow(WarpNet(residual, disp), prediction="warp", residual=True, share_r_neq_t=1.0, adaptive_p=0.0)
+    assert exact(VideoBatch(expected, batch.cond), generator=torch.Generator().manual_seed(0)).parts["mse"] < 1e-8
+    with pytest.raises(ValueError, match="residual"):
+        MeanFlow(WarpNet(residual, disp), prediction="warp")
+    with pytest.raises(ValueError, match="displacement"):
+        LinearFlow(EchoVelocityUNet.from_preset("tiny", displacement_channels=2))

@@ -160,10 +160,13 @@ def test_clip_sampler_pads_observes_and_pairs_counterfactuals():
     sampler = gen_train.ClipSampler(loops, obs, counterfactual_prob=1.0, random_start_prob=0.5)
     g = torch.Generator().manual_seed(0)
     batch = sampler.batch(64, g)
-    assert batch.x.shape == (64, 4, 12, 4, 4)
     fm, observed = batch.cond.frame_mask, batch.cond.observed
     lengths = fm.sum(1)
     assert (lengths >= 6).all() and (lengths <= 12).all()
+    # padded to the longest clip of the batch, not beyond
+    assert batch.x.shape == (64, 4, int(lengths.max()), 4, 4)
+    short = sampler.batch(1, torch.Generator().manual_seed(3))
+    assert short.x.shape[2] == int(short.cond.frame_mask.sum()) and short.cond.frame_mask.all()
     assert not (observed & ~fm).any() and observed.any(1).all()
     assert (batch.x[~fm[:, None].expand(-1, 4, -1)[:, :, :, None, None].expand_as(batch.x)] == 0).all()
     for k in range(64):
@@ -175,6 +178,22 @@ def test_clip_sampler_pads_observes_and_pairs_counterfactuals():
         assert source == {1.0: 2.0, 2.0: 1.0, 3.0: 3.0}[target]
     again = sampler.batch(64, torch.Generator().manual_seed(0))
     assert torch.equal(again.x, batch.x) and torch.equal(again.cond.observed, observed)
+
+
+def test_whole_cycle_clips_resample_the_loop_to_the_clip_length():
+    # loop frames carry their index, so the clip shows which frames were taken
+    lat = [torch.arange(14, dtype=torch.float16)[None, :, None, None].expand(4, 14, 2, 2).clone() for _ in range(2)]
+    loops = gen_train.LatentLoops(lat, np.array([60.0, 30.0]), np.zeros(2, np.int64), ["p0", "p0"], ["a", "b"])
+    obs = ObservationConfig(probs=(0, 1, 0, 0, 0), min_frames=6, max_frames=20)  # ED observed
+    sampler = gen_train.ClipSampler(loops, obs, counterfactual_prob=1.0, whole_cycle_prob=1.0)
+    batch = sampler.batch(16, torch.Generator().manual_seed(0))
+    for k in range(16):
+        length = int(batch.cond.frame_mask[k].sum())
+        assert 6 <= length <= 20
+        taken = batch.x[k, 0, :length, 0, 0]
+        assert taken.tolist() == (torch.arange(length) * 14 // length).float().tolist()  # one cycle, from ED
+        assert batch.cond.observed[k].nonzero().flatten().tolist() == [0]
+        assert float(batch.cond.cond[k, 0, 0, 0, 0]) == 0.0  # the sibling's ED frame
 
 
 def test_training_writes_final_model_samples_and_resumes(tmp_path, codec):
@@ -192,6 +211,16 @@ def test_training_writes_final_model_samples_and_resumes(tmp_path, codec):
     assert (out / "samples" / "step_000003.png").is_file() and (out / "samples" / "final.png").is_file()
     pipe = CounterfactualPipeline(load_generator(out / "final"), codec)
     assert pipe.generate(_frames(t=6), ef=50, seed=0).frames.shape == (1, 6, 112, 112)
+    card = (out / "final" / "MODEL_CARD.md").read_text()
+    assert "--preset tiny --seed 0" in card and "Not measured yet" in card
+    # `evaluate --card` leaves the generation section beside the model; the card then shows its numbers
+    agree = {"r2": 0.25, "mae": 9.5, "rmse": 12.0, "n": 6, "unmeasured": 0}
+    generation = {**{k: agree for k in ("rec", "gen", "rec_reject", "gen_reject")}, "es_ssim": 0.61, "n": 2,
+                  "seeds": 3, "reject": 4}
+    (out / "final" / gen_train.EVALUATION_FILE).write_text(json.dumps(
+        {"split": "valid", "data": "prep", "seed": 0, "generation": generation}))
+    card = gen_train.write_model_card(out / "final").read_text()
+    assert "| Rec | 0.250 | 9.50 | 12.00 | 6 | 0 |" in card and "ES SSIM" in card and "Not measured" not in card
     # Resume: one more step from the checkpoint at step 4, the latent cache is reused.
     mtime = (out / "latents_train.pt").stat().st_mtime
     assert main([*args, "--resume", "--steps", "5"]) == 0

@@ -148,3 +148,44 @@ def test_presets_are_valid_configs():
     for name, cfg in UNET_PRESETS.items():
         assert len(cfg.block_out_channels) == len(cfg.transformer_layers_per_block), name
         assert all(c % cfg.norm_num_groups == 0 for c in cfg.block_out_channels), name
+
+
+def test_context_channels_take_the_anchor_and_keep_padding_invariance():
+    from echolvfm_core.flows import Conditioning, MeanFlow
+    from echolvfm_core.flows.base import anchor_latents, network_context
+
+    torch.manual_seed(0)
+    net = EchoVelocityUNet.from_preset("tiny", patch_size=1, context_channels=4).eval()
+    x = _inputs(t=6)
+    x["frame_mask"][1, 4:] = False
+    x["cond"][1, :, 4:] = 0
+    observed = torch.zeros(2, 6, dtype=torch.bool)
+    observed[:, 0] = True
+    cond = Conditioning(x["cond"], observed, x["frame_mask"], x["ef"])
+    ctx = network_context(net, cond)["context"]
+    assert torch.equal(ctx, anchor_latents(cond)) and (ctx[1, :, 4:] == 0).all()
+    assert network_context(EchoVelocityUNet.from_preset("tiny"), cond) == {}
+    with pytest.raises(ValueError, match="takes a context"):
+        net(**x)
+    with pytest.raises(ValueError, match="takes no context"):
+        EchoVelocityUNet.from_preset("tiny", patch_size=1)(**x, context=ctx)
+    with pytest.raises(ValueError, match="context_channels must be"):
+        EchoVelocityUNet.from_preset("tiny", context_channels=3)
+    with torch.no_grad():
+        out = net(**x, context=ctx)
+        x2 = {k: v.clone() for k, v in x.items()}
+        x2["z"][1, :, 4:] = 50 * torch.randn_like(x2["z"][1, :, 4:])
+        assert torch.equal(out[:, :, :4], net(**x2, context=ctx)[:, :, :4])
+        # the context reaches the output: another anatomy at the observed frame changes every frame
+        moved = net(**x, context=ctx + 1.0)
+    assert (moved - out)[:, :, 3].abs().amax() > 1e-4
+    # the flows pass it: a MeanFlow training step with the JVP (every r < t) and a one-step sample run
+    from echolvfm_core.flows import LinearFlow, VideoBatch
+
+    target = torch.randn_like(x["z"]) * x["frame_mask"][:, None, :, None, None]
+    step = MeanFlow(net, share_r_neq_t=1.0, residual=True)
+    loss = step(VideoBatch(target, cond), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss.loss)
+    sample = MeanFlow(net).sample(cond, generator=torch.Generator().manual_seed(0))
+    assert sample.shape == x["z"].shape and torch.isfinite(sample).all()
+    assert torch.isfinite(LinearFlow(net).sample(cond, steps=2, guidance=2.0)).all()

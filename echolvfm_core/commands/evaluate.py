@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
     p.add_argument("--loops-per-patient", type=int, default=4, help="loops built per patient with --camus")
     p.add_argument("--max-patients", type=int, default=None, help="with --camus: only the split's first N patients")
+    p.add_argument("--card", action="store_true",
+                   help="keep the generation section beside the generator (evaluation.json) and rewrite its "
+                        "MODEL_CARD.md")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -60,6 +63,14 @@ def run(args: argparse.Namespace) -> int:
         metrics[name] = _SECTION_FUNCS[name](folder, loops, args)
         log.info("%s: %s", name, metrics[name])
     metrics["not_evaluated"] = missing
+    if args.card and "generation" in metrics:
+        from ..training.generator import EVALUATION_FILE, write_model_card
+
+        folder = models / SECTIONS["generation"]
+        keep = {k: metrics[k] for k in ("split", "data", "seed", "generation")}
+        (folder / EVALUATION_FILE).write_text(json.dumps(keep, indent=2))
+        if (folder / "metrics.json").is_file():
+            write_model_card(folder)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "report.md").write_text(_report(metrics))
     print(json.dumps(metrics, indent=2))

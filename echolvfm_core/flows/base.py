@@ -24,18 +24,21 @@ __all__ = [
     "per_video_mse",
     "initial_noise",
     "anchor_latents",
+    "network_context",
+    "warp_latents",
 ]
 
 
 class FlowNetwork(Protocol):
-    """``net(z, t, h, ef, cond, frame_mask, ef_drop=None) -> u``, all tensors on one device.
+    """``net(z, t, h, ef, cond, frame_mask, ef_drop=None, **context) -> u``, all tensors on one device.
 
     z (B, C, T, h, w) noisy latents; t (B,) time in [0, 1]; h (B,) interval t - r (0: instantaneous velocity);
     ef (B,) EF in %; cond (B, C, T, h, w) clean latents at observed frames, zero elsewhere; frame_mask (B, T) bool
     (True at real frames); ef_drop (B,) bool or None (True: use the null EF embedding). u has the shape of z.
+    ``context``: see :func:`network_context` (only networks whose ``config.context_channels`` is set get it).
     """
 
-    def __call__(self, z, t, h, ef, cond, frame_mask, ef_drop=None) -> torch.Tensor: ...
+    def __call__(self, z, t, h, ef, cond, frame_mask, ef_drop=None, **context) -> torch.Tensor: ...
 
 
 @dataclass
@@ -196,3 +199,42 @@ def anchor_latents(cond: Conditioning) -> torch.Tensor:
     gather = lambda idx: torch.take_along_dim(c, idx.long()[:, None, :, None, None], dim=2)  # noqa: E731
     anchor = (1 - w)[:, None, :, None, None] * gather(before) + w[:, None, :, None, None] * gather(after)
     return anchor * cond.frame_mask[:, None, :, None, None].to(c.dtype)
+
+
+def network_context(net, cond: Conditioning) -> dict:
+    """Extra keyword arguments for ``net``: ``{"context": anchor_latents(cond)}`` when the network was built to take
+    the anchor as input (``net.config.context_channels`` > 0), else ``{}``. The context depends on the conditioning
+    only, so it is a constant of the MeanFlow JVP."""
+    config = getattr(net, "config", None)
+    if config is not None and getattr(config, "context_channels", 0):
+        return {"context": anchor_latents(cond)}
+    return {}
+
+
+def warp_latents(src: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
+    """Bilinear backward warp of ``src`` (N, C, H, W) by ``disp`` (N, 2, H, W) in pixels (channel 0: x, 1: y):
+    ``out[..., i, j] = src at (i + disp_y, j + disp_x)``, sampling positions clamped to the border.
+
+    Written with ``gather`` rather than ``grid_sample`` because ``torch.func.jvp`` (the MeanFlow target) has no
+    forward-mode derivative for ``grid_sample``; the result and its gradients are the same.
+    """
+    n, c, h, w = src.shape
+    if disp.shape != (n, 2, h, w):
+        raise ValueError(f"disp must be ({n}, 2, {h}, {w}); got {tuple(disp.shape)}.")
+    ys = torch.arange(h, device=src.device, dtype=src.dtype)[:, None]
+    xs = torch.arange(w, device=src.device, dtype=src.dtype)[None, :]
+    x = (xs + disp[:, 0]).clamp(0, w - 1)  # (N, H, W)
+    y = (ys + disp[:, 1]).clamp(0, h - 1)
+    x0, y0 = x.detach().floor(), y.detach().floor()
+    wx, wy = (x - x0)[:, None], (y - y0)[:, None]
+    x0, y0 = x0.long(), y0.long()
+    x1, y1 = (x0 + 1).clamp_max(w - 1), (y0 + 1).clamp_max(h - 1)
+    flat = src.reshape(n, c, h * w)
+
+    def at(yy, xx):
+        idx = (yy * w + xx).reshape(n, 1, h * w).expand(n, c, h * w)
+        return flat.gather(2, idx).reshape(n, c, h, w)
+
+    top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
+    bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
+    return top * (1 - wy) + bottom * wy

@@ -20,6 +20,7 @@ from .base import (
     anchor_latents,
     frame_weights,
     initial_noise,
+    network_context,
     per_video_mse,
     sample_logit_normal,
 )
@@ -52,6 +53,8 @@ class LinearFlow(nn.Module):
 
     def __init__(self, net: nn.Module, config: LinearFlowConfig | None = None, **overrides):
         super().__init__()
+        if getattr(getattr(net, "config", None), "displacement_channels", 0):
+            raise ValueError("This network outputs a displacement field, read only by MeanFlow(prediction='warp').")
         self.net = net
         self.config = LinearFlowConfig(**{**asdict(config or LinearFlowConfig()), **overrides})
 
@@ -67,7 +70,8 @@ class LinearFlow(nn.Module):
         drop = torch.rand(n, device=x.device, generator=generator) < self.config.ef_dropout
         tb = t[:, None, None, None, None]
         z = (1 - tb) * x + tb * eps
-        u = self.net(z, t, torch.zeros_like(t), cond.ef, cond.cond, cond.frame_mask, drop)
+        context = network_context(self.net, cond)
+        u = self.net(z, t, torch.zeros_like(t), cond.ef, cond.cond, cond.frame_mask, drop, **context)
         mse = per_video_mse(u, eps - x, frame_weights(cond, self.config.observed_weight))
         loss = mse.mean()
         return FlowLoss(loss, {"mse": loss.detach()})
@@ -75,8 +79,9 @@ class LinearFlow(nn.Module):
     def velocity(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: float = 1.0) -> torch.Tensor:
         """Instantaneous velocity (B, C, T, h, w) at z, t (B,); with guidance != 1 a conditional + null EF batch."""
         zero = torch.zeros_like(t)
+        context = network_context(self.net, cond)
         if guidance == 1.0:
-            return self.net(z, t, zero, cond.ef, cond.cond, cond.frame_mask)
+            return self.net(z, t, zero, cond.ef, cond.cond, cond.frame_mask, **context)
         n = z.shape[0]
         drop = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]).to(z.device)
         both = self.net(
@@ -87,6 +92,7 @@ class LinearFlow(nn.Module):
             torch.cat([cond.cond, cond.cond]),
             torch.cat([cond.frame_mask, cond.frame_mask]),
             drop,
+            **{k: torch.cat([v, v]) for k, v in context.items()},
         )
         v_ef, v_null = both[:n], both[n:]
         return v_null + guidance * (v_ef - v_null)

@@ -2,7 +2,7 @@
 
 Call signature (the flows rely on exactly this)::
 
-    u = net(z, t, h, ef, cond, frame_mask, ef_drop=None)
+    u = net(z, t, h, ef, cond, frame_mask, ef_drop=None, context=None)
 
     z          (B, 4, T, h, w)  noisy latent video z_t (latent size h = w = 28 for 112-pixel frames, T <= max_frames)
     t          (B,)             flow time in [0, 1]
@@ -11,9 +11,17 @@ Call signature (the flows rely on exactly this)::
     cond       (B, 4, T, h, w)  clean latents at observed frames, zero at unobserved and padded frames
     frame_mask (B, T) bool      True at real frames, False at padding (padding only after the last real frame)
     ef_drop    (B,) bool        True where the EF is replaced by the learned null embedding (classifier-free guidance)
+    u          (B, 4 + 2, T, h, w) with ``displacement_channels`` = 2: a residual and a displacement field in latent
+                                pixels (x, y), read by the flow (MeanFlow ``prediction="warp"``)
+    context    (B, 4, T, h, w)  with ``context_channels`` > 0 only: the observed latents interpolated in time to every
+                                frame (:func:`echolvfm_core.flows.base.anchor_latents`; the flows pass it), zero at
+                                padding
     u          (B, 4, T, h, w)  (average) velocity
 
-The network input is ``cat(z, cond, frame_mask)`` = 4 + 4 + 1 = 9 channels. The time ``t``, the interval ``h`` and
+The network input is ``cat(z, cond, frame_mask)`` = 4 + 4 + 1 = 9 channels, plus the context when configured: with
+one observed frame, ``cond`` is zero at every other frame, and the convolutions would have to carry the anatomy
+across time; the context gives each frame the observed anatomy at full latent resolution, so the network only has
+to learn how it moves. The time ``t``, the interval ``h`` and
 the EF are each embedded sinusoidally + MLP and summed into one embedding that modulates every residual block
 (scale-shift / FiLM), so the EF conditions every layer. The null EF embedding is a learned vector.
 
@@ -82,7 +90,11 @@ class UNetConfig:
     temporal attention blocks relative to the channels (spatial blocks use 4); ``time_scale``: t and h are
     multiplied by it before the sinusoidal embedding (moderate, so that du/dt of the MeanFlow JVP stays tame);
     ``upsample_conv``: a 3 x 3 convolution after each nearest-neighbour upsampling (off in ``demo`` for speed: the
-    next residual block convolves anyway).
+    next residual block convolves anyway); ``ef_scale``: the EF in % is multiplied by it before the sinusoidal
+    embedding (1: periods from 6 EF points up, most features smooth, the slowest nearly linear in the EF, so a
+    network trained on a few thousand loops interpolates between EFs instead of memorising them);
+    ``context_channels``: 4 to take the anchor latents as input at every frame (see the module docstring);
+    ``displacement_channels``: 2 to output a displacement field beside the residual (MeanFlow ``prediction="warp"``).
     """
 
     block_out_channels: tuple[int, ...] = (128, 128, 256, 256)
@@ -97,6 +109,9 @@ class UNetConfig:
     upsample_conv: bool = True
     latent_channels: int = LATENT_CHANNELS
     sample_size: int = 28
+    ef_scale: float = 1.0
+    context_channels: int = 0
+    displacement_channels: int = 0
 
 
 #: Size presets. ``paper``: the EchoLVFM paper's widths (~77M parameters); ``demo``: bundled, for two CPU cores
@@ -293,6 +308,9 @@ class EchoVelocityUNet(ModelMixin, ConfigMixin):
         upsample_conv: bool = True,
         latent_channels: int = LATENT_CHANNELS,
         sample_size: int = 28,
+        ef_scale: float = 1.0,
+        context_channels: int = 0,
+        displacement_channels: int = 0,
     ):
         super().__init__()
         cfg = UNetConfig(
@@ -300,7 +318,8 @@ class EchoVelocityUNet(ModelMixin, ConfigMixin):
             transformer_layers_per_block=tuple(transformer_layers_per_block), attention_head_dim=attention_head_dim,
             norm_num_groups=norm_num_groups, patch_size=patch_size, max_frames=max_frames,
             temporal_ff_mult=temporal_ff_mult, time_scale=time_scale, upsample_conv=upsample_conv,
-            latent_channels=latent_channels, sample_size=sample_size,
+            latent_channels=latent_channels, sample_size=sample_size, ef_scale=ef_scale,
+            context_channels=context_channels, displacement_channels=displacement_channels,
         )
         if len(cfg.transformer_layers_per_block) != len(cfg.block_out_channels):
             raise ValueError(
@@ -322,7 +341,10 @@ class EchoVelocityUNet(ModelMixin, ConfigMixin):
         self.ef_embedding = TimestepEmbedding(c0, temb)
         self.null_ef = nn.Parameter(torch.randn(temb) * 0.02)
 
-        self.conv_in = nn.Conv2d((2 * latent_channels + 1) * p2, c0, 3, padding=1)
+        if context_channels not in (0, latent_channels):
+            raise ValueError(f"context_channels must be 0 or {latent_channels} (the anchor latents); "
+                             f"got {context_channels}.")
+        self.conv_in = nn.Conv2d((2 * latent_channels + 1 + context_channels) * p2, c0, 3, padding=1)
         self.down = nn.ModuleList()
         self.downsamplers = nn.ModuleList()
         skips = [c0]
@@ -354,7 +376,9 @@ class EchoVelocityUNet(ModelMixin, ConfigMixin):
             if i > 0:
                 self.upsamplers.append(Upsample2D(cout, use_conv=upsample_conv))
         self.norm_out = nn.GroupNorm(norm_num_groups, c0)
-        self.conv_out = nn.Conv2d(c0, latent_channels * p2, 3, padding=1)
+        if displacement_channels not in (0, 2):
+            raise ValueError(f"displacement_channels must be 0 or 2; got {displacement_channels}.")
+        self.conv_out = nn.Conv2d(c0, (latent_channels + displacement_channels) * p2, 3, padding=1)
         self.set_jvp_flash(True)
 
     @classmethod
@@ -373,12 +397,12 @@ class EchoVelocityUNet(ModelMixin, ConfigMixin):
         c0, scale = self.config.block_out_channels[0], self.config.time_scale
         emb = self.t_embedding(sinusoidal_embedding(t.to(dtype) * scale, c0))
         emb = emb + self.h_embedding(sinusoidal_embedding(h.to(dtype) * scale, c0))
-        e = self.ef_embedding(sinusoidal_embedding(ef.to(dtype) * 10, c0))  # EF in %: periods down to 0.6 points
+        e = self.ef_embedding(sinusoidal_embedding(ef.to(dtype) * self.config.ef_scale, c0))
         if ef_drop is not None:
             e = torch.where(ef_drop[:, None], self.null_ef.to(dtype)[None], e)
         return emb + e
 
-    def _check(self, z, t, h, ef, cond, frame_mask, ef_drop):
+    def _check(self, z, t, h, ef, cond, frame_mask, ef_drop, context):
         c = self.config.latent_channels
         if z.ndim != 5 or z.shape[1] != c:
             raise ValueError(f"z must be (B, {c}, T, h, w); got shape {tuple(z.shape)}.")
@@ -389,6 +413,11 @@ class EchoVelocityUNet(ModelMixin, ConfigMixin):
             raise ValueError(f"Latent height and width must be divisible by patch_size={self.config.patch_size}.")
         if cond.shape != z.shape:
             raise ValueError(f"cond must have the shape of z {tuple(z.shape)}; got {tuple(cond.shape)}.")
+        if self.config.context_channels and (context is None or context.shape != z.shape):
+            got = None if context is None else tuple(context.shape)
+            raise ValueError(f"This network takes a context of the shape of z {tuple(z.shape)}; got {got}.")
+        if not self.config.context_channels and context is not None:
+            raise ValueError("This network takes no context (context_channels = 0).")
         if frame_mask.shape != (b, frames) or frame_mask.dtype != torch.bool:
             raise ValueError(f"frame_mask must be bool ({b}, {frames}); got {frame_mask.dtype} {tuple(frame_mask.shape)}.")
         for name, v in (("t", t), ("h", h), ("ef", ef)):
@@ -406,9 +435,10 @@ class EchoVelocityUNet(ModelMixin, ConfigMixin):
         cond: torch.Tensor,
         frame_mask: torch.Tensor,
         ef_drop: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Average velocity (B, 4, T, h, w); see the module docstring for the arguments."""
-        self._check(z, t, h, ef, cond, frame_mask, ef_drop)
+        self._check(z, t, h, ef, cond, frame_mask, ef_drop, context)
         b, _, frames, hh, ww = z.shape
         p = self.config.patch_size
         dtype = self.conv_in.weight.dtype
@@ -416,8 +446,10 @@ class EchoVelocityUNet(ModelMixin, ConfigMixin):
         emb = self._embed(t, h, ef, ef_drop, dtype)
         emb = emb.repeat_interleave(frames, dim=0)  # (B*T, temb): one embedding per frame
 
-        x = torch.cat([z.to(dtype), cond.to(dtype), mask[:, None, :, None, None].expand(b, 1, frames, hh, ww)], 1)
-        x = x.transpose(1, 2).reshape(b * frames, -1, hh, ww)  # (B*T, 9, h, w)
+        parts = [z.to(dtype), cond.to(dtype), mask[:, None, :, None, None].expand(b, 1, frames, hh, ww)]
+        if context is not None:
+            parts.append(context.to(dtype))
+        x = torch.cat(parts, 1).transpose(1, 2).reshape(b * frames, -1, hh, ww)  # (B*T, 9 or 13, h, w)
         if p > 1:
             x = F.pixel_unshuffle(x, p)
         if self.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1:

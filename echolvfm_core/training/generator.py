@@ -6,7 +6,8 @@
    never runs the VAE.
 2. Batches (:class:`ClipSampler`, seeded): a clip of 10-32 frames of a loop (from end-diastole, or from a random
    frame), an observed-frame set from :class:`~echolvfm_core.flows.ObservationSampler` (one frame at a random
-   phase, ED only, random subsets, first k, every other frame), padded to 32 frames with the not-padding mask.
+   phase, ED only, random subsets, first k, every other frame), padded to the longest clip of the batch with the
+   not-padding mask.
    Counterfactual supervision: with probability ``counterfactual_prob`` the observed frames come from another loop
    of the same patient (same anatomy, other EF; ``PreparedLoops.loops_of``) at the same cardiac phase, while the
    target and the EF are this loop's; otherwise the clip reconstructs its own loop.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -64,6 +66,7 @@ __all__ = [
     "ema_update",
     "fit",
     "train",
+    "write_model_card",
     "bench_generator",
 ]
 
@@ -82,6 +85,8 @@ class GeneratorTrainConfig:
         grad_clip: max global gradient norm. ema_decay: EMA of the weights (warm-up ``(1+s)/(10+s)``).
         counterfactual_prob: share of clips conditioned on another loop of the same patient.
         random_start_prob: share of clips starting at a random frame instead of end-diastole.
+        whole_cycle_prob: share of clips that hold the loop's whole cycle resampled to the clip length (nearest
+            frames) instead of a window of consecutive frames; the rest are windows.
         phantom: also train on phantom loops (always used when the folder has no CAMUS loops).
         checkpoint_every, sample_every: in steps (0 = only at the end).
     """
@@ -98,6 +103,7 @@ class GeneratorTrainConfig:
     ema_decay: float = 0.999
     counterfactual_prob: float = 0.5
     random_start_prob: float = 0.5
+    whole_cycle_prob: float = 0.0
     phantom: bool = False
     checkpoint_every: int = 1000
     sample_every: int = 2000
@@ -106,12 +112,20 @@ class GeneratorTrainConfig:
 TRAIN_PRESETS = {
     "demo": GeneratorTrainConfig(),
     "paper": GeneratorTrainConfig(model=unet_preset("paper"), steps=100000, lr=1e-4, sample_every=5000),
-    # The bundled model when no GPU is lent: the demo network on two idle CPU cores for about an hour. The flow
-    # carries the motion relative to the observed frames (residual) and the network predicts clean latents (x), so
-    # the anatomy needs no learning and an undertrained model errs towards a still heart, not towards noise.
-    "cpu": GeneratorTrainConfig(steps=1200, batch_size=8, lr=4e-4, warmup=100, ema_decay=0.995,
+    # The bundled model when no GPU is lent: the demo network on two idle CPU cores for about fifty minutes.
+    # The flow carries the motion relative to the observed frames (residual) and the network predicts clean latents
+    # (x), so the anatomy needs no learning and an undertrained model errs towards a still heart, not towards noise.
+    # Times are drawn nearer the noise end (logit-normal mean 0.4 instead of -0.4): the one-step sample is the
+    # network's estimate from pure noise, where only the observed frames and the EF tell it the motion. The network
+    # also sees the anchor at every frame (context channels), so the anatomy need not be carried across time, and
+    # it moves the anchor by a displacement field (prediction "warp"), so an estimate averaged over uncertain
+    # motion is a heart moved by the mean displacement, not a blurred still one. Most clips hold a whole cycle, so
+    # the clip length fixes the timing of systole (the loops' own cycle lengths vary from 10 to 48 frames).
+    "cpu": GeneratorTrainConfig(model=dataclasses.replace(unet_preset("demo"), context_channels=4,
+                                                          displacement_channels=2),
+                                steps=1000, batch_size=8, lr=4e-4, warmup=100, ema_decay=0.995, whole_cycle_prob=0.75,
                                 checkpoint_every=100, sample_every=200,
-                                flow=MeanFlowConfig(residual=True, prediction="x")),
+                                flow=MeanFlowConfig(residual=True, prediction="warp", time_mean=0.4)),
     "tiny": GeneratorTrainConfig(
         model=unet_preset("tiny"), steps=4, batch_size=2, warmup=1, phantom=True, checkpoint_every=2,
         sample_every=3, flow=MeanFlowConfig(share_r_neq_t=0.5, recon_weight=0.1, linear_ratio=0.25),
@@ -209,12 +223,12 @@ def encode_loops(ds, codec, cache: Path | None = None, desc: str = "encode loops
 class ClipSampler:
     """Seeded training batches from :class:`LatentLoops` (see the module docstring, step 2).
 
-    ``batch(batch_size, generator) -> VideoBatch`` with clips padded to ``observation.max_frames``; the same
+    ``batch(batch_size, generator) -> VideoBatch`` with clips padded to the longest clip of the batch; the same
     generator state gives the same batch.
     """
 
     def __init__(self, loops: LatentLoops, observation: ObservationConfig, counterfactual_prob: float = 0.5,
-                 random_start_prob: float = 0.5):
+                 random_start_prob: float = 0.5, whole_cycle_prob: float = 0.0):
         if len(loops) == 0:
             raise ValueError("No loops to train on.")
         short = [loops.loop_id[i] for i, z in enumerate(loops.latents) if z.shape[1] < observation.min_frames]
@@ -224,17 +238,25 @@ class ClipSampler:
         self.observation = observation
         self.counterfactual_prob = counterfactual_prob
         self.random_start_prob = random_start_prob
+        self.whole_cycle_prob = whole_cycle_prob
 
     def _clip(self, i: int, obs: ObservationSampler, g: torch.Generator):
         loops, cfg = self.loops, self.observation
         lat = loops.latents[i]
         n_frames = lat.shape[1]
-        length = obs.length(n_frames)
         pattern = obs.pattern()
-        start = 0
-        if pattern != "ed" and float(torch.rand((), generator=g)) < self.random_start_prob:
-            start = int(torch.randint(0, n_frames - length + 1, (), generator=g))
-        ed = int(loops.ed_index[i]) - start if pattern == "ed" else 0
+        if self.whole_cycle_prob > 0 and float(torch.rand((), generator=g)) < self.whole_cycle_prob:
+            # the whole cycle in `length` frames (nearest frames, repeated when the loop is shorter): frame k has
+            # phase k / length, so the clip length tells the network when systole ends
+            length = obs.length(cfg.max_frames)
+            index = torch.arange(length) * n_frames // length
+        else:
+            length = obs.length(n_frames)
+            start = 0
+            if pattern != "ed" and float(torch.rand((), generator=g)) < self.random_start_prob:
+                start = int(torch.randint(0, n_frames - length + 1, (), generator=g))
+            index = torch.arange(start, start + length)
+        ed = int((index - int(loops.ed_index[i])).abs().argmin()) if pattern == "ed" else 0
         observed, _ = obs.observed(length, ed_index=ed, pattern=pattern)
 
         source = lat
@@ -243,11 +265,11 @@ class ClipSampler:
             source = loops.latents[others[int(torch.randint(0, len(others), (), generator=g))]]
         c, _, h, w = lat.shape
         x = torch.zeros(c, cfg.max_frames, h, w)
-        x[:, :length] = lat[:, start : start + length].float()
+        x[:, :length] = lat[:, index].float()
         cond = torch.zeros_like(x)
         pos = observed.nonzero().flatten()
         # The same cardiac phase in the source loop: loops span one cycle from end-diastole.
-        src = ((pos + start).double() * source.shape[1] / n_frames).round().long().clamp_max(source.shape[1] - 1)
+        src = (index[pos].double() * source.shape[1] / n_frames).round().long().clamp_max(source.shape[1] - 1)
         cond[:, pos] = source[:, src].float()
         frame_mask = torch.zeros(cfg.max_frames, dtype=torch.bool)
         frame_mask[:length] = True
@@ -260,8 +282,11 @@ class ClipSampler:
         idx = torch.randint(0, len(self.loops), (batch_size,), generator=generator).tolist()
         parts = [self._clip(i, obs, generator) for i in idx]
         x, cond, observed, frame_mask, ef = (list(p) for p in zip(*parts))
-        c = Conditioning(torch.stack(cond), torch.stack(observed), torch.stack(frame_mask), torch.tensor(ef))
-        return VideoBatch(torch.stack(x), c)
+        # Padding after the longest clip of the batch is cut off: it changes no loss term, only costs time.
+        t = int(max(int(m.sum()) for m in frame_mask))
+        c = Conditioning(torch.stack(cond)[:, :, :t], torch.stack(observed)[:, :t], torch.stack(frame_mask)[:, :t],
+                         torch.tensor(ef))
+        return VideoBatch(torch.stack(x)[:, :, :t], c)
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -351,7 +376,7 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
     step = start_step = int(state["step"])
     history = list(state.get("history", []))
 
-    sampler = ClipSampler(loops, cfg.observation, cfg.counterfactual_prob, cfg.random_start_prob)
+    sampler = ClipSampler(loops, cfg.observation, cfg.counterfactual_prob, cfg.random_start_prob, cfg.whole_cycle_prob)
     per_process = max(1, cfg.batch_size // accelerator.num_processes)
     preview_batch = _preview_batch(preview if preview is not None and len(preview) else loops, cfg)
     ema_flow = MeanFlow(ema, cfg.flow)
@@ -402,7 +427,8 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
         final = out / "final"
         save_generator(copy.deepcopy(ema).float().cpu(), final, "meanflow", cfg.flow)
         (final / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        for folder in (out, final):
+            (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
         if codec is not None:
             save_sample_grid(ema_flow, preview_batch, codec, out / "samples" / "final.png", seed=seed)
         save_checkpoint(accelerator, out, step, history=history)
@@ -437,9 +463,107 @@ def train(args: argparse.Namespace) -> int:
     print(f"training loops: {len(loops)} ({len(set(loops.patient))} patients); preview loops: "
           f"{len(preview) if preview is not None else 0}")
     metrics = fit(loops, cfg, out, codec=codec, seed=args.seed, device=args.device, resume=args.resume, preview=preview)
+    steps = f" --steps {args.steps}" if args.steps is not None else ""
+    vae_flag = f" --vae {args.vae}" if args.vae else ""
+    run = {"data": str(args.data), "preset": args.preset, "train_patients": len(set(loops.patient)),
+           "command": f"echolvfm train generator --data {args.data} --preset {args.preset} --seed {args.seed}"
+                      f"{steps}{vae_flag} --out {args.out}"}
+    metrics.update(run)
+    for folder in (out, out / "final"):
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    write_model_card(out / "final")
     print(f"final loss {metrics['final_loss']}; {metrics['steps_per_second']} steps/s on {metrics['device']}")
     print(f"generator written to {out / 'final'}")
     return 0
+
+
+# ------------------------------------------------------------------------------------------------------ model card
+#: Where ``echolvfm evaluate --card`` keeps the generation section next to the model.
+EVALUATION_FILE = "evaluation.json"
+
+
+def _agreement_rows(evaluation: dict) -> str:
+    rows = []
+    labels = (("rec", "Rec"), ("gen", "Gen"), ("rec_reject", "Rec, best of k"), ("gen_reject", "Gen, best of k"))
+    for key, label in labels:
+        a = evaluation[key]
+        rows.append(f"| {label} | {a['r2']:.3f} | {a['mae']:.2f} | {a['rmse']:.2f} | {a['n']} | {a['unmeasured']} |")
+    return "\n".join(rows)
+
+
+def write_model_card(final: Path) -> Path:
+    """``final/MODEL_CARD.md`` from the folder's own files: ``training_config.json``, ``metrics.json`` (written by
+    :func:`train`) and, once ``echolvfm evaluate --sections generation --card`` has run, ``evaluation.json``."""
+    final = Path(final)
+    cfg = json.loads((final / "training_config.json").read_text())
+    metrics = json.loads((final / "metrics.json").read_text())
+    ev_path = final / EVALUATION_FILE
+    evaluation = json.loads(ev_path.read_text()) if ev_path.is_file() else None
+    flow, model = cfg["flow"], cfg["model"]
+    if evaluation is None:
+        measured = ("Not measured yet: run `echolvfm evaluate --prepared DATA --models MODELS --sections generation "
+                    "--card` with this folder as `MODELS/generator`.")
+    else:
+        gen = evaluation["generation"]
+        measured = f"""Protocol of the EchoLVFM paper's Table 1 (`echolvfm_core/pipelines/evaluation.py`) on the
+`{evaluation["split"]}` split of `{evaluation["data"]}`: per patient its alpha = 1 loop (real ED / ES anatomy,
+synthesised motion), end-diastole observed, {gen["seeds"]} noise seeds; Rec asks for the loop's own EF, Gen for an EF
+drawn from [10, 90] at least 5 points away; EF measured back by the bundled segmenter (one pass per frame);
+"best of k": rejection sampling over {gen["reject"]} candidates by the segmenter's EF. {gen["n"]} patients.
+
+| condition | R^2 | MAE | RMSE | n | unmeasured |
+|---|---|---|---|---|---|
+{_agreement_rows(gen)}
+
+ES SSIM (Rec, generated frame at the real ES index vs the real ES frame): {gen["es_ssim"]:.3f}.
+Paper targets (GPU-trained, EchoNet-Dynamic): Rec R^2 >= 0.6 and MAE <= 7, Gen MAE <= 12."""
+    final_loss = metrics.get("final_loss") or {}
+    text = f"""# EchoLVFM generator ({metrics.get("preset", "?")} preset)
+
+One-step latent MeanFlow generator of apical four-chamber loops: given the codec latents of the observed frames
+(any subset, at least one), the clip length (padding mask, up to {model["max_frames"]} frames) and a requested EF,
+one network evaluation returns the latents of the whole loop (`echolvfm generate`, the Studio's EF slider).
+Spatio-temporal U-Net (`EchoVelocityUNet`, diffusers blocks), {metrics.get("parameters", 0) / 1e6:.2f} M parameters;
+flow options: residual {flow["residual"]} (the flow carries each frame's difference from the observed frames
+interpolated in time), prediction "{flow["prediction"]}", adaptive weighting p = {flow["adaptive_p"]:g},
+share of r < t samples {flow["share_r_neq_t"]:g}, time logit-normal mean {flow["time_mean"]:g}.
+
+## Data
+- Prepared folder `{metrics.get("data")}` (`echolvfm prepare`): CAMUS apical 4CH ED / ES pairs with synthesised
+  loops (4 per patient: the real ED -> ES motion and three counterfactual contractions of the same ED image; see
+  the data issue). No real full cines exist here: motion between ED and ES is synthesised.
+- Training split: {metrics.get("train_patients")} patients, {metrics.get("n_loops")} loops, encoded once by the
+  bundled codec. Clips of {cfg["observation"]["min_frames"]}-{cfg["observation"]["max_frames"]} frames; observed
+  frames drawn from five patterns; with probability {cfg["counterfactual_prob"]:g} the observed frames come from
+  another loop of the same patient (same anatomy, other EF).
+- Metrics: the valid split, never used in training. CAMUS (Leclerc et al., IEEE TMI 2019) is for non-commercial
+  research; cite it when reporting results.
+
+## EF adherence (valid split)
+{measured}
+
+## Training
+{metrics.get("steps")} steps, batch {cfg["batch_size"]}, AdamW lr {cfg["lr"]:g} (warm-up {cfg["warmup"]}, cosine),
+EMA {cfg["ema_decay"]:g}, seed {metrics.get("seed")}, device {metrics.get("device")},
+{metrics.get("seconds", 0) / 60:.0f} min;
+final training loss {final_loss.get("loss", float("nan")):.4f} (MSE part {final_loss.get("mse", float("nan")):.4f}).
+Configuration: `training_config.json`, flow: `flow.json`.
+
+## Reproduce
+```bash
+echolvfm prepare --camus CAMUS_DIR --out {metrics.get("data")} --loops-per-patient 4 --phantom 200 --seed 0
+{metrics.get("command")}
+```
+then copy `OUT/final` to `assets/generator` and run `echolvfm evaluate --prepared {metrics.get("data")} --models assets
+--sections generation --card --out runs/eval_generator`.
+
+## Limits
+Trained on synthesised motion of one data set's apical 4CH views; the generated loops are synthetic, for teaching and
+research on realism, never for diagnosis. Not a medical device.
+"""
+    path = final / "MODEL_CARD.md"
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 # ------------------------------------------------------------------------------------------------------ benchmark
