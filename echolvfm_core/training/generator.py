@@ -112,7 +112,7 @@ class GeneratorTrainConfig:
 TRAIN_PRESETS = {
     "demo": GeneratorTrainConfig(),
     "paper": GeneratorTrainConfig(model=unet_preset("paper"), steps=100000, lr=1e-4, sample_every=5000),
-    # The bundled model when no GPU is lent: the demo network on two idle CPU cores for about fifty minutes.
+    # The bundled model when no GPU is lent: the demo network on two idle CPU cores for about an hour.
     # The flow carries the motion relative to the observed frames (residual) and the network predicts clean latents
     # (x), so the anatomy needs no learning and an undertrained model errs towards a still heart, not towards noise.
     # Times are drawn nearer the noise end (logit-normal mean 0.4 instead of -0.4): the one-step sample is the
