@@ -201,13 +201,14 @@ def anchor_latents(cond: Conditioning) -> torch.Tensor:
     return anchor * cond.frame_mask[:, None, :, None, None].to(c.dtype)
 
 
-def network_context(net, cond: Conditioning) -> dict:
+def network_context(net, cond: Conditioning, anchor: torch.Tensor | None = None) -> dict:
     """Extra keyword arguments for ``net``: ``{"context": anchor_latents(cond)}`` when the network was built to take
-    the anchor as input (``net.config.context_channels`` > 0), else ``{}``. The context depends on the conditioning
-    only, so it is a constant of the MeanFlow JVP."""
+    the anchor as input (``net.config.context_channels`` > 0), else ``{}``; ``anchor`` is that anchor when the
+    caller has already computed it. The context depends on the conditioning only, so it is a constant of the
+    MeanFlow JVP."""
     config = getattr(net, "config", None)
     if config is not None and getattr(config, "context_channels", 0):
-        return {"context": anchor_latents(cond)}
+        return {"context": anchor_latents(cond) if anchor is None else anchor}
     return {}
 
 

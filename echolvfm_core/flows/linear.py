@@ -61,8 +61,9 @@ class LinearFlow(nn.Module):
     def forward(self, batch: VideoBatch, step: int = 0, generator: torch.Generator | None = None) -> FlowLoss:
         """Masked flow-matching loss ``|u(z_t, t, t) - v|^2`` per clip, averaged over clips (``step`` is unused)."""
         x, cond = batch.x, batch.cond
-        if self.config.residual:
-            x = x - anchor_latents(cond)
+        anchor = anchor_latents(cond) if self.config.residual else None
+        if anchor is not None:
+            x = x - anchor
         n = x.shape[0]
         pad = cond.frame_mask[:, None, :, None, None].to(x.dtype)
         eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) * pad
@@ -70,16 +71,21 @@ class LinearFlow(nn.Module):
         drop = torch.rand(n, device=x.device, generator=generator) < self.config.ef_dropout
         tb = t[:, None, None, None, None]
         z = (1 - tb) * x + tb * eps
-        context = network_context(self.net, cond)
+        context = network_context(self.net, cond, anchor)
         u = self.net(z, t, torch.zeros_like(t), cond.ef, cond.cond, cond.frame_mask, drop, **context)
         mse = per_video_mse(u, eps - x, frame_weights(cond, self.config.observed_weight))
         loss = mse.mean()
         return FlowLoss(loss, {"mse": loss.detach()})
 
-    def velocity(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: float = 1.0) -> torch.Tensor:
-        """Instantaneous velocity (B, C, T, h, w) at z, t (B,); with guidance != 1 a conditional + null EF batch."""
+    def velocity(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: float = 1.0,
+                 context: dict | None = None) -> torch.Tensor:
+        """Instantaneous velocity (B, C, T, h, w) at z, t (B,); with guidance != 1 a conditional + null EF batch.
+
+        ``context``: :func:`~echolvfm_core.flows.base.network_context` of ``cond`` when the caller has it.
+        """
         zero = torch.zeros_like(t)
-        context = network_context(self.net, cond)
+        if context is None:
+            context = network_context(self.net, cond)
         if guidance == 1.0:
             return self.net(z, t, zero, cond.ef, cond.cond, cond.frame_mask, **context)
         n = z.shape[0]
@@ -117,13 +123,15 @@ class LinearFlow(nn.Module):
             raise ValueError(f"steps must be >= 1; got {steps}.")
         z, pad = initial_noise(cond, noise, generator)
         n = z.shape[0]
+        anchor = anchor_latents(cond) if self.config.residual else None
+        context = network_context(self.net, cond, anchor)
         times = torch.linspace(1.0, 0.0, steps + 1, device=z.device, dtype=z.dtype)
         for i in range(steps):
             t, dt = times[i], times[i + 1] - times[i]  # dt < 0
-            v = self.velocity(z, t.expand(n), cond, guidance)
+            v = self.velocity(z, t.expand(n), cond, guidance, context)
             if solver == "midpoint":
-                v = self.velocity(z + 0.5 * dt * v, (t + 0.5 * dt).expand(n), cond, guidance)
+                v = self.velocity(z + 0.5 * dt * v, (t + 0.5 * dt).expand(n), cond, guidance, context)
             z = z + dt * v
-        if self.config.residual:
-            z = z + anchor_latents(cond)
+        if anchor is not None:
+            z = z + anchor
         return z * pad

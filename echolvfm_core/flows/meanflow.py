@@ -138,11 +138,13 @@ class MeanFlow(nn.Module):
         keep = torch.rand(n, device=device, generator=generator) < c.share_r_neq_t
         return torch.where(keep, r, t), t
 
-    def _velocity_fn(self, cond: Conditioning):
-        context = network_context(self.net, cond)
+    def _velocity_fn(self, cond: Conditioning, anchor: torch.Tensor | None = None):
+        """u(z, r, t) of the network; ``anchor``: ``anchor_latents(cond)`` when the caller has it (residual flows)."""
+        if anchor is None and self.config.residual:
+            anchor = anchor_latents(cond)
+        context = network_context(self.net, cond, anchor)
         prediction = self.config.prediction
         if prediction == "warp":
-            anchor = anchor_latents(cond)
             b, c, frames, h, w = anchor.shape
             frame_anchor = anchor.transpose(1, 2).reshape(b * frames, c, h, w)
 
@@ -162,8 +164,9 @@ class MeanFlow(nn.Module):
         """Loss of one training batch. ``step`` selects the objective when ``linear_ratio`` > 0."""
         cfg = self.config
         x, cond = batch.x, batch.cond
-        if cfg.residual:
-            x = x - anchor_latents(cond)
+        anchor = anchor_latents(cond) if cfg.residual else None
+        if anchor is not None:
+            x = x - anchor
         n = x.shape[0]
         pad = cond.frame_mask[:, None, :, None, None].to(x.dtype)
         eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) * pad
@@ -175,7 +178,7 @@ class MeanFlow(nn.Module):
         tb = t_[:, None, None, None, None]
         z = (1 - tb) * x + tb * eps
         v = eps - x
-        fn = self._velocity_fn(cond)
+        fn = self._velocity_fn(cond, anchor)
         if bool((r < t).any()):
             # du/dt along (dz, dr, dt) = (v, 0, 1); the fused SDPA kernels have no forward-mode derivative.
             with sdpa_kernel([SDPBackend.MATH]):
@@ -216,11 +219,12 @@ class MeanFlow(nn.Module):
         z, pad = initial_noise(cond, noise, generator)
         times = torch.linspace(1.0, 0.0, steps + 1, device=z.device, dtype=z.dtype)
         n = z.shape[0]
-        velocity = self._velocity_fn(cond)
+        anchor = anchor_latents(cond) if self.config.residual else None
+        velocity = self._velocity_fn(cond, anchor)
         for i in range(steps):
             t, r = times[i].expand(n), times[i + 1].expand(n)
             u = velocity(z, r, t)
             z = z - (times[i] - times[i + 1]) * u
-        if self.config.residual:
-            z = z + anchor_latents(cond)
+        if anchor is not None:
+            z = z + anchor
         return z * pad

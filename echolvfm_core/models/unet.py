@@ -11,12 +11,12 @@ Call signature (the flows rely on exactly this)::
     cond       (B, 4, T, h, w)  clean latents at observed frames, zero at unobserved and padded frames
     frame_mask (B, T) bool      True at real frames, False at padding (padding only after the last real frame)
     ef_drop    (B,) bool        True where the EF is replaced by the learned null embedding (classifier-free guidance)
-    u          (B, 4 + 2, T, h, w) with ``displacement_channels`` = 2: a residual and a displacement field in latent
-                                pixels (x, y), read by the flow (MeanFlow ``prediction="warp"``)
     context    (B, 4, T, h, w)  with ``context_channels`` > 0 only: the observed latents interpolated in time to every
                                 frame (:func:`echolvfm_core.flows.base.anchor_latents`; the flows pass it), zero at
                                 padding
-    u          (B, 4, T, h, w)  (average) velocity
+    u          (B, 4, T, h, w)  (average) velocity; with ``displacement_channels`` = 2, (B, 4 + 2, T, h, w): a
+                                residual and a displacement field in latent pixels (x, y), read by the flow
+                                (MeanFlow ``prediction="warp"``)
 
 The network input is ``cat(z, cond, frame_mask)`` = 4 + 4 + 1 = 9 channels, plus the context when configured: with
 one observed frame, ``cond`` is zero at every other frame, and the convolutions would have to carry the anatomy

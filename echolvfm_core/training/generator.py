@@ -427,8 +427,7 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
         final = out / "final"
         save_generator(copy.deepcopy(ema).float().cpu(), final, "meanflow", cfg.flow)
         (final / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        for folder in (out, final):
-            (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
         if codec is not None:
             save_sample_grid(ema_flow, preview_batch, codec, out / "samples" / "final.png", seed=seed)
         save_checkpoint(accelerator, out, step, history=history)
