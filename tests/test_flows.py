@@ -119,7 +119,7 @@ def test_linear_flow_with_ef_dropout_trains_the_null_embedding(tiny_net):
 
 @pytest.mark.parametrize(
     "p,share,recon,recon_on,linear_ratio",
-    list(itertools.product([1.0, 0.5], [0.0, 0.25, 1.0], [0.0, 0.1], ["instantaneous", "all"], [0.0, 0.5])),
+    list(itertools.product([1.0, 0.5], [0.0, 0.25, 1.0], [0.0, 0.1], ["instantaneous", "all", "one_step"], [0.0, 0.5])),
 )
 def test_meanflow_flag_combinations(p, share, recon, recon_on, linear_ratio):
     torch.manual_seed(0)
@@ -149,6 +149,46 @@ def test_sample_times_order_and_share():
     r, t = flow.sample_times(20000, "cpu", torch.Generator().manual_seed(0))
     assert (r <= t).all() and (r > 0).all() and (t < 1).all()
     assert abs((r < t).float().mean().item() - 0.25) < 0.02
+
+
+def test_one_step_share_draws_the_one_step_interval():
+    flow = MeanFlow(ConvNet(), share_r_neq_t=0.25, one_step_share=0.5)
+    r, t = flow.sample_times(20000, "cpu", torch.Generator().manual_seed(0))
+    one = (r == 0) & (t == 1)
+    assert abs(one.float().mean().item() - 0.5) < 0.02
+    rest_r, rest_t = r[~one], t[~one]
+    assert (rest_r <= rest_t).all() and (rest_r > 0).all() and (rest_t < 1).all()
+    assert abs((rest_r < rest_t).float().mean().item() - 0.25) < 0.02
+    with pytest.raises(ValueError, match="one_step_share"):
+        MeanFlowConfig(one_step_share=1.5)
+
+
+def test_one_step_reconstruction_is_the_error_of_the_one_step_sample():
+    """recon_on="one_step" averages |x_hat - x|^2 over exactly the clips drawn at (r, t) = (0, 1), and there x_hat
+    is the one-step sample from that clip's noise (checked with an x-prediction stand-in that returns x + 1 at
+    t = 1 and x elsewhere: the term is 1 where the one-step interval was drawn)."""
+
+    class OffByOneAtNoise(nn.Module):
+        def __init__(self, target):
+            super().__init__()
+            self.register_buffer("target", target)
+
+        def forward(self, z, t, h, ef, cond, frame_mask, ef_drop=None):
+            return self.target + (t == 1).to(z.dtype)[:, None, None, None, None]
+
+    batch = _batch(b=8, t=6)
+    flow = MeanFlow(OffByOneAtNoise(batch.x), prediction="x", share_r_neq_t=0.0, one_step_share=0.5,
+                    recon_weight=1.0, recon_on="one_step", adaptive_p=0.0)
+    gen = torch.Generator().manual_seed(4)
+    torch.randn(batch.x.shape, generator=gen)  # the loss draws its noise first, then the times
+    r, t = flow.sample_times(8, "cpu", gen)
+    assert 0 < int(((r == 0) & (t == 1)).sum()) < 8  # this seed draws both kinds
+    out = flow(batch, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(out.parts["recon"], torch.tensor(1.0))
+    # "instantaneous" would average over the other clips, where the stand-in is exact
+    flow_inst = MeanFlow(flow.net, flow.config, recon_on="instantaneous")
+    torch.testing.assert_close(flow_inst(batch, generator=torch.Generator().manual_seed(4)).parts["recon"],
+                               torch.tensor(0.0))
 
 
 def test_padded_frame_targets_do_not_change_the_loss(tiny_net):

@@ -45,7 +45,7 @@ from .base import (
 
 __all__ = ["MeanFlow", "MeanFlowConfig"]
 
-RECON_ON = ("instantaneous", "all")
+RECON_ON = ("instantaneous", "all", "one_step")
 PREDICTIONS = ("u", "x", "warp")
 #: Smallest t in the "x" prediction's ``u = (z_t - x_hat) / t``.
 PREDICTION_T_MIN = 1e-2
@@ -63,7 +63,13 @@ class MeanFlowConfig:
         (0 turns it off).
     recon_on: "instantaneous" applies it only to samples with r = t, where ``z_t - t u`` estimates E[x | z_t]
         and the term is a t^2-weighted flow-matching loss; "all" applies it to every sample (for r > 0 it pulls
-        the average velocity towards the instantaneous one).
+        the average velocity towards the instantaneous one); "one_step" applies it only to the samples drawn at
+        (r, t) = (0, 1) (``one_step_share``), where ``x_hat`` is the one-step sample itself, so the term supervises
+        the generator's output directly: its minimiser is the clean loop expected given the observed frames and
+        the EF.
+    one_step_share: share of samples drawn at exactly (r, t) = (0, 1), the interval of the one-step sampler
+        (logit-normal draws almost never reach it, so without them the one-step path is learnt only by
+        extrapolation); the rest are drawn as usual.
     linear_ratio: share of training steps that use the masked linear flow-matching objective (all r = t, no JVP,
         same weighting) instead of the MeanFlow objective; steps alternate deterministically.
     observed_weight: loss weight of observed frames relative to the other real frames.
@@ -94,10 +100,12 @@ class MeanFlowConfig:
     residual: bool = False
     prediction: str = "u"
     displacement_gain: float = 5.0
+    one_step_share: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.share_r_neq_t <= 1.0:
-            raise ValueError(f"share_r_neq_t must be in [0, 1]; got {self.share_r_neq_t}.")
+        for name in ("share_r_neq_t", "one_step_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]; got {getattr(self, name)}.")
         if not 0.0 <= self.linear_ratio <= 1.0:
             raise ValueError(f"linear_ratio must be in [0, 1]; got {self.linear_ratio}.")
         if self.adaptive_p < 0 or self.adaptive_c <= 0:
@@ -130,13 +138,18 @@ class MeanFlow(nn.Module):
         return int((step + 1) * ratio) > int(step * ratio)
 
     def sample_times(self, n: int, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(r, t), each (n,): two logit-normal draws sorted so that r <= t, then r = t for 1 - share_r_neq_t."""
+        """(r, t), each (n,): two logit-normal draws sorted so that r <= t, then r = t for 1 - share_r_neq_t; then
+        (r, t) = (0, 1) for ``one_step_share`` of the samples (logit-normal draws are never exactly 0 or 1)."""
         c = self.config
         a = sample_logit_normal(n, c.time_mean, c.time_std, device, generator)
         b = sample_logit_normal(n, c.time_mean, c.time_std, device, generator)
         t, r = torch.maximum(a, b), torch.minimum(a, b)
         keep = torch.rand(n, device=device, generator=generator) < c.share_r_neq_t
-        return torch.where(keep, r, t), t
+        r = torch.where(keep, r, t)
+        if c.one_step_share > 0:
+            one = torch.rand(n, device=device, generator=generator) < c.one_step_share
+            r, t = torch.where(one, 0.0, r), torch.where(one, 1.0, t)
+        return r, t
 
     def _velocity_fn(self, cond: Conditioning, anchor: torch.Tensor | None = None):
         """u(z, r, t) of the network; ``anchor``: ``anchor_latents(cond)`` when the caller has it (residual flows)."""
@@ -196,7 +209,12 @@ class MeanFlow(nn.Module):
         if cfg.recon_weight > 0:
             x_hat = z - tb * u
             rec = per_video_mse(x_hat, x, weights)
-            sel = torch.ones_like(rec) if cfg.recon_on == "all" else (r == t).to(rec.dtype)
+            if cfg.recon_on == "all":
+                sel = torch.ones_like(rec)
+            elif cfg.recon_on == "one_step":
+                sel = ((r == 0) & (t == 1)).to(rec.dtype)
+            else:
+                sel = (r == t).to(rec.dtype)
             loss_rec = (rec * sel).sum() / sel.sum().clamp_min(1.0)
             loss = loss + cfg.recon_weight * loss_rec
             parts["recon"] = loss_rec.detach()
