@@ -16,7 +16,7 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,16 +103,27 @@ class Measurement:
         }
 
 
+def _rolled(m: Measurement, shift: int) -> Measurement:
+    """The measurement of the same loop started ``shift`` frames later (per-frame arrays and phase indices moved)."""
+    n = len(m.lv_area) if m.lv_area is not None else None
+    roll = lambda a: None if a is None else np.roll(a, -shift, axis=0)  # noqa: E731
+    phase = lambda i: None if i is None or n is None else (int(i) - shift) % n  # noqa: E731
+    return replace(m, lv_area=roll(m.lv_area), lv_masks=roll(m.lv_masks), ed_index=phase(m.ed_index),
+                   es_index=phase(m.es_index))
+
+
 @dataclass
 class LoadedCase:
     """A loaded, preprocessed echo and everything computed from it once.
 
     Attributes:
         name: what the user picked (file name, "Built-in sample", a --data case).
-        echo: the preprocessed loop at model resolution, frames float32 (T, S, S) in [0, 1].
+        echo: the preprocessed loop at model resolution, frames float32 (T, S, S) in [0, 1]; a loop longer than the
+            bundled generator's ``max_frames`` is resampled in time to that many frames (same duration), and with a
+            generator bundled the loop starts at the end-diastolic frame the segmenter found (rotated).
         sector: (S, S) bool mask of the ultrasound sector.
-        fps: frame rate in frames per second.
-        video: H.264 MP4 of the loop at display resolution with the sector outlined.
+        fps: frame rate of ``echo`` in frames per second.
+        video: H.264 MP4 of the loop as loaded (all its frames, at display resolution) with the sector outlined.
         measurement: EF of the original by the instruments that are bundled.
         latents: encoded latents (1, C, T, h, w), cached after the first counterfactual (per session).
     """
@@ -331,7 +342,7 @@ class StudioEngine:
             EchoLoadError: the input is not a readable echo loop (the message says why).
         """
         from echolvfm_core.io import load_echo, sample_echo_path
-        from echolvfm_core.preprocess import preprocess
+        from echolvfm_core.preprocess import preprocess, resample_time
 
         if source is None:
             source, name = sample_echo_path(), name or "Built-in sample (apical 4CH cine)"
@@ -350,8 +361,22 @@ class StudioEngine:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         video = vid.write_h264(rgb, out / f"{secrets.token_hex(8)}.mp4", fps)
-        case = LoadedCase(name=name, echo=pre.echo, sector=sector, fps=fps, video=video, measurement=Measurement())
+        model_echo = pre.echo
+        longest = self.max_frames()
+        if longest is not None and model_echo.n_frames > longest:
+            # The generator makes at most `longest` frames and learnt (and was evaluated on) loops resampled in time
+            # to fit them, so the loop the instruments measure and the generator observes is resampled the same way.
+            model_echo = resample_time(model_echo, fps * longest / model_echo.n_frames)
+            model_echo = model_echo.replace(frames=model_echo.frames[:longest], labels=None, labelled=())
+        case = LoadedCase(name=name, echo=model_echo, sector=sector, fps=float(model_echo.fps), video=video,
+                          measurement=Measurement())
         case.measurement = self.measure(case.echo.frames, case.echo)
+        ed = case.measurement.ed_index
+        if longest is not None and ed:
+            # The generator's training loops start at end-diastole: so does the loop it observes, and the original
+            # panel then runs in step with the counterfactual.
+            case.echo = model_echo.replace(frames=np.roll(model_echo.frames, -ed, axis=0), labels=None, labelled=())
+            case.measurement = _rolled(case.measurement, ed)
         return case
 
     # ------------------------------------------------------------------------------------------ measurement

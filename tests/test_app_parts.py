@@ -102,3 +102,31 @@ def test_launch_flags(tmp_path):
     for bad in (["--auth", "nopass"], ["--max-upload", "lots"], ["--data", str(tmp_path / "nope")]):
         with pytest.raises(SystemExit):
             launch.parse_args(bad)
+
+
+def test_loops_longer_than_the_generator_are_resampled_to_its_length(tmp_path):
+    """With a generator of 16 frames bundled, the 30-frame sample is measured and observed as 16 frames spanning
+    the same second (as in the generator's training and evaluation); the display video keeps all 30 frames."""
+    from dataclasses import asdict
+
+    from echolvfm_core.models.unet import EchoVelocityUNet, unet_preset
+    from echolvfm_core.pipelines.counterfactual import save_generator
+
+    models = tmp_path / "models"
+    save_generator(EchoVelocityUNet(**{**asdict(unet_preset("tiny")), "max_frames": 16}), models / "generator")
+    engine = StudioEngine(models, device="cpu")
+    case = engine.load(None, tmp_path / "work")
+    plain = StudioEngine(tmp_path / "none", device="cpu").load(None, tmp_path / "work")
+    assert plain.n_frames == 30 and case.n_frames == 16
+    assert abs(case.n_frames / case.fps - plain.n_frames / plain.fps) < 1e-6
+    with av.open(str(case.video)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 30
+
+
+def test_rolled_measurement_starts_at_end_diastole():
+    from app.engine import Measurement, _rolled
+
+    masks = np.arange(5)[:, None, None] == np.ones((5, 2, 2))
+    m = _rolled(Measurement(ef=50.0, lv_area=np.arange(5.0), lv_masks=masks, ed_index=2, es_index=1), 2)
+    assert m.lv_area.tolist() == [2.0, 3.0, 4.0, 0.0, 1.0] and (m.ed_index, m.es_index, m.ef) == (0, 4, 50.0)
+    assert m.lv_masks[4].all() and not m.lv_masks[0].any()

@@ -10,6 +10,7 @@ README's screenshot.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -144,8 +145,9 @@ def test_bundled_models_follow_the_requested_ef():
         client = Client(srv.url, verbose=False, download_files=False)
         client.predict(api_name="/load_sample")
         measured = {}
+        length = json.loads((ASSETS / "generator" / "config.json").read_text())["max_frames"]
         for ef in (30, 70):
-            _counterfactual(client, ef, length=30)
+            _counterfactual(client, ef, length=length)
             raw = client.predict(api_name="/measure")[3]
             measured[ef] = raw["counterfactual_segmentation_ef"]
         assert None not in measured.values(), measured

@@ -146,3 +146,26 @@ def test_small_pool_reuses_sources_and_failures_leave_nothing(tmp_path, sample_p
         create_study([still] * 10, 2, BlurSynth(), model_version="m", out_dir=tmp_path, real_pool_source="x",
                      calibration_n=0, spec=SPEC)
     assert [p.name for p in (tmp_path / "media").iterdir()] == [study.id]
+
+
+def test_generator_synth_keeps_the_duration_in_the_generator_frames():
+    """A 16-frame loop at 50 fps through a generator of at most 8 frames: 8 frames at 25 fps (the same 0.32 s, so
+    the synthetic heart beats at the real one's pace), blank outside the fan, marked synthetic."""
+    from dataclasses import asdict
+
+    import torch
+
+    from app.quiz.synth import GeneratorSynth
+    from echolvfm_core.flows import MeanFlow
+    from echolvfm_core.models.unet import EchoVelocityUNet, unet_preset
+    from echolvfm_core.models.vae import EchoCodec, build_vae
+    from echolvfm_core.pipelines.counterfactual import CounterfactualPipeline
+
+    torch.manual_seed(0)
+    net = EchoVelocityUNet(**{**asdict(unet_preset("tiny")), "max_frames": 8})
+    synth = GeneratorSynth(CounterfactualPipeline(MeanFlow(net), EchoCodec(build_vae("tiny"))))
+    source = fan_echo(0)
+    assert (source.n_frames, source.fps) == (16, 50.0)
+    out = synth(source, 40.0, np.random.default_rng(0))
+    assert out.synthetic and out.n_frames == 8 and out.fps == pytest.approx(25.0)
+    assert out.frames[:, 0, 0].max() == 0.0  # the corner lies outside the fan

@@ -34,9 +34,10 @@ def model_version(generator_dir: str | os.PathLike) -> str:
 class GeneratorSynth:
     """``synth(real_echo, ef, rng) -> Echo``: the heart of ``real_echo`` at EF ``ef`` (%), generated in one step.
 
-    The echo is brought onto the model grid (fan crop, resize), frame 0 is the observed frame, the loop has the
-    input's length (at most the generator's ``max_frames``) and frame rate, and pixels outside the input's fan are
-    blanked, so a synthetic case has the same sector as the echo it came from. The noise seed is drawn from ``rng``.
+    The echo is brought onto the model grid (fan crop, resize), frame 0 is the observed frame, the loop lasts as
+    long as the input (resampled in time to the generator's ``max_frames`` frames when longer), and pixels outside
+    the input's fan are blanked, so a synthetic case has the same sector as the echo it came from. The noise seed is
+    drawn from ``rng``.
 
     Args:
         pipeline: the loaded generator and VAE (and the segmenter when ``reject`` > 1).
@@ -47,12 +48,15 @@ class GeneratorSynth:
     reject: int = 1
 
     def __call__(self, echo: Echo, ef: float, rng: np.random.Generator) -> Echo:
-        from echolvfm_core.preprocess import preprocess
+        from echolvfm_core.preprocess import preprocess, resample_time
 
         side = int(self.pipeline.net.config.sample_size) * int(self.pipeline.codec.downsample)
         pre = preprocess(echo, size=side)
-        length = min(pre.echo.n_frames, self.pipeline.max_frames)
-        cf = self.pipeline.generate(pre.echo, ef=float(ef), observed=(0,), length=length,
+        loop, longest = pre.echo, self.pipeline.max_frames
+        if loop.n_frames > longest:  # the same duration in the generator's frames, so the heart beats at its pace
+            loop = resample_time(loop, loop.fps * longest / loop.n_frames)
+            loop = loop.replace(frames=loop.frames[:longest], labels=None, labelled=())
+        cf = self.pipeline.generate(loop, ef=float(ef), observed=(0,), length=loop.n_frames,
                                     seed=int(rng.integers(2**31)), reject=self.reject)
         frames = cf.frames[0] * pre.mask  # (L, side, side) float32 in [0, 1]
-        return Echo(frames=frames.astype(np.float32), fps=pre.echo.fps, source_format="synthetic", synthetic=True)
+        return Echo(frames=frames.astype(np.float32), fps=loop.fps, source_format="synthetic", synthetic=True)
