@@ -191,6 +191,36 @@ def test_one_step_reconstruction_is_the_error_of_the_one_step_sample():
                                torch.tensor(0.0))
 
 
+def test_zero_meanflow_weight_trains_the_one_step_sample_by_regression():
+    """mf_weight = 0 with every clip at (0, 1): the loss is exactly the one-step sample's squared error (no MeanFlow
+    term, hence no JVP: a network without a forward-mode derivative trains), and the config refuses a loss of
+    nothing."""
+
+    class NoForwardAD(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shift = nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, z, t, h, ef, cond, frame_mask, ef_drop=None):
+            if torch._C._functorch.is_gradtrackingtensor(z) or not torch.equal(t, torch.ones_like(t)):
+                raise AssertionError("called under a transform or away from t = 1")
+            return torch.zeros_like(z) + self.shift  # x-prediction: the one-step sample is 0.5 everywhere
+
+    batch = _batch()
+    flow = MeanFlow(NoForwardAD(), prediction="x", one_step_share=1.0, mf_weight=0.0, recon_weight=2.0,
+                    recon_on="one_step")
+    out = flow(batch, generator=torch.Generator().manual_seed(0))
+    w = batch.cond.frame_mask.float()
+    expected = per_video_mse(torch.full_like(batch.x, 0.5), batch.x, w).mean()
+    torch.testing.assert_close(out.parts["recon"], expected)
+    torch.testing.assert_close(out.loss, 2.0 * expected)
+    assert "mf" not in out.parts
+    out.loss.backward()
+    assert flow.net.shift.grad is not None
+    with pytest.raises(ValueError, match="recon_weight must be > 0"):
+        MeanFlowConfig(mf_weight=0.0)
+
+
 def test_padded_frame_targets_do_not_change_the_loss(tiny_net):
     batch = _batch()
     assert not batch.cond.frame_mask[1, 4:].any()

@@ -213,6 +213,7 @@ def test_training_writes_final_model_samples_and_resumes(tmp_path, codec):
     assert pipe.generate(_frames(t=6), ef=50, seed=0).frames.shape == (1, 6, 112, 112)
     card = (out / "final" / "MODEL_CARD.md").read_text()
     assert "--preset tiny --seed 0" in card and "Not measured yet" in card
+    assert "Objective: masked MeanFlow" in card and "regulariser weight 0.1 on instantaneous samples" in card
     # `evaluate --card` leaves the generation section beside the model; the card then shows its numbers
     agree = {"r2": 0.25, "mae": 9.5, "rmse": 12.0, "n": 6, "unmeasured": 0}
     generation = {**{k: agree for k in ("rec", "gen", "rec_reject", "gen_reject")}, "es_ssim": 0.61, "n": 2,
