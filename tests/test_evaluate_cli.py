@@ -37,3 +37,38 @@ def test_evaluate_bundled_vae_and_segmenter_on_two_valid_patients(camus_root, tm
 def test_evaluate_rejects_unknown_section(tmp_path, capsys):
     assert main(["evaluate", "--prepared", str(tmp_path), "--out", str(tmp_path / "o"), "--sections", "nope"]) == 2
     assert "unknown sections" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (ASSETS / "vae" / "config.json").is_file() or not (ASSETS / "segmenter" / "config.json").is_file(),
+                    reason="bundled VAE and segmenter are needed")
+def test_calibrate_gain_writes_the_best_candidate_into_flow_json(camus_root, tmp_path):
+    """A random warp generator on one training patient: every candidate is measured, the smallest MAE is chosen and
+    written to flow.json (the generator loads with it), calibration.json keeps the numbers."""
+    import shutil
+    from dataclasses import asdict
+
+    import torch
+
+    from echolvfm_core.flows import MeanFlowConfig
+    from echolvfm_core.models.unet import EchoVelocityUNet, unet_preset
+    from echolvfm_core.pipelines.counterfactual import load_generator, save_generator
+
+    data = tmp_path / "prep"
+    assert main(["prepare", "--camus", str(camus_root), "--out", str(data), "--patients", "1",
+                 "--loops-per-patient", "1", "--workers", "1", "--quiet"]) == 0
+    models = tmp_path / "models"
+    for name in ("vae", "segmenter"):
+        shutil.copytree(ASSETS / name, models / name)
+    torch.manual_seed(0)
+    net = EchoVelocityUNet(**{**asdict(unet_preset("tiny")), "max_frames": 16, "context_channels": 4,
+                              "displacement_channels": 2})
+    save_generator(net, models / "generator", "meanflow", MeanFlowConfig(residual=True, prediction="warp"))
+    assert main(["calibrate-gain", "--prepared", str(data), "--models", str(models), "--patients", "1",
+                 "--gains", "1,3", "--efs", "40"]) == 0
+    cal = json.loads((models / "generator" / "calibration.json").read_text())
+    assert [c["gain"] for c in cal["candidates"]] == [1.0, 3.0] and cal["split"] == "train"
+    best = min((c for c in cal["candidates"] if c["mae"] is not None), key=lambda c: c["mae"])
+    assert cal["chosen_gain"] == best["gain"] == load_generator(models / "generator").config.motion_gain
+    # a generator without a displacement field has no gain to calibrate
+    save_generator(EchoVelocityUNet(**asdict(unet_preset("tiny"))), models / "generator")
+    assert main(["calibrate-gain", "--prepared", str(data), "--models", str(models)]) == 2

@@ -442,6 +442,15 @@ def test_warp_prediction_moves_the_anchor_by_the_network_displacement():
     # the loss of that oracle on its own samples is zero (every r < t: through the JVP)
     exact = MeanFlow(WarpNet(residual, disp), prediction="warp", residual=True, share_r_neq_t=1.0, adaptive_p=0.0)
     assert exact(VideoBatch(expected, batch.cond), generator=torch.Generator().manual_seed(0)).parts["mse"] < 1e-8
+    # motion_gain scales the displacement when sampling (a full pixel here) and leaves the training loss alone
+    moved2 = warp_latents(frames(anchor), frames(2 * disp)).reshape(b, t, c, h, w).transpose(1, 2)
+    gained = MeanFlow(WarpNet(residual, disp), prediction="warp", residual=True, motion_gain=2.0)
+    torch.testing.assert_close(gained.sample(batch.cond, steps=1, generator=torch.Generator().manual_seed(0)),
+                               (moved2 + residual) * pad, atol=1e-5, rtol=1e-5)
+    exact_gained = MeanFlow(WarpNet(residual, disp), exact.config, motion_gain=2.0)
+    assert exact_gained(VideoBatch(expected, batch.cond), generator=torch.Generator().manual_seed(0)).parts["mse"] < 1e-8
+    with pytest.raises(ValueError, match="motion_gain"):
+        MeanFlowConfig(motion_gain=2.0)
     with pytest.raises(ValueError, match="residual"):
         MeanFlow(WarpNet(residual, disp), prediction="warp")
     with pytest.raises(ValueError, match="displacement"):

@@ -4,7 +4,9 @@
 The echo is read (:func:`echolvfm_core.io.load_echo`), brought onto the model grid
 (:func:`echolvfm_core.preprocess.preprocess`), and the observed frames condition the one-step generator
 (:class:`echolvfm_core.pipelines.counterfactual.CounterfactualPipeline`); the loop is written as MP4 (or GIF, by
-the suffix of ``--out``) at the input's frame rate. With a segmenter in the models folder the generated loop's EF
+the suffix of ``--out``) at the input's frame rate. Without ``--frames``, a loop longer than the generator's
+``max_frames`` is first resampled in time to that many frames (same duration; as in the app and the evaluation), and
+the output keeps that frame rate. With a segmenter in the models folder the generated loop's EF
 is measured (and ``--reject K`` keeps the best of K candidates).
 """
 from __future__ import annotations
@@ -32,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ef", type=float, required=True, help="requested ejection fraction in %%")
     p.add_argument("--observed", type=_indices, default=[0], help="frames to condition on, e.g. 0,5 (default 0)")
     p.add_argument("--frames", type=int, default=None,
-                   help="frames to generate (default: the input's, at most 32; 32 for a still)")
+                   help="frames to generate (default: the input's; a longer loop than the generator's max_frames is "
+                        "resampled in time to max_frames frames, and --observed then counts its frames; max_frames "
+                        "for a still)")
     p.add_argument("--steps", type=int, default=None, help="flow steps (default: 1 for the one-step generator)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--reject", type=int, default=1, metavar="K",
@@ -49,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from echolvfm_core.cli import CommandError
     from echolvfm_core.io import load_echo, write_gif, write_mp4
     from echolvfm_core.pipelines.counterfactual import CounterfactualPipeline, default_models_dir
-    from echolvfm_core.preprocess import preprocess
+    from echolvfm_core.preprocess import preprocess, resample_time
 
     out = Path(args.out)
     if out.suffix.lower() not in (".mp4", ".gif"):
@@ -67,12 +71,17 @@ def run(args: argparse.Namespace) -> int:
     echo = load_echo(args.path)
     pipe = CounterfactualPipeline.from_pretrained(models, device=args.device)
     pre = preprocess(echo, size=int(pipe.net.config.sample_size) * int(pipe.codec.downsample))
+    loop, fps = pre.echo, echo.fps or DEFAULT_FPS
+    if args.frames is None and loop.n_frames > pipe.max_frames and loop.fps:
+        # the generator makes at most max_frames frames and learnt loops resampled in time to fit them
+        loop = resample_time(loop, loop.fps * pipe.max_frames / loop.n_frames)
+        loop = loop.replace(frames=loop.frames[: pipe.max_frames], labels=None, labelled=())
+        fps = loop.fps
     try:
-        cf = pipe.generate(pre.echo, ef=args.ef, observed=args.observed, length=args.frames, steps=args.steps,
+        cf = pipe.generate(loop, ef=args.ef, observed=args.observed, length=args.frames, steps=args.steps,
                            seed=args.seed, reject=args.reject)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
-    fps = echo.fps or DEFAULT_FPS
     (write_gif if out.suffix.lower() == ".gif" else write_mp4)(cf.frames[0], out, fps=fps)
     measured = cf.measured_ef[0] if cf.measured_ef else None
     record = {

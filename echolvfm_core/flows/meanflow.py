@@ -75,6 +75,10 @@ class MeanFlowConfig:
         is plain regression of the one-step sample onto the data: the generator learns the expected loop given the
         observed frames and the EF and is then close to deterministic (the noise barely changes its output). Used by
         the CPU preset, where the full objective did not learn the EF-dependent motion within the budget.
+    motion_gain: with "warp", sampling (not training) multiplies the displacement field by it. A regression-trained
+        generator returns the expected motion, whose amplitude shrinks where the timing and shape of the contraction
+        are uncertain; a gain > 1, chosen on training patients, restores the amplitude (the CPU model's card states
+        the value and how it was chosen). 1: the network's own estimate.
     linear_ratio: share of training steps that use the masked linear flow-matching objective (all r = t, no JVP,
         same weighting) instead of the MeanFlow objective; steps alternate deterministically.
     observed_weight: loss weight of observed frames relative to the other real frames.
@@ -107,6 +111,7 @@ class MeanFlowConfig:
     displacement_gain: float = 5.0
     one_step_share: float = 0.0
     mf_weight: float = 1.0
+    motion_gain: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("share_r_neq_t", "one_step_share"):
@@ -124,6 +129,10 @@ class MeanFlowConfig:
             raise ValueError(f"recon_on must be one of {RECON_ON}; got {self.recon_on!r}.")
         if self.recon_weight < 0 or self.observed_weight < 0 or self.mf_weight < 0:
             raise ValueError("recon_weight, observed_weight and mf_weight must be >= 0.")
+        if self.motion_gain != 1.0 and self.prediction != "warp":
+            raise ValueError('motion_gain scales the displacement field of prediction="warp" only.')
+        if not self.motion_gain > 0:
+            raise ValueError(f"motion_gain must be > 0; got {self.motion_gain}.")
         if self.mf_weight == 0 and self.recon_weight == 0:
             raise ValueError("mf_weight = 0 leaves only the reconstruction regulariser: recon_weight must be > 0.")
 
@@ -159,8 +168,9 @@ class MeanFlow(nn.Module):
             r, t = torch.where(one, 0.0, r), torch.where(one, 1.0, t)
         return r, t
 
-    def _velocity_fn(self, cond: Conditioning, anchor: torch.Tensor | None = None):
-        """u(z, r, t) of the network; ``anchor``: ``anchor_latents(cond)`` when the caller has it (residual flows)."""
+    def _velocity_fn(self, cond: Conditioning, anchor: torch.Tensor | None = None, motion_gain: float = 1.0):
+        """u(z, r, t) of the network; ``anchor``: ``anchor_latents(cond)`` when the caller has it (residual flows);
+        ``motion_gain``: factor on the displacement field ("warp" prediction)."""
         if anchor is None and self.config.residual:
             anchor = anchor_latents(cond)
         context = network_context(self.net, cond, anchor)
@@ -172,7 +182,8 @@ class MeanFlow(nn.Module):
         def fn(z, r, t):
             out = self.net(z, t, t - r, cond.ef, cond.cond, cond.frame_mask, **context)
             if prediction == "warp":
-                disp = out[:, c:].transpose(1, 2).reshape(b * frames, 2, h, w) * self.config.displacement_gain
+                disp = out[:, c:].transpose(1, 2).reshape(b * frames, 2, h, w) * (self.config.displacement_gain
+                                                                                   * motion_gain)
                 moved = warp_latents(frame_anchor, disp).reshape(b, frames, c, h, w).transpose(1, 2)
                 out = moved - anchor + out[:, :c]
             if prediction in ("x", "warp"):
@@ -251,7 +262,7 @@ class MeanFlow(nn.Module):
         times = torch.linspace(1.0, 0.0, steps + 1, device=z.device, dtype=z.dtype)
         n = z.shape[0]
         anchor = anchor_latents(cond) if self.config.residual else None
-        velocity = self._velocity_fn(cond, anchor)
+        velocity = self._velocity_fn(cond, anchor, self.config.motion_gain)
         for i in range(steps):
             t, r = times[i].expand(n), times[i + 1].expand(n)
             u = velocity(z, r, t)

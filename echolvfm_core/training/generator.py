@@ -531,6 +531,7 @@ flow options: residual {flow["residual"]} (the flow carries each frame's differe
 interpolated in time), prediction "{flow["prediction"]}".
 
 Objective: {_objective(flow)}
+{_calibration(final)}
 
 ## Data
 - Prepared folder `{metrics.get("data")}` (`echolvfm prepare`): CAMUS apical 4CH ED / ES pairs with synthesised
@@ -558,8 +559,9 @@ Configuration: `training_config.json`, flow: `flow.json`.
 echolvfm prepare --camus CAMUS_DIR --out {metrics.get("data")} --loops-per-patient 4 --phantom 200 --seed 0
 {metrics.get("command")}
 ```
-then copy `OUT/final` to `assets/generator` and run `echolvfm evaluate --prepared {metrics.get("data")} --models assets
---sections generation --card --out runs/eval_generator`.
+then copy `OUT/final` to `assets/generator`, choose the sampling motion gain of a warp generator with
+`echolvfm calibrate-gain --prepared {metrics.get("data")}`, and run `echolvfm evaluate --prepared {metrics.get("data")}
+--models assets --sections generation --card --out runs/eval_generator`.
 
 ## Limits
 Trained on synthesised motion of one data set's apical 4CH views; the generated loops are synthetic, for teaching and
@@ -585,6 +587,27 @@ def _objective(flow: dict) -> str:
     if flow.get("recon_weight", 0):
         text += f", reconstruction regulariser weight {flow['recon_weight']:g} on {flow['recon_on']} samples"
     return text + "."
+
+
+def _calibration(final: Path) -> str:
+    """The card's paragraph on the sampling motion gain (``echolvfm calibrate-gain``), or "" when not calibrated."""
+    path = final / "calibration.json"
+    if not path.is_file():
+        return ""
+    cal = json.loads(path.read_text())
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    rows = "\n".join(f"| {c['gain']:g} | {fmt(c['mae'])} | " + " | ".join(map(fmt, c["mean_measured"].values())) + " |"
+                     for c in cal["candidates"])
+    heads = " | ".join(f"mean measured at {e:g} %" for e in cal["efs"])
+    return f"""
+Sampling motion gain {cal["chosen_gain"]:g}: the displacement field is multiplied by it when sampling (training is
+unchanged), chosen by `{cal["command"]}` as the candidate whose measured EFs (bundled segmenter, one pass) came
+closest to the requests on {cal["patients"]} `{cal["split"]}` patients (ED observed, seed {cal["seed"]}):
+
+| gain | MAE | {heads} |
+|---|---|{"---|" * len(cal["efs"])}
+{rows}
+"""
 
 
 def _loss_parts(parts: dict) -> str:
