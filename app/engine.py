@@ -106,8 +106,8 @@ class Measurement:
 def _rolled(m: Measurement, shift: int) -> Measurement:
     """The measurement of the same loop started ``shift`` frames later (per-frame arrays and phase indices moved)."""
     n = len(m.lv_area) if m.lv_area is not None else None
-    roll = lambda a: None if a is None else np.roll(a, -shift, axis=0)  # noqa: E731
-    phase = lambda i: None if i is None or n is None else (int(i) - shift) % n  # noqa: E731
+    roll = lambda a: None if a is None else np.roll(a, -shift, axis=0)
+    phase = lambda i: None if i is None or n is None else (int(i) - shift) % n
     return replace(m, lv_area=roll(m.lv_area), lv_masks=roll(m.lv_masks), ed_index=phase(m.ed_index),
                    es_index=phase(m.es_index))
 

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 #: written beside the generator: the candidates' numbers and the chosen gain
 CALIBRATION_FILE = "calibration.json"
@@ -57,7 +54,11 @@ def run(args: argparse.Namespace) -> int:
     from ..estimators.segmentation import SegmentationEF
     from ..flows import MeanFlow
     from ..models.vae import EchoCodec
-    from ..pipelines.counterfactual import FLOW_FILE, CounterfactualPipeline, load_generator
+    from ..pipelines.counterfactual import (
+        FLOW_FILE,
+        CounterfactualPipeline,
+        load_generator,
+    )
     from ..pipelines.evaluation import _video
 
     gains, efs = _floats(args.gains, "gains"), _floats(args.efs, "efs")
