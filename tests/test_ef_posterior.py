@@ -332,3 +332,53 @@ def test_estimate_ef_command_on_the_dicom_sample(sample_path, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["samples"] == first["samples"]  # deterministic for a seed
     assert main(["estimate-ef", str(sample_path), "--models", str(tmp_path / "none")]) == 2
     assert "No EF posterior model" in capsys.readouterr().err
+
+
+def _small_jepa():
+    from echolvfm_core.models.jepa import EchoJEPA
+
+    torch.manual_seed(3)
+    return EchoJEPA(num_frames=8, frame_size=32, tubelet=2, patch=8, dim=32, depth=1, heads=2, mlp_ratio=2.0,
+                    pred_dim=16, pred_depth=1, pred_heads=2)
+
+
+def test_jepa_backbone_is_frozen_and_its_pooling_trains(loops):
+    jepa = _small_jepa()
+    vit = {k: jepa.config[k] for k in ("num_frames", "frame_size", "tubelet", "patch", "dim", "depth", "heads",
+                                       "mlp_ratio")}
+    model = tiny_model(backbone="jepa", jepa=vit, num_frames=8, frame_size=32)
+    model.encoder.vit.load_state_dict(jepa.encoder.state_dict())
+    model.train()
+    assert not model.encoder.vit.training  # frozen: inference mode even while the rest trains
+    clips = torch.rand(3, 1, 8, 32, 32)
+    loss = diffusion_loss(model, make_train_scheduler(), clips, torch.tensor([30.0, 50.0, 70.0]),
+                          torch.full((3,), float("nan")), torch.full((3,), -1), 4, 0.5, torch.Generator().manual_seed(0))[0]
+    loss.backward()
+    assert all(p.grad is None for p in model.encoder.vit.parameters())
+    assert model.encoder.query.grad is not None and float(model.encoder.query.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="JEPA encoder takes"):
+        tiny_model(backbone="jepa", jepa=vit, num_frames=16, frame_size=32)
+    with pytest.raises(ValueError, match="backbone"):
+        tiny_model(backbone="resnet")
+
+
+def test_train_command_with_the_jepa_backbone(tmp_path):
+    from echolvfm_core.cli import main
+    from echolvfm_core.data.prepared import PrepareConfig, prepare
+
+    jepa = _small_jepa()
+    jepa.save_pretrained(tmp_path / "jepa")
+    data = tmp_path / "prepared"
+    prepare(None, data, PrepareConfig(phantom=6, loops_per_patient=2), progress=False)
+    out = tmp_path / "ef"
+    args = ["train", "ef-regressor", "--data", str(data), "--preset", "tiny", "--steps", "3", "--out", str(out),
+            "--backbone", "jepa", "--jepa", str(tmp_path / "jepa")]
+    assert main(args) == 0
+    est = EFPosteriorEstimator.from_pretrained(out / "final")
+    assert est.model.config.backbone == "jepa" and est.model.config.frame_size == 32
+    trained = est.model.encoder.vit.state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in jepa.encoder.state_dict().items())  # the encoder stayed frozen
+    card = (out / "final" / "MODEL_CARD.md").read_text()
+    assert "EchoJEPA" in card and "--backbone jepa" in card
+    post = est.posterior(np.random.default_rng(0).random((12, 64, 64), dtype=np.float32))
+    assert post.samples.shape == (40,)

@@ -14,8 +14,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 #: section name -> model sub-folder it needs under --models
-SECTIONS = {"vae": "vae", "segmentation": "segmenter", "ef_regression": "ef_regressor", "generation": "generator",
-            "jepa": "jepa"}
+SECTIONS = {"vae": "vae", "segmentation": "segmenter", "ef_regression": "ef_regressor",
+            "ef_regression_jepa": "ef_regressor_jepa", "generation": "generator", "jepa": "jepa"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -140,8 +140,10 @@ def _jepa(folder: Path, loops, args) -> dict:
     return evaluate_jepa_section(folder, loops, args)
 
 
+#: ef_regression_jepa: the same posterior metrics for an EF regressor on the EchoJEPA backbone
+#: (`echolvfm train ef-regressor --backbone jepa`), so that the report compares both backbones.
 _SECTION_FUNCS = {"vae": _vae, "segmentation": _segmentation, "ef_regression": _ef_regression,
-                  "generation": _generation, "jepa": _jepa}
+                  "ef_regression_jepa": _ef_regression, "generation": _generation, "jepa": _jepa}
 
 
 def _report(metrics: dict) -> str:

@@ -28,6 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         mp.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")
         if name == "generator":
             mp.add_argument("--vae", default=None, help="codec folder (default: the bundled assets/vae)")
+        if name == "ef-regressor":
+            mp.add_argument("--backbone", default="r2plus1d", choices=("r2plus1d", "jepa"),
+                            help="video backbone: a (2+1)D CNN trained with the regressor, or the EchoJEPA encoder "
+                                 "(frozen)")
+            mp.add_argument("--jepa", default=None, help="EchoJEPA folder for --backbone jepa (default: assets/jepa)")
         mp.set_defaults(func=_runner(module))
 
 

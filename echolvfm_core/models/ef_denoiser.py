@@ -3,7 +3,7 @@
 The diffused variable is the z-scored EF, ``y = (EF - ef_mean) / ef_std`` with the training labels' mean and standard
 deviation stored in the config. The network predicts the noise ``eps`` of ``y_t = sqrt(abar_t) y + sqrt(1 - abar_t)
 eps`` (Ho et al., "Denoising Diffusion Probabilistic Models", NeurIPS 2020, eq. 14), conditioned on features of the
-echo clip from a small (2+1)D encoder and, when known, age and sex. Missing age or sex use learned null embeddings
+echo clip from a video backbone and, when known, age and sex. Missing age or sex use learned null embeddings
 (trained by modality dropout), in the spirit of multimodal conditional score-based diffusion regression.
 
 The encoder runs once per clip (:meth:`EFDenoiser.encode`); the denoiser (:meth:`EFDenoiser.forward`) is a small MLP
@@ -11,7 +11,7 @@ that is cheap to call for many trajectories and steps with the same features.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -19,9 +19,13 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from .jepa import JEPAClipEncoder, JEPAConfig
 from .video_encoder import VideoEncoder
 
-__all__ = ["EFDenoiser", "EFDenoiserConfig", "ef_denoiser_preset", "EF_DENOISER_PRESETS", "SEX_CODES"]
+__all__ = ["EFDenoiser", "EFDenoiserConfig", "ef_denoiser_preset", "EF_DENOISER_PRESETS", "SEX_CODES", "BACKBONES"]
+
+#: Video backbones: a small (2+1)D CNN trained with the denoiser, or an EchoJEPA ViT (self-supervised, frozen).
+BACKBONES = ("r2plus1d", "jepa")
 
 #: Sex codes used by :meth:`EFDenoiser.forward`; -1 means unknown.
 SEX_CODES = {"F": 0, "M": 1}
@@ -32,7 +36,12 @@ _AGE_CENTRE, _AGE_SCALE = 60.0, 20.0
 
 @dataclass(frozen=True)
 class EFDenoiserConfig:
-    """Constructor arguments of :class:`EFDenoiser` (also what ``config.json`` stores)."""
+    """Constructor arguments of :class:`EFDenoiser` (also what ``config.json`` stores).
+
+    ``backbone`` "r2plus1d" uses ``encoder_channels`` / ``temporal_strides``; "jepa" uses ``jepa`` (the
+    :class:`~echolvfm_core.models.jepa.JEPAConfig` fields of the encoder, whose clip shape must be
+    ``num_frames`` x ``frame_size``) and ``frozen_backbone``.
+    """
 
     num_frames: int = 16
     frame_size: int = 56
@@ -43,6 +52,9 @@ class EFDenoiserConfig:
     num_blocks: int = 3
     ef_mean: float = 55.0
     ef_std: float = 12.0
+    backbone: str = "r2plus1d"
+    jepa: dict | None = field(default=None)
+    frozen_backbone: bool = True
 
 
 #: Size presets: ``demo`` (bundled) and ``tiny`` (tests).
@@ -95,11 +107,25 @@ class EFDenoiser(ModelMixin, ConfigMixin):
         num_blocks: int = 3,
         ef_mean: float = 55.0,
         ef_std: float = 12.0,
+        backbone: str = "r2plus1d",
+        jepa: dict | None = None,
+        frozen_backbone: bool = True,
     ):
         super().__init__()
         if not ef_std > 0:
             raise ValueError(f"ef_std must be positive; got {ef_std}.")
-        self.encoder = VideoEncoder(tuple(encoder_channels), feature_dim, tuple(temporal_strides))
+        if backbone == "r2plus1d":
+            self.encoder = VideoEncoder(tuple(encoder_channels), feature_dim, tuple(temporal_strides))
+        elif backbone == "jepa":
+            if not jepa:
+                raise ValueError("backbone 'jepa' needs the encoder's configuration (jepa=...).")
+            vit = JEPAConfig(**{k: v for k, v in jepa.items() if k in JEPAConfig.__dataclass_fields__})
+            if (vit.num_frames, vit.frame_size) != (num_frames, frame_size):
+                raise ValueError(f"the JEPA encoder takes {vit.num_frames} x {vit.frame_size} clips; the denoiser is "
+                                 f"configured for {num_frames} x {frame_size}.")
+            self.encoder = JEPAClipEncoder(vit, feature_dim, frozen=frozen_backbone)
+        else:
+            raise ValueError(f"Unknown backbone {backbone!r}; choose one of {BACKBONES}.")
         # Point estimate of the z-scored EF from the features: an auxiliary training target that speeds up the
         # encoder's learning; the posterior itself comes from the diffusion model only.
         self.aux_head = nn.Linear(feature_dim, 1)

@@ -13,6 +13,8 @@ grid, 392 tokens, numbered ``t * 49 + h * 7 + w``.
   The bundled encoder is the EMA target encoder at the end of training (as V-JEPA evaluates its target encoder).
 * :class:`AttentiveProbe` - a learned query cross-attends to the frozen tokens, then a linear read-out
   (V-JEPA's attentive probe, one query); :class:`LinearProbe` - a linear read-out of the mean token.
+* :class:`JEPAClipEncoder` - the encoder as the video backbone of the EF regressor (attentive pooling to a
+  feature vector; frozen by default).
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ __all__ = [
     "EchoJEPA",
     "AttentiveProbe",
     "LinearProbe",
+    "JEPAClipEncoder",
+    "attentive_pool",
 ]
 
 
@@ -191,6 +195,51 @@ class EchoJEPA(ModelMixin, ConfigMixin):
         return self.encoder(video).mean(dim=1)
 
 
+def attentive_pool(query: torch.Tensor, kv: nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
+    """Cross-attention of learned queries to tokens: query (1, heads, Q, c), ``kv`` a Linear(dim -> 2 heads c),
+    tokens (B, N, dim) -> (B, Q heads c); keys and values are projections of the layer-normed tokens."""
+    b, n, d = tokens.shape
+    heads, nq = query.shape[1], query.shape[2]
+    k, v = kv(F.layer_norm(tokens, (d,))).view(b, n, 2, heads, -1).permute(2, 0, 3, 1, 4)  # (B, h, N, c)
+    out = F.scaled_dot_product_attention(query.expand(b, -1, -1, -1), k, v)  # (B, h, Q, c)
+    return out.transpose(1, 2).reshape(b, nq * k.shape[-1] * heads)
+
+
+class JEPAClipEncoder(nn.Module):
+    """A video backbone from an EchoJEPA encoder: clip (B, 1, T, S, S) in [0, 1] -> features (B, feature_dim).
+
+    The ViT's tokens are pooled by ``queries`` learned queries (cross-attention, as the attentive probe) and
+    projected to ``feature_dim``. With ``frozen`` the ViT keeps its (self-supervised) weights: it gets no gradients
+    and runs in inference mode, so only the pooling and what comes after it train, as in V-JEPA's frozen evaluation.
+    """
+
+    def __init__(self, cfg: JEPAConfig, feature_dim: int, queries: int = 4, frozen: bool = True):
+        super().__init__()
+        self.vit = VideoViT(cfg)
+        self.frozen = frozen
+        if frozen:
+            self.vit.requires_grad_(False)
+        attn_dim = cfg.dim // 2
+        self.query = nn.Parameter(torch.zeros(1, cfg.heads, queries, attn_dim // cfg.heads))
+        nn.init.trunc_normal_(self.query, std=0.02)
+        self.kv = nn.Linear(cfg.dim, 2 * attn_dim)
+        self.proj = nn.Sequential(nn.LayerNorm(queries * attn_dim), nn.Linear(queries * attn_dim, feature_dim))
+
+    def train(self, mode: bool = True) -> JEPAClipEncoder:
+        super().train(mode)
+        if self.frozen:
+            self.vit.eval()
+        return self
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            with torch.no_grad():
+                tokens = self.vit(video)
+        else:
+            tokens = self.vit(video)
+        return self.proj(attentive_pool(self.query, self.kv, tokens))
+
+
 class AttentiveProbe(ModelMixin, ConfigMixin):
     """EF read-out from frozen tokens: ``forward(tokens (B, N, dim)) -> EF (B,)`` in %.
 
@@ -212,10 +261,7 @@ class AttentiveProbe(ModelMixin, ConfigMixin):
         self.head = nn.Sequential(nn.LayerNorm(attn_dim), nn.Linear(attn_dim, 1))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        b, n, d = tokens.shape
-        heads = self.query.shape[1]
-        k, v = self.kv(F.layer_norm(tokens, (d,))).view(b, n, 2, heads, -1).permute(2, 0, 3, 1, 4)  # (B, h, N, c)
-        q = F.scaled_dot_product_attention(self.query.expand(b, -1, -1, -1), k, v).reshape(b, -1)  # (B, attn_dim)
+        q = attentive_pool(self.query, self.kv, tokens)
         q = q + self.mlp(q)
         return self.head(q)[:, 0] * self.config.ef_std + self.config.ef_mean
 

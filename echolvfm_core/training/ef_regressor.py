@@ -50,7 +50,7 @@ from .common import (
 )
 
 __all__ = ["EFTrainConfig", "TRAIN_PRESETS", "train_preset", "ClipSampler", "diffusion_loss", "label_stats", "fit", "write_model_card",
-           "train"]
+           "with_jepa_backbone", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -215,20 +215,24 @@ def label_stats(efs: np.ndarray) -> tuple[float, float]:
 
 
 def fit(sampler: ClipSampler, cfg: EFTrainConfig, out: Path, seed: int = 0, device: str | None = None,
-        resume: bool = False, valid_loops=None) -> dict:
+        resume: bool = False, valid_loops=None, backbone_state: dict | None = None) -> dict:
     """Train the EF denoiser; writes ``out/final`` (model + scheduler_config.json + training_config.json) and
     ``out/metrics.json``. ``cfg.model`` must already hold the label statistics (``ef_mean``, ``ef_std``).
 
     Args:
         valid_loops: optional list of loops (``frames``, ``ef``) for the metrics, e.g. the valid ``alpha == 1`` loops.
+        backbone_state: for ``backbone="jepa"``, the EchoJEPA encoder's state dict (its self-supervised weights).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(device)
     set_seed(seed)
     model = EFDenoiser(**asdict(cfg.model))
+    if backbone_state is not None:
+        model.encoder.vit.load_state_dict(backbone_state)
     scheduler = make_train_scheduler()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # a frozen backbone stays as it was loaded
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, cfg.steps, 0.05))
     model, optimizer, lr_sched = accelerator.prepare(model, optimizer, lr_sched)
     state = load_checkpoint(accelerator, out) if resume else {"step": 0}
@@ -247,7 +251,7 @@ def fit(sampler: ClipSampler, cfg: EFTrainConfig, out: Path, seed: int = 0, devi
                                          cfg.noise_draws, cfg.aux_weight, g)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        accelerator.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         lr_sched.step()
         losses.append(float(loss.detach()))
@@ -287,6 +291,21 @@ def fit(sampler: ClipSampler, cfg: EFTrainConfig, out: Path, seed: int = 0, devi
     return metrics
 
 
+def with_jepa_backbone(cfg: EFTrainConfig, jepa_dir: str | Path | None) -> tuple[EFTrainConfig, dict]:
+    """``cfg`` with the EchoJEPA encoder of ``jepa_dir`` (default: the bundled ``assets/jepa``) as the frozen video
+    backbone (clip shape taken from the encoder), and the encoder's weights to load into it."""
+    from ..models.jepa import EchoJEPA, JEPAConfig
+
+    folder = Path(jepa_dir) if jepa_dir else Path(__file__).resolve().parents[2] / "assets" / "jepa"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(2, "No EchoJEPA encoder (config.json) in this folder", str(folder))
+    jepa = EchoJEPA.from_pretrained(str(folder))
+    vit = {k: jepa.config[k] for k in JEPAConfig.__dataclass_fields__}
+    model = replace(cfg.model, backbone="jepa", jepa=vit, frozen_backbone=True, num_frames=vit["num_frames"],
+                    frame_size=vit["frame_size"])
+    return replace(cfg, model=model), jepa.encoder.state_dict()
+
+
 def _evaluate(model: EFDenoiser, scheduler, loops, seed: int) -> dict:
     est = EFPosteriorEstimator(model, make_sampler(scheduler.config))
     try:
@@ -302,6 +321,14 @@ def _alpha_one(ds) -> list[int]:
     return camus or [i for i, _ in rows]
 
 
+def _backbone_text(model: EFDenoiserConfig, args: argparse.Namespace) -> str:
+    if model.backbone == "jepa":
+        where = getattr(args, "jepa", None) or "assets/jepa"
+        return (f"the EchoJEPA video ViT of `{where}` (self-supervised, frozen: only the attentive pooling and the "
+                "denoiser were trained here)")
+    return "a small (2+1)D convolutional encoder"
+
+
 def write_model_card(final: Path, args: argparse.Namespace, cfg: EFTrainConfig, metrics: dict, data: dict) -> Path:
     """``final/MODEL_CARD.md``: what the model is, the data and split it saw, its valid metrics, how to reproduce."""
     v = metrics.get("valid_alpha1")
@@ -310,11 +337,14 @@ def write_model_card(final: Path, args: argparse.Namespace, cfg: EFTrainConfig, 
         if v else "| (no valid alpha = 1 loops in the data folder) | |"
     )
     steps = f" --steps {args.steps}" if args.steps is not None else ""
+    backbone = ""
+    if cfg.model.backbone == "jepa":
+        backbone = " --backbone jepa" + (f" --jepa {args.jepa}" if getattr(args, "jepa", None) else "")
     text = f"""# EF posterior by diffusion regression ({args.preset} preset)
 
 A conditional DDPM over the z-scored ejection fraction (training labels: mean {cfg.model.ef_mean:.2f} %, sd
-{cfg.model.ef_std:.2f} %), noise (epsilon) prediction, conditioned on features of a {cfg.model.num_frames}-frame clip ({cfg.model.frame_size} x {cfg.model.frame_size}) from a
-small (2+1)D convolutional encoder and, when known, age and sex (learned null embeddings, modality dropout).
+{cfg.model.ef_std:.2f} %), noise (epsilon) prediction, conditioned on features of a {cfg.model.num_frames}-frame clip ({cfg.model.frame_size} x {cfg.model.frame_size}) from
+{_backbone_text(cfg.model, args)} and, when known, age and sex (learned null embeddings, modality dropout).
 Inference: DDIM, 10 steps x 40 trajectories, clipped to [0, 100] %. Used by `echolvfm estimate-ef` and the
 Studio. {metrics.get("params", 0) / 1e6:.2f} M parameters; DDPM schedule in `scheduler_config.json`.
 
@@ -344,7 +374,7 @@ Configuration: `training_config.json`.
 ## Reproduce
 ```bash
 echolvfm prepare --camus CAMUS_DIR --out {args.data}{data.get('prepare_flags', '')}
-echolvfm train ef-regressor --data {args.data} --preset {args.preset} --seed {args.seed}{steps} --out {args.out}
+echolvfm train ef-regressor --data {args.data} --preset {args.preset} --seed {args.seed}{steps}{backbone} --out {args.out}
 ```
 
 ## Limits
@@ -362,6 +392,9 @@ def train(args: argparse.Namespace) -> int:
     from ..data.prepared import PreparedLoops
 
     cfg = preset_from_args(train_preset, args)
+    backbone_state = None
+    if getattr(args, "backbone", "r2plus1d") == "jepa":
+        cfg, backbone_state = with_jepa_backbone(cfg, args.jepa)
     train_ds = PreparedLoops(args.data, split="train", cache_size=0)  # ClipSampler keeps small copies
     mean, sd = label_stats(np.array([float(r["ef"]) for r in train_ds.manifest]))
     cfg = replace(cfg, model=replace(cfg.model, ef_mean=mean, ef_std=sd))
@@ -372,7 +405,7 @@ def train(args: argparse.Namespace) -> int:
         log.warning("no valid split for metrics: %s", exc)
         valid = []
     metrics = fit(ClipSampler(train_ds, cfg.model, cfg), cfg, Path(args.out), seed=args.seed, device=args.device,
-                  resume=args.resume, valid_loops=valid)
+                  resume=args.resume, valid_loops=valid, backbone_state=backbone_state)
     meta = train_ds.meta
     data = {
         "prepare_flags": f" --loops-per-patient {meta.get('loops_per_patient')} --phantom {meta.get('phantom')} "
