@@ -59,10 +59,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..cli import CommandError
+    from ..pipelines.counterfactual import default_models_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    models = Path(args.models) if args.models else Path(__file__).resolve().parents[2] / "assets"
+    models = Path(args.models) if args.models else default_models_dir()
 
     def need(name: str) -> Path:
         folder = models / name

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from ..pipelines.counterfactual import (
         FLOW_FILE,
         CounterfactualPipeline,
+        default_models_dir,
         load_generator,
     )
     from ..pipelines.evaluation import _video
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     gains, efs = _floats(args.gains, "gains"), _floats(args.efs, "efs")
     if min(gains) <= 0:
         raise CommandError("every gain must be > 0.")
-    models = Path(args.models) if args.models else Path(__file__).resolve().parents[2] / "assets"
+    models = Path(args.models) if args.models else default_models_dir()
     gen_dir = models / "generator"
     for name in ("generator", "vae", "segmenter"):
         if not (models / name / "config.json").is_file():

@@ -40,8 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..cli import CommandError
     from ..data.prepared import PreparedLoops
+    from ..pipelines.counterfactual import default_models_dir
 
-    models = Path(args.models) if args.models else Path(__file__).resolve().parents[2] / "assets"
+    models = Path(args.models) if args.models else default_models_dir()
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:

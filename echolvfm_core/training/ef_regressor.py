@@ -295,8 +295,9 @@ def with_jepa_backbone(cfg: EFTrainConfig, jepa_dir: str | Path | None) -> tuple
     """``cfg`` with the EchoJEPA encoder of ``jepa_dir`` (default: the bundled ``assets/jepa``) as the frozen video
     backbone (clip shape taken from the encoder), and the encoder's weights to load into it."""
     from ..models.jepa import EchoJEPA, JEPAConfig
+    from ..pipelines.counterfactual import default_models_dir
 
-    folder = Path(jepa_dir) if jepa_dir else Path(__file__).resolve().parents[2] / "assets" / "jepa"
+    folder = Path(jepa_dir) if jepa_dir else default_models_dir() / "jepa"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(2, "No EchoJEPA encoder (config.json) in this folder", str(folder))
     jepa = EchoJEPA.from_pretrained(str(folder))
