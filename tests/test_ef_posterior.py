@@ -379,6 +379,6 @@ def test_train_command_with_the_jepa_backbone(tmp_path):
     trained = est.model.encoder.vit.state_dict()
     assert all(torch.equal(trained[k], v) for k, v in jepa.encoder.state_dict().items())  # the encoder stayed frozen
     card = (out / "final" / "MODEL_CARD.md").read_text()
-    assert "EchoJEPA" in card and "--backbone jepa" in card
+    assert "EchoJEPA" in card and "--backbone jepa" in card and "Not used by the Studio" in card
     post = est.posterior(np.random.default_rng(0).random((12, 64, 64), dtype=np.float32))
     assert post.samples.shape == (40,)

@@ -341,13 +341,16 @@ def write_model_card(final: Path, args: argparse.Namespace, cfg: EFTrainConfig, 
     backbone = ""
     if cfg.model.backbone == "jepa":
         backbone = " --backbone jepa" + (f" --jepa {args.jepa}" if getattr(args, "jepa", None) else "")
+    used_by = ("Used by `echolvfm estimate-ef` and the Studio." if cfg.model.backbone == "r2plus1d" else
+               "Not used by the Studio; `echolvfm evaluate` compares it with the bundled model (section "
+               "`ef_regression_jepa`, folder `ef_regressor_jepa`).")
     text = f"""# EF posterior by diffusion regression ({args.preset} preset)
 
 A conditional DDPM over the z-scored ejection fraction (training labels: mean {cfg.model.ef_mean:.2f} %, sd
 {cfg.model.ef_std:.2f} %), noise (epsilon) prediction, conditioned on features of a {cfg.model.num_frames}-frame clip ({cfg.model.frame_size} x {cfg.model.frame_size}) from
 {_backbone_text(cfg.model, args)} and, when known, age and sex (learned null embeddings, modality dropout).
-Inference: DDIM, 10 steps x 40 trajectories, clipped to [0, 100] %. Used by `echolvfm estimate-ef` and the
-Studio. {metrics.get("params", 0) / 1e6:.2f} M parameters; DDPM schedule in `scheduler_config.json`.
+Inference: DDIM, 10 steps x 40 trajectories, clipped to [0, 100] %. {used_by}
+{metrics.get("params", 0) / 1e6:.2f} M parameters; DDPM schedule in `scheduler_config.json`.
 
 ## Data
 - Prepared folder `{args.data}` (`echolvfm prepare`): loops synthesised from real CAMUS apical 4CH ED / ES pairs at
