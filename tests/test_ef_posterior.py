@@ -25,7 +25,15 @@ from echolvfm_core.estimators.ef_posterior import (
 from echolvfm_core.metrics import crps_samples, interval_coverage
 from echolvfm_core.models.ef_denoiser import EFDenoiser, ef_denoiser_preset
 from echolvfm_core.training.augment import AugmentConfig
-from echolvfm_core.training.ef_regressor import ClipSampler, diffusion_loss, fit, label_stats, train_preset
+from echolvfm_core.training.ef_regressor import (
+    LABEL_CLASSES,
+    ClipSampler,
+    diffusion_loss,
+    fit,
+    label_loss,
+    label_stats,
+    train_preset,
+)
 
 
 def tiny_model(**overrides) -> EFDenoiser:
@@ -191,7 +199,8 @@ def test_training_steps_lower_the_loss(loops):
     model = tiny_model(ef_mean=mean, ef_std=sd)
     sampler = ClipSampler(_dataset(loops), model.config, dataclasses.replace(cfg, p_uninformative=0.0))
     sched = make_train_scheduler()
-    clips, ef, age, sex = sampler.sample(4, torch.Generator().manual_seed(0))
+    clips, ef, age, sex, labels = sampler.sample(4, torch.Generator().manual_seed(0))
+    assert labels is None  # the tiny preset does not use them
     assert clips.shape == (4, 1, 8, 32, 32) and clips.min() >= 0 and clips.max() <= 1
 
     def loss_at(seed):
@@ -214,12 +223,93 @@ def test_uninformative_clips_replace_the_video(loops):
     cfg = dataclasses.replace(train_preset("tiny"), p_uninformative=1.0)
     model = tiny_model()
     sampler = ClipSampler(_dataset(loops), model.config, cfg)
-    clips, ef, _, _ = sampler.sample(6, torch.Generator().manual_seed(1))
+    clips, ef, _, _, _ = sampler.sample(6, torch.Generator().manual_seed(1))
     known = np.array([p.ef for p in loops])
     assert all(np.isclose(known, v, atol=1e-3).any() for v in ef.tolist())  # labels are kept
     for clip in clips[:, 0]:
         still = torch.allclose(clip, clip[:1].expand_as(clip))
         assert still or float(clip.std()) > 0.02
+
+
+class _LabelledLoop(_Loop):
+    def __init__(self, frames, labels, ef):
+        super().__init__(frames, ef)
+        self.labels = labels
+
+
+def _labelled(loops):
+    return [_LabelledLoop((p.frames * 255).astype(np.uint8), p.labels, p.ef) for p in loops]
+
+
+def _label_config(**overrides):
+    cfg = train_preset("tiny")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, label_classes=LABEL_CLASSES), label_weight=1.0,
+                               **overrides)
+
+
+def test_label_heads_shapes_and_absence():
+    model = tiny_model(label_classes=LABEL_CLASSES)
+    c = model.config
+    video = torch.rand(2, 1, c.num_frames, c.frame_size, c.frame_size)
+    feats, logits, areas = model.encode(video, maps=True)
+    assert feats.shape == (2, c.feature_dim)
+    # the tiny encoder has two stages, the second halving T
+    assert logits.shape == (2, LABEL_CLASSES, c.num_frames // 2, c.frame_size // 4, c.frame_size // 4)
+    assert areas.shape == (2, c.num_frames // 2, LABEL_CLASSES)
+    torch.testing.assert_close(model.encode(video), feats)  # the heads do not change the features
+    with pytest.raises(ValueError, match="no label heads"):
+        tiny_model().encode(video, maps=True)
+    with pytest.raises(ValueError, match="r2plus1d backbone only"):
+        tiny_model(backbone="jepa", jepa={"num_frames": 8, "frame_size": 32}, label_classes=4)
+
+
+def test_sampled_labels_follow_the_clip(loops):
+    """Labels come with every clip, moved by the same geometry: the phantom's cavity stays darker than its wall."""
+    cfg = _label_config(p_uninformative=0.0, augment=AugmentConfig(p_geometry=1.0, max_rotation=15.0, p_speckle=0.0,
+                                                                      p_dropout=0.0, p_far_dropout=0.0))
+    sampler = ClipSampler(_labelled(loops), cfg.model, cfg)
+    batch = sampler.sample(6, torch.Generator().manual_seed(2))
+    assert batch.labels.shape == (6, 8, 32, 32) and batch.labels.dtype == torch.int64
+    x = batch.clips[:, 0]
+    assert float(x[batch.labels == 1].mean()) < float(x[batch.labels == 2].mean()) - 0.1
+    noisy = ClipSampler(_labelled(loops), cfg.model, dataclasses.replace(cfg, p_uninformative=1.0))
+    assert bool((noisy.sample(3, torch.Generator().manual_seed(2)).labels == -1).all())  # nothing to learn there
+
+
+def test_label_loss_prefers_the_true_labels_and_skips_unknown_clips():
+    torch.manual_seed(0)
+    labels = torch.randint(0, LABEL_CLASSES, (2, 4, 16, 16))
+    onehot = torch.nn.functional.one_hot(labels, LABEL_CLASSES).permute(0, 4, 1, 2, 3).float()
+    right = 8.0 * torch.nn.functional.avg_pool3d(onehot, (1, 4, 4)) - 4.0  # logits at a quarter of the side
+    share = onehot.mean(dim=(3, 4)).transpose(1, 2)  # (B, F, K)
+    areas = 0.5 * (share[:, 0::2] + share[:, 1::2])  # two frames per step
+    good = label_loss(right, areas, labels)
+    bad = label_loss(-right, areas.flip(-1), labels)
+    assert float(good) < float(bad)
+    assert float(label_loss(right, areas, torch.full_like(labels, -1))) == 0.0
+    mixed = labels.clone()
+    mixed[1] = -1
+    # an unknown clip's predictions, however wrong, change nothing
+    torch.testing.assert_close(label_loss(torch.cat([right[:1], -right[1:]]), torch.cat([areas[:1], areas[1:].flip(-1)]),
+                                          mixed), label_loss(right[:1], areas[:1], labels[:1]))
+
+
+def test_label_supervision_trains_the_heads(loops, tmp_path):
+    """fit with label_weight > 0: the label heads get gradients and the loss parts report the label loss."""
+    mean, sd = label_stats(np.array([p.ef for p in loops]))
+    cfg = _label_config(p_uninformative=0.0)
+    model = tiny_model(ef_mean=mean, ef_std=sd, label_classes=LABEL_CLASSES)
+    batch = ClipSampler(_labelled(loops), model.config, cfg).sample(4, torch.Generator().manual_seed(0))
+    loss, parts = diffusion_loss(model, make_train_scheduler(), batch.clips, batch.ef, batch.age, batch.sex, 4, 0.5,
+                                 torch.Generator().manual_seed(0), batch.labels, cfg.label_weight)
+    loss.backward()
+    assert parts["label"] > 0
+    for head in (model.encoder.label_head, model.encoder.area_head):
+        assert float(head.weight.grad.abs().sum()) > 0
+    cfg = dataclasses.replace(cfg, steps=2, model=dataclasses.replace(cfg.model, ef_mean=mean, ef_std=sd))
+    fit(ClipSampler(_labelled(loops), cfg.model, cfg), cfg, tmp_path, seed=0)
+    est = EFPosteriorEstimator.from_pretrained(tmp_path / "final")
+    assert est.model.config.label_classes == LABEL_CLASSES and est.posterior(loops[0].frames).samples.shape == (40,)
 
 
 def test_fit_writes_model_scheduler_metrics(loops, tmp_path):

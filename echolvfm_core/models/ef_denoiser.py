@@ -40,7 +40,8 @@ class EFDenoiserConfig:
 
     ``backbone`` "r2plus1d" uses ``encoder_channels`` / ``temporal_strides``; "jepa" uses ``jepa`` (the
     :class:`~echolvfm_core.models.jepa.JEPAConfig` fields of the encoder, whose clip shape must be
-    ``num_frames`` x ``frame_size``) and ``frozen_backbone``.
+    ``num_frames`` x ``frame_size``) and ``frozen_backbone``. ``label_classes`` > 0 gives the (2+1)D encoder its
+    training-only label heads (:class:`~echolvfm_core.models.video_encoder.VideoEncoder`).
     """
 
     num_frames: int = 16
@@ -55,6 +56,7 @@ class EFDenoiserConfig:
     backbone: str = "r2plus1d"
     jepa: dict | None = field(default=None)
     frozen_backbone: bool = True
+    label_classes: int = 0
 
 
 #: Size presets: ``demo`` (bundled) and ``tiny`` (tests).
@@ -110,13 +112,16 @@ class EFDenoiser(ModelMixin, ConfigMixin):
         backbone: str = "r2plus1d",
         jepa: dict | None = None,
         frozen_backbone: bool = True,
+        label_classes: int = 0,
     ):
         super().__init__()
         if not ef_std > 0:
             raise ValueError(f"ef_std must be positive; got {ef_std}.")
         if backbone == "r2plus1d":
-            self.encoder = VideoEncoder(tuple(encoder_channels), feature_dim, tuple(temporal_strides))
+            self.encoder = VideoEncoder(tuple(encoder_channels), feature_dim, tuple(temporal_strides), label_classes)
         elif backbone == "jepa":
+            if label_classes:
+                raise ValueError("label_classes applies to the r2plus1d backbone only.")
             if not jepa:
                 raise ValueError("backbone 'jepa' needs the encoder's configuration (jepa=...).")
             vit = JEPAConfig(**{k: v for k, v in jepa.items() if k in JEPAConfig.__dataclass_fields__})
@@ -149,13 +154,14 @@ class EFDenoiser(ModelMixin, ConfigMixin):
         return z * self.config.ef_std + self.config.ef_mean
 
     # ------------------------------------------------------------------------------------------ networks
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """Clip features: video (B, 1, num_frames, frame_size, frame_size) in [0, 1] -> (B, feature_dim)."""
+    def encode(self, video: torch.Tensor, maps: bool = False):
+        """Clip features: video (B, 1, num_frames, frame_size, frame_size) in [0, 1] -> (B, feature_dim); with
+        ``maps`` (training, ``label_classes`` > 0) also the encoder's label logits and areas."""
         c = self.config
         expected = (1, c.num_frames, c.frame_size, c.frame_size)
         if video.ndim != 5 or tuple(video.shape[1:]) != expected:
             raise ValueError(f"EFDenoiser.encode expects video (B, {', '.join(map(str, expected))}); got {tuple(video.shape)}.")
-        return self.encoder(video)
+        return self.encoder(video, maps=True) if maps else self.encoder(video)
 
     def condition(
         self, features: torch.Tensor, age: torch.Tensor | None = None, sex: torch.Tensor | None = None

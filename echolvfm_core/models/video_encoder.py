@@ -54,11 +54,18 @@ class VideoEncoder(nn.Module):
     The stem sees each frame and its deviation from the clip's mean frame; the head pools space, then takes the
     temporal mean and standard deviation of every channel.
 
+    With ``label_classes`` > 0 the encoder also has two training-only heads (``forward(video, maps=True)``): per-frame
+    label logits from the second stage (a 1 x 1 convolution, 1/4 of the input side) and the share of the image each
+    label covers at every time step of the last stage (a linear map of its spatially pooled features, the same
+    features the clip vector is made of). Supervising them with the loops' labels teaches the encoder where the
+    ventricle is and how its area changes, which a scalar EF label alone teaches slowly.
+
     Args:
         channels: output channels of the stem and of each stage; every stage after the first halves H and W,
             stages listed in ``temporal_strides`` (by index) also halve T.
         feature_dim: size of the output vector.
         temporal_strides: per stage, 1 or 2.
+        label_classes: number of label classes of the training-only heads (0: no heads).
     """
 
     def __init__(
@@ -66,6 +73,7 @@ class VideoEncoder(nn.Module):
         channels: tuple[int, ...] = (16, 32, 64, 128),
         feature_dim: int = 128,
         temporal_strides: tuple[int, ...] = (1, 1, 1, 2),
+        label_classes: int = 0,
     ):
         super().__init__()
         if len(temporal_strides) != len(channels):
@@ -85,14 +93,32 @@ class VideoEncoder(nn.Module):
             prev = c
         self.stages = nn.Sequential(*stages)
         self.proj = nn.Sequential(nn.LayerNorm(2 * prev), nn.Linear(2 * prev, feature_dim))
+        if label_classes > 0:
+            if len(channels) < 2:
+                raise ValueError("the label heads need at least two stages.")
+            self.label_head = nn.Conv3d(channels[1], label_classes, 1)
+            self.area_head = nn.Linear(prev, label_classes)
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
+    def forward(self, video: torch.Tensor, maps: bool = False):
+        """Clip features (B, feature_dim); with ``maps`` also label logits (B, K, T, H / 4, W / 4) and label areas
+        (B, T', K), T' the last stage's length (``label_classes`` > 0 only)."""
         if video.ndim != 5 or video.shape[1] != 1:
             raise ValueError(f"VideoEncoder expects video (B, 1, T, H, W); got {tuple(video.shape)}.")
+        if maps and not hasattr(self, "label_head"):
+            raise ValueError("This encoder has no label heads (label_classes = 0).")
         # input channels: the frames and their deviation from the clip's mean frame (what moves: the walls)
         x = torch.cat([2.0 * video - 1.0, 4.0 * (video - video.mean(dim=2, keepdim=True))], dim=1)
-        h = self.stages(self.stem(x)).mean(dim=(3, 4))  # (B, C, T'): spatial average per time
+        x = self.stem(x)
+        logits = None
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if maps and i == 1:
+                logits = self.label_head(x)
+        h = x.mean(dim=(3, 4))  # (B, C, T'): spatial average per time
         # temporal mean and standard deviation: the level of each feature and the amplitude of its change over the
         # cycle (how much the ventricle moves is what the EF measures)
         pooled = torch.cat([h.mean(dim=2), h.std(dim=2, unbiased=False)], dim=1)
-        return self.proj(pooled)
+        features = self.proj(pooled)
+        if not maps:
+            return features
+        return features, logits, self.area_head(h.transpose(1, 2))

@@ -11,7 +11,8 @@ transform is drawn per sample and shared by its C channels, except the speckle n
 * speckle: smoothed multiplicative noise plus a little additive noise, inside the fan only;
 * sector-edge dropout: a wedge at one or both fan edges, or the far field, set to 0 (poor windows, narrow sectors).
 
-Labels (B, S, S), when given, follow the geometry (nearest neighbour) and nothing else. All randomness comes from
+Labels (B, S, S), or (B, C, S, S) for the frames of a clip, when given, follow the geometry (nearest neighbour) and
+nothing else. All randomness comes from
 the ``generator`` argument.
 """
 from __future__ import annotations
@@ -61,14 +62,16 @@ def augment_batch(
     generator: torch.Generator,
     cfg: AugmentConfig = AugmentConfig(),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Augment frames (B, C, S, S) float in [0, 1] and optional labels (B, S, S) int64; returns both (new tensors).
+    """Augment frames (B, C, S, S) float in [0, 1] and optional labels (B, S, S) or (B, C, S, S) int64; returns both
+    (new tensors).
 
     Random numbers are drawn on the CPU from ``generator``; the tensors may live on any device.
     """
     if x.ndim != 4 or x.shape[-1] != x.shape[-2]:
         raise ValueError(f"augment_batch expects frames (B, C, S, S); got {tuple(x.shape)}.")
-    if labels is not None and labels.shape != (x.shape[0], *x.shape[-2:]):
-        raise ValueError(f"labels must be (B, S, S) = {(x.shape[0], *x.shape[-2:])}; got {tuple(labels.shape)}.")
+    if labels is not None and labels.shape not in ((x.shape[0], *x.shape[-2:]), x.shape):
+        raise ValueError(f"labels must be (B, S, S) = {(x.shape[0], *x.shape[-2:])} or (B, C, S, S); got "
+                         f"{tuple(labels.shape)}.")
     b, c, s, _ = x.shape
     dev = x.device
     g = generator
@@ -87,8 +90,10 @@ def augment_batch(
         grid = F.affine_grid(theta, (b, c, s, s), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if labels is not None:
-            labels = F.grid_sample(labels[:, None].to(x.dtype), grid, mode="nearest", padding_mode="zeros",
-                                   align_corners=False)[:, 0].round().long()
+            stack = labels if labels.ndim == 4 else labels[:, None]
+            stack = F.grid_sample(stack.to(x.dtype), grid, mode="nearest", padding_mode="zeros",
+                                  align_corners=False).round().long()
+            labels = stack if labels.ndim == 4 else stack[:, 0]
     fan = x.amax(dim=1, keepdim=True) > 0  # (B, 1, S, S) pixels inside the (moved) fan
 
     # --- gain, contrast, depth attenuation --------------------------------------------------------------------

@@ -4,6 +4,9 @@ Diffusion regression (MCSDR style): the clip encoder and the conditional noise p
 the DDPM noise-prediction loss on the z-scored EF (Ho et al. 2020, eq. 14), several noise draws per clip so that
 one encoder pass serves many denoising targets, plus a small auxiliary regression of the z-scored EF from the clip
 features (it speeds up the encoder's learning on a CPU budget; the posterior comes from the diffusion model only).
+The demo preset also supervises the (2+1)D encoder's training-only label heads with the loops' per-frame labels
+(LV cavity, myocardium, left atrium; soft cross-entropy at a quarter of the clip's side, and the share of the image
+each label covers over time): the EF label says how much the ventricle moves, the labels say where it is.
 
 Training clips come from every prepared loop of the training split (all counterfactual strengths ``alpha``; their
 EF labels are exact, measured on the warped labels): random phase offset and 1-1.5 cycles half of the time, the
@@ -24,6 +27,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -37,7 +41,12 @@ from ..estimators.ef_posterior import (
     make_train_scheduler,
     video_clip,
 )
-from ..models.ef_denoiser import SEX_CODES, EFDenoiser, EFDenoiserConfig, ef_denoiser_preset
+from ..models.ef_denoiser import (
+    SEX_CODES,
+    EFDenoiser,
+    EFDenoiserConfig,
+    ef_denoiser_preset,
+)
 from .augment import AugmentConfig, augment_batch
 from .common import (
     load_checkpoint,
@@ -49,8 +58,8 @@ from .common import (
     warmup_cosine,
 )
 
-__all__ = ["EFTrainConfig", "TRAIN_PRESETS", "train_preset", "ClipSampler", "diffusion_loss", "label_stats", "fit", "write_model_card",
-           "with_jepa_backbone", "train"]
+__all__ = ["EFTrainConfig", "TRAIN_PRESETS", "LABEL_CLASSES", "train_preset", "ClipBatch", "ClipSampler",
+           "diffusion_loss", "label_loss", "label_stats", "fit", "write_model_card", "with_jepa_backbone", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,7 @@ class EFTrainConfig:
         noise_draws: diffusion timesteps / noises drawn per clip per step.
         lr, weight_decay, warmup: AdamW, linear warm-up then cosine decay to 5 % of ``lr``.
         aux_weight: weight of the auxiliary EF regression from the clip features.
+        label_weight: weight of the label-head losses (needs ``model.label_classes`` > 0; 0 = labels unused).
         p_uninformative: share of clips replaced by noise or a still frame (label kept).
         p_drop_age, p_drop_sex: modality dropout of known age / sex.
         p_inference_clip: share of clips sampled exactly as at inference (whole loop from frame 0).
@@ -80,6 +90,7 @@ class EFTrainConfig:
     weight_decay: float = 1e-4
     warmup: int = 150
     aux_weight: float = 0.5
+    label_weight: float = 0.0
     p_uninformative: float = 0.06
     p_drop_age: float = 0.3
     p_drop_sex: float = 0.3
@@ -92,8 +103,11 @@ class EFTrainConfig:
     )
 
 
+#: Label classes of the loops (background, LV cavity, myocardium, left atrium).
+LABEL_CLASSES = 4
+
 TRAIN_PRESETS = {
-    "demo": EFTrainConfig(),
+    "demo": EFTrainConfig(model=replace(ef_denoiser_preset("demo"), label_classes=LABEL_CLASSES), label_weight=1.0),
     "tiny": EFTrainConfig(model=ef_denoiser_preset("tiny"), steps=30, batch_size=4, noise_draws=4, warmup=5,
                           eval_every=0, checkpoint_every=10),
 }
@@ -113,27 +127,45 @@ def _sample_value(sample, name: str):
     return value
 
 
-class ClipSampler:
-    """Draws training clips from a loop data set (items with ``frames`` uint8 (T, S, S) and ``ef`` in %).
+class ClipBatch(NamedTuple):
+    """A batch of training clips: clips float (B, 1, F, s, s) in [0, 1], ef (B,) in %, age (B,) with NaN for unknown,
+    sex (B,) int64 with -1 for unknown, labels int64 (B, F, s, s) with -1 where unknown (None when unused)."""
 
-    ``sample(batch_size, generator)`` -> (clips float (B, 1, F, s, s) in [0, 1], ef (B,) in %, age (B,) with NaN
-    for unknown, sex (B,) int64 with -1 for unknown), F and s from the model config.
+    clips: torch.Tensor
+    ef: torch.Tensor
+    age: torch.Tensor
+    sex: torch.Tensor
+    labels: torch.Tensor | None = None
+
+
+class ClipSampler:
+    """Draws training clips from a loop data set (items with ``frames`` uint8 (T, S, S) and ``ef`` in %; also
+    ``labels`` uint8 (T, S, S) when ``cfg.label_weight`` > 0).
+
+    ``sample(batch_size, generator)`` -> :class:`ClipBatch`, F and s from the model config; the labels follow the
+    clip's frames and geometric augmentation, and are -1 for the uninformative clips.
     """
 
     def __init__(self, loops, model_cfg: EFDenoiserConfig, cfg: EFTrainConfig):
         if len(loops) == 0:
             raise ValueError("The EF regressor needs training loops; the data set holds none.")
         self.loops, self.mcfg, self.cfg = loops, model_cfg, cfg
-        # loop index -> (frames uint8 (T, s, s) at the encoder's frame size, ef, age, sex); each loop is read
-        # (rendered) once and kept at the small size
-        self._cache: dict[int, tuple[np.ndarray, float, object, object]] = {}
+        self.with_labels = cfg.label_weight > 0
+        # loop index -> (frames uint8 (T, s, s) at the encoder's frame size, labels uint8 (T, s, s) or None, ef, age,
+        # sex); each loop is read (rendered) once and kept at the small size
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray | None, float, object, object]] = {}
 
-    def _loop(self, i: int) -> tuple[np.ndarray, float, object, object]:
+    def _loop(self, i: int) -> tuple[np.ndarray, np.ndarray | None, float, object, object]:
         if i not in self._cache:
             loop = self.loops[i]
             frames = np.asarray(loop.frames)
-            small = video_clip(frames, len(frames), self.mcfg.frame_size, np.arange(len(frames)))[0]
-            self._cache[i] = (np.rint(small.numpy() * 255).astype(np.uint8), float(loop.ef),
+            s = self.mcfg.frame_size
+            small = video_clip(frames, len(frames), s, np.arange(len(frames)))[0]
+            labels = None
+            if self.with_labels:
+                lab = torch.from_numpy(np.ascontiguousarray(loop.labels)).float()[None]
+                labels = F.interpolate(lab, size=(s, s), mode="nearest")[0].to(torch.uint8).numpy()
+            self._cache[i] = (np.rint(small.numpy() * 255).astype(np.uint8), labels, float(loop.ef),
                               _sample_value(loop, "age"), _sample_value(loop, "sex"))
         return self._cache[i]
 
@@ -144,27 +176,33 @@ class ClipSampler:
         cycles = 1.0 + (self.cfg.max_cycles - 1.0) * float(torch.rand(1, generator=g))
         return clip_indices(n_frames, self.mcfg.num_frames, offset=offset, cycles=cycles)
 
-    def sample(self, batch_size: int, generator: torch.Generator):
+    def sample(self, batch_size: int, generator: torch.Generator) -> ClipBatch:
         g, c = generator, self.cfg
-        clips, efs, ages, sexes = [], [], [], []
+        clips, labels, efs, ages, sexes = [], [], [], [], []
         for i in torch.randint(0, len(self.loops), (batch_size,), generator=g).tolist():
-            frames, ef, age, sex = self._loop(i)
-            clips.append(video_clip(frames, self.mcfg.num_frames, self.mcfg.frame_size, self._indices(len(frames), g)))
+            frames, lab, ef, age, sex = self._loop(i)
+            idx = self._indices(len(frames), g)
+            clips.append(video_clip(frames, self.mcfg.num_frames, self.mcfg.frame_size, idx))
+            if lab is not None:
+                labels.append(torch.from_numpy(lab[idx]).long())
             efs.append(ef)
             ages.append(float(age) if age is not None and float(torch.rand(1, generator=g)) >= c.p_drop_age else math.nan)
             code = SEX_CODES.get(str(sex).upper()[:1], -1) if sex is not None else -1
             sexes.append(code if float(torch.rand(1, generator=g)) >= c.p_drop_sex else -1)
         x = torch.cat(clips)  # (B, F, s, s)
-        x, _ = augment_batch(x, None, g, c.augment)
-        x = self._uninformative(x, g)
-        return x[:, None], torch.tensor(efs), torch.tensor(ages), torch.tensor(sexes, dtype=torch.long)
+        x, y = augment_batch(x, torch.stack(labels) if labels else None, g, c.augment)
+        x, which = self._uninformative(x, g)
+        if y is not None:
+            y[which] = -1
+        return ClipBatch(x[:, None], torch.tensor(efs), torch.tensor(ages), torch.tensor(sexes, dtype=torch.long), y)
 
-    def _uninformative(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Replace a share of clips by smoothed noise or by one of their frames repeated (no motion)."""
+    def _uninformative(self, x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace a share of clips by smoothed noise or by one of their frames repeated (no motion); returns the
+        clips and which were replaced (B,) bool."""
         b, f, s, _ = x.shape
         which = torch.rand(b, generator=g) < self.cfg.p_uninformative
         if not bool(which.any()):
-            return x
+            return x, which
         x = x.clone()
         for i in torch.nonzero(which)[:, 0].tolist():
             if float(torch.rand(1, generator=g)) < 0.5:
@@ -175,22 +213,49 @@ class ClipSampler:
                 x[i] = noise[:, 0].clamp(0, 1)
             else:
                 x[i] = x[i, int(torch.randint(0, f, (1,), generator=g))].expand(f, s, s)
-        return x
+        return x, which
+
+
+def label_loss(logits: torch.Tensor, areas: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Loss of the encoder's label heads: soft cross-entropy of the label logits (B, K, F, h, w) against the labels
+    (B, F, s, s) (-1 unknown) area-pooled to h x w, plus the squared error of the label areas (B, T', K) against
+    the share of the image each label covers, averaged over the F / T' frames of every step and scaled by 10 (an LV
+    cavity covers about a tenth of the image). Clips with unknown labels do not count."""
+    k, f, h, w = logits.shape[1:]
+    known = (labels >= 0).flatten(1).all(dim=1)  # (B,)
+    if not bool(known.any()):
+        return logits.sum() * 0.0 + areas.sum() * 0.0
+    onehot = F.one_hot(labels[known].clamp(min=0), k).permute(0, 4, 1, 2, 3).to(logits.dtype)  # (b', K, F, s, s)
+    soft = F.adaptive_avg_pool3d(onehot, (f, h, w))
+    ce = -(soft * F.log_softmax(logits[known], dim=1)).sum(dim=1).mean()
+    t = areas.shape[1]
+    share = onehot.mean(dim=(3, 4)).transpose(1, 2)  # (b', F, K)
+    share = F.adaptive_avg_pool1d(share.transpose(1, 2), t).transpose(1, 2)  # (b', T', K)
+    return ce + F.mse_loss(10.0 * areas[known], 10.0 * share)
 
 
 def diffusion_loss(model: EFDenoiser, scheduler, clips, ef, age, sex, noise_draws: int, aux_weight: float,
-                   generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """DDPM noise-prediction loss on the z-scored EF plus the auxiliary feature regression.
+                   generator: torch.Generator, labels: torch.Tensor | None = None,
+                   label_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """DDPM noise-prediction loss on the z-scored EF plus the auxiliary feature regression and, with ``labels`` and
+    ``label_weight`` > 0, the encoder's :func:`label_loss`.
 
     Args:
         clips: (B, 1, F, s, s) in [0, 1]; ef: (B,) in %; age (B,) NaN = unknown; sex (B,) -1 = unknown.
         noise_draws: K timesteps and noises per clip; the encoder runs once per clip.
+        labels: (B, F, s, s) int64, -1 = unknown.
 
     Returns:
-        (loss, {"eps_mse", "aux_mse"}).
+        (loss, {"eps_mse", "aux_mse"} and "label" when the labels are used).
     """
     dev = clips.device
-    feats = model.encode(clips)
+    parts = {}
+    if labels is not None and label_weight > 0:
+        feats, logits, areas = model.encode(clips, maps=True)
+        lab = label_loss(logits, areas, labels.to(dev))
+        parts["label"] = float(lab.detach())
+    else:
+        feats, lab = model.encode(clips), None
     z0 = model.normalise(ef.to(dev, feats.dtype))
     cond = model.condition(feats, age.to(dev), sex.to(dev)).repeat_interleave(noise_draws, 0)
     z0k = z0.repeat_interleave(noise_draws)
@@ -200,7 +265,8 @@ def diffusion_loss(model: EFDenoiser, scheduler, clips, ef, age, sex, noise_draw
     zt = scheduler.add_noise(z0k, eps, t)
     eps_mse = F.mse_loss(model(zt, t, cond=cond), eps)
     aux_mse = F.mse_loss(model.aux_head(feats)[:, 0], z0)
-    return eps_mse + aux_weight * aux_mse, {"eps_mse": float(eps_mse.detach()), "aux_mse": float(aux_mse.detach())}
+    loss = eps_mse + aux_weight * aux_mse + (label_weight * lab if lab is not None else 0.0)
+    return loss, {"eps_mse": float(eps_mse.detach()), "aux_mse": float(aux_mse.detach()), **parts}
 
 
 def label_stats(efs: np.ndarray) -> tuple[float, float]:
@@ -244,11 +310,11 @@ def fit(sampler: ClipSampler, cfg: EFTrainConfig, out: Path, seed: int = 0, devi
     raw = accelerator.unwrap_model(model)
     while step < cfg.steps:
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        clips, ef, age, sex = sampler.sample(cfg.batch_size, g)
+        batch = sampler.sample(cfg.batch_size, g)
         model.train()
         with accelerator.autocast():
-            loss, parts = diffusion_loss(raw, scheduler, clips.to(accelerator.device), ef, age, sex,
-                                         cfg.noise_draws, cfg.aux_weight, g)
+            loss, parts = diffusion_loss(raw, scheduler, batch.clips.to(accelerator.device), batch.ef, batch.age,
+                                         batch.sex, cfg.noise_draws, cfg.aux_weight, g, batch.labels, cfg.label_weight)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(trainable, 1.0)
@@ -257,7 +323,8 @@ def fit(sampler: ClipSampler, cfg: EFTrainConfig, out: Path, seed: int = 0, devi
         losses.append(float(loss.detach()))
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", aux=f"{parts['aux_mse']:.2f}")
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", aux=f"{parts['aux_mse']:.2f}",
+                        **({"label": f"{parts['label']:.2f}"} if "label" in parts else {}))
         if cfg.eval_every and valid_loops and step % cfg.eval_every == 0 and step < cfg.steps:
             m = _evaluate(raw, scheduler, valid_loops, seed)
             history.append({"step": step, "loss": float(np.mean(losses[-50:])), **m})
@@ -303,8 +370,8 @@ def with_jepa_backbone(cfg: EFTrainConfig, jepa_dir: str | Path | None) -> tuple
     jepa = EchoJEPA.from_pretrained(str(folder))
     vit = {k: jepa.config[k] for k in JEPAConfig.__dataclass_fields__}
     model = replace(cfg.model, backbone="jepa", jepa=vit, frozen_backbone=True, num_frames=vit["num_frames"],
-                    frame_size=vit["frame_size"])
-    return replace(cfg, model=model), jepa.encoder.state_dict()
+                    frame_size=vit["frame_size"], label_classes=0)
+    return replace(cfg, model=model, label_weight=0.0), jepa.encoder.state_dict()
 
 
 def _evaluate(model: EFDenoiser, scheduler, loops, seed: int) -> dict:
@@ -327,6 +394,10 @@ def _backbone_text(model: EFDenoiserConfig, args: argparse.Namespace) -> str:
         where = getattr(args, "jepa", None) or "assets/jepa"
         return (f"the EchoJEPA video ViT of `{where}` (self-supervised, frozen: only the attentive pooling and the "
                 "denoiser were trained here)")
+    if model.label_classes:
+        return ("a small (2+1)D convolutional encoder, whose training also supervised two label heads with the loops' "
+                "per-frame labels (LV cavity, myocardium, left atrium: where they are, and the share of the image each "
+                "covers over time; the heads are not used at inference)")
     return "a small (2+1)D convolutional encoder"
 
 
@@ -372,7 +443,7 @@ posterior's 5-95 % interval.
 
 ## Training
 {cfg.steps} steps, batch {cfg.batch_size} clips x {cfg.noise_draws} noise draws, AdamW lr {cfg.lr:g}, auxiliary
-regression weight {cfg.aux_weight:g}, seed {args.seed}, device {metrics.get("device")}, {metrics.get("seconds", 0) / 60:.1f} min.
+regression weight {cfg.aux_weight:g}, label-head weight {cfg.label_weight:g}, seed {args.seed}, device {metrics.get("device")}, {metrics.get("seconds", 0) / 60:.1f} min.
 Configuration: `training_config.json`.
 
 ## Reproduce
