@@ -12,8 +12,7 @@ transform is drawn per sample and shared by its C channels, except the speckle n
 * sector-edge dropout: a wedge at one or both fan edges, or the far field, set to 0 (poor windows, narrow sectors).
 
 Labels (B, S, S), or (B, C, S, S) for the frames of a clip, when given, follow the geometry (nearest neighbour) and
-nothing else. All randomness comes from
-the ``generator`` argument.
+nothing else. All randomness comes from the ``generator`` argument.
 """
 from __future__ import annotations
 
