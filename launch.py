@@ -55,11 +55,17 @@ def parse_args(argv: list[str] | None = None) -> StudioConfig:
                         quiz_study=args.quiz_study, admin_password=args.admin_password or None)
 
 
+def _exit_on_signal(*_) -> None:
+    # a second SIGTERM (e.g. from both a wrapper and a process-group kill) must not interrupt the clean-up
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     temp = prepare_environment()  # before Gradio is imported: temp folder, analytics off
     # SIGTERM exits like Ctrl-C, so that the temporary folder is removed (atexit) when a service manager stops us.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from app.engine import StudioEngine, resolve_device
     from app.server import serve
