@@ -21,10 +21,10 @@ from echolvfm_core.estimators.jepa import (
 )
 from echolvfm_core.metrics import feature_stats, frechet_distance
 from echolvfm_core.models.jepa import AttentiveProbe, EchoJEPA, LinearProbe, jepa_preset, sincos_positions_3d
+from echolvfm_core.training.common import ema_update
 from echolvfm_core.training.jepa import (
     LoopClipSampler,
     context_predictions,
-    ema_update,
     fit,
     jepa_loss,
     momentum,

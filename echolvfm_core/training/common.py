@@ -11,7 +11,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-__all__ = ["make_accelerator", "set_seed", "save_checkpoint", "load_checkpoint", "progress"]
+__all__ = ["make_accelerator", "set_seed", "save_checkpoint", "load_checkpoint", "progress", "ema_update",
+           "warmup_cosine", "preset_from_args"]
 
 
 def make_accelerator(device: str | None = None, mixed_precision: str | None = None) -> Accelerator:
@@ -46,6 +47,15 @@ def load_checkpoint(accelerator: Accelerator, out: Path) -> dict:
 def progress(accelerator: Accelerator, total: int, initial: int = 0, desc: str = "train") -> tqdm:
     """A tqdm bar shown only on the main process."""
     return tqdm(total=total, initial=initial, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers copied)."""
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm.detach().to(pe.dtype), 1.0 - decay)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
 
 
 def warmup_cosine(warmup: int, steps: int, floor: float = 0.05):

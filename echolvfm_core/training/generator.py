@@ -47,6 +47,7 @@ from ..flows import (
 from ..models.unet import EchoVelocityUNet, UNetConfig, jvp_flash_available, unet_preset
 from ..pipelines.counterfactual import save_generator
 from .common import (
+    ema_update,
     load_checkpoint,
     make_accelerator,
     preset_from_args,
@@ -63,7 +64,6 @@ __all__ = [
     "LatentLoops",
     "encode_loops",
     "ClipSampler",
-    "ema_update",
     "fit",
     "train",
     "write_model_card",
@@ -295,14 +295,6 @@ class ClipSampler:
 
 # ------------------------------------------------------------------------------------------------------ training
 @torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers copied)."""
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm.detach().to(pe.dtype), 1.0 - decay)
-    for be, bm in zip(ema.buffers(), model.buffers()):
-        be.copy_(bm)
-
-
 def _preview_batch(loops: LatentLoops, cfg: GeneratorTrainConfig, n: int = 4) -> VideoBatch:
     """Fixed preview clips: the first ``n`` loops from ED, ED observed, their own EF."""
     xs, conds, obs, fms, efs = [], [], [], [], []

@@ -5,7 +5,7 @@ are layer-normed (:func:`target_features`); for every mask family the context en
 and the predictor fills in the masked ones (:func:`context_predictions`); the loss is the L1 distance between
 predictions and targets (:func:`jepa_loss`, V-JEPA eq. 1). The target encoder is a frozen deep copy of the
 context encoder updated under ``no_grad`` as ``target = m target + (1 - m) context`` with ``m`` rising linearly
-over training (:func:`momentum`, :func:`ema_update`).
+over training (:func:`momentum`, :func:`~echolvfm_core.training.common.ema_update`).
 
 Clips: 16 frames over 1 to ``max_cycles`` cycles of a loop from a random phase, with mild ultrasound augmentation;
 every training-split loop (real anatomy and phantoms). After training, ``DIR/final`` holds the model (its encoder is
@@ -45,6 +45,7 @@ from ..estimators.ef_posterior import clip_indices
 from ..models.jepa import AttentiveProbe, EchoJEPA, JEPAConfig, LinearProbe, VideoViT, jepa_preset
 from .augment import AugmentConfig, augment_batch
 from .common import (
+    ema_update,
     load_checkpoint,
     make_accelerator,
     preset_from_args,
@@ -54,7 +55,7 @@ from .common import (
     warmup_cosine,
 )
 
-__all__ = ["JEPATrainConfig", "TRAIN_PRESETS", "train_preset", "LoopClipSampler", "momentum", "ema_update",
+__all__ = ["JEPATrainConfig", "TRAIN_PRESETS", "train_preset", "LoopClipSampler", "momentum",
            "target_features", "context_predictions", "jepa_loss", "fit", "evaluate_representation", "train"]
 
 
@@ -143,13 +144,6 @@ def momentum(step: int, cfg: JEPATrainConfig) -> float:
     """EMA momentum at ``step``: linear from ``cfg.ema[0]`` to ``cfg.ema[1]`` over the run."""
     m0, m1 = cfg.ema
     return m0 + (m1 - m0) * min(1.0, step / max(1, cfg.steps))
-
-
-@torch.no_grad()
-def ema_update(target: torch.nn.Module, online: torch.nn.Module, m: float) -> None:
-    """``target <- m target + (1 - m) online``, parameter by parameter."""
-    for pt, po in zip(target.parameters(), online.parameters()):
-        pt.mul_(m).add_(po.detach(), alpha=1.0 - m)
 
 
 @torch.no_grad()
