@@ -15,6 +15,7 @@ from echolvfm_core.estimators.ef_posterior import (
     EFPosterior,
     EFPosteriorEstimator,
     clip_indices,
+    conformal_spread_scale,
     ddim_sample,
     default_ef_regressor_dir,
     evaluate_ef_regression,
@@ -24,10 +25,12 @@ from echolvfm_core.estimators.ef_posterior import (
 )
 from echolvfm_core.metrics import crps_samples, interval_coverage
 from echolvfm_core.models.ef_denoiser import EFDenoiser, ef_denoiser_preset
+from echolvfm_core.models.video_encoder import area_statistics
 from echolvfm_core.training.augment import AugmentConfig
 from echolvfm_core.training.ef_regressor import (
     LABEL_CLASSES,
     ClipSampler,
+    calibration_split,
     diffusion_loss,
     fit,
     label_loss,
@@ -241,10 +244,10 @@ def _labelled(loops):
     return [_LabelledLoop((p.frames * 255).astype(np.uint8), p.labels, p.ef) for p in loops]
 
 
-def _label_config(**overrides):
+def _label_config(area_features=False, **overrides):
     cfg = train_preset("tiny")
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, label_classes=LABEL_CLASSES), label_weight=1.0,
-                               **overrides)
+    model = dataclasses.replace(cfg.model, label_classes=LABEL_CLASSES, area_features=area_features)
+    return dataclasses.replace(cfg, model=model, label_weight=1.0, **overrides)
 
 
 def test_label_heads_shapes_and_absence():
@@ -261,6 +264,36 @@ def test_label_heads_shapes_and_absence():
         tiny_model().encode(video, maps=True)
     with pytest.raises(ValueError, match="r2plus1d backbone only"):
         tiny_model(backbone="jepa", jepa={"num_frames": 8, "frame_size": 32}, label_classes=4)
+
+
+def test_area_statistics_measure_the_cavity_change():
+    """Near one-hot logits of a cavity shrinking from 64 to 16 pixels of 256 (and a fixed 32-pixel atrium)."""
+    labels = torch.zeros(1, 3, 16, 16, dtype=torch.long)
+    for t, side in enumerate((8, 6, 4)):
+        labels[0, t, :side, :side] = 1
+    labels[0, :, 12:16, 8:16] = 3
+    logits = 20.0 * torch.nn.functional.one_hot(labels, LABEL_CLASSES).permute(0, 4, 1, 2, 3).float()
+    stats = area_statistics(logits)
+    assert stats.shape == (1, 2 * (LABEL_CLASSES - 1) + 1)
+    hi, lo, ef = stats[0, :3].exp(), stats[0, 3:6].exp(), float(stats[0, 6])
+    torch.testing.assert_close(hi, torch.tensor([64 / 256, 1e-3, 32 / 256]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(lo, torch.tensor([16 / 256, 1e-3, 32 / 256]), atol=1e-4, rtol=0)
+    assert ef == pytest.approx(1 - (16 / 64) ** 1.5, abs=1e-3)
+
+
+def test_area_features_use_the_label_head_at_inference():
+    model = tiny_model(label_classes=LABEL_CLASSES, area_features=True)
+    c = model.config
+    video = torch.rand(2, 1, c.num_frames, c.frame_size, c.frame_size)
+    with torch.no_grad():
+        feats = model.encode(video)
+        torch.testing.assert_close(model.encode(video, maps=True)[0], feats)
+        model.encoder.label_head.bias.add_(torch.tensor([0.0, 3.0, 0.0, 0.0]))  # a larger predicted cavity
+        assert not torch.allclose(model.encode(video), feats)
+    with pytest.raises(ValueError, match="needs the label heads"):
+        tiny_model(area_features=True)
+    with pytest.raises(ValueError, match="r2plus1d backbone only"):
+        tiny_model(backbone="jepa", jepa={"num_frames": 8, "frame_size": 32}, area_features=True)
 
 
 def test_sampled_labels_follow_the_clip(loops):
@@ -294,11 +327,12 @@ def test_label_loss_prefers_the_true_labels_and_skips_unknown_clips():
                                           mixed), label_loss(right[:1], areas[:1], labels[:1]))
 
 
-def test_label_supervision_trains_the_heads(loops, tmp_path):
+@pytest.mark.parametrize("area_features", [False, True])
+def test_label_supervision_trains_the_heads(loops, tmp_path, area_features):
     """fit with label_weight > 0: the label heads get gradients and the loss parts report the label loss."""
     mean, sd = label_stats(np.array([p.ef for p in loops]))
-    cfg = _label_config(p_uninformative=0.0)
-    model = tiny_model(ef_mean=mean, ef_std=sd, label_classes=LABEL_CLASSES)
+    cfg = _label_config(area_features, p_uninformative=0.0)
+    model = tiny_model(ef_mean=mean, ef_std=sd, label_classes=LABEL_CLASSES, area_features=area_features)
     batch = ClipSampler(_labelled(loops), model.config, cfg).sample(4, torch.Generator().manual_seed(0))
     loss, parts = diffusion_loss(model, make_train_scheduler(), batch.clips, batch.ef, batch.age, batch.sex, 4, 0.5,
                                  torch.Generator().manual_seed(0), batch.labels, cfg.label_weight)
@@ -310,6 +344,7 @@ def test_label_supervision_trains_the_heads(loops, tmp_path):
     fit(ClipSampler(_labelled(loops), cfg.model, cfg), cfg, tmp_path, seed=0)
     est = EFPosteriorEstimator.from_pretrained(tmp_path / "final")
     assert est.model.config.label_classes == LABEL_CLASSES and est.posterior(loops[0].frames).samples.shape == (40,)
+    assert est.model.config.area_features == area_features
 
 
 def test_fit_writes_model_scheduler_metrics(loops, tmp_path):
@@ -323,6 +358,66 @@ def test_fit_writes_model_scheduler_metrics(loops, tmp_path):
     assert est.model.config.ef_mean == pytest.approx(mean)
     more = fit(ClipSampler(_dataset(loops), cfg.model, cfg), dataclasses.replace(cfg, steps=4), tmp_path, resume=True)
     assert json.loads((tmp_path / "checkpoint" / "progress.json").read_text())["step"] == 4 and more["steps"] == 4
+
+
+def test_conformal_spread_scale_known_answer():
+    """Labels at 0, 0.2, ..., 2 half-intervals from the mean need k = 0, ..., 2; with n = 10 the finite-sample
+    quantile is the largest (ceil(11 * 0.9) / 10 = 1)."""
+    needed = np.linspace(0.0, 2.0, 11)[1:]
+    sign = np.where(np.arange(10) % 2 == 0, 1.0, -1.0)
+    truth = 50.0 + sign * needed * np.where(sign > 0, 10.0, 5.0)  # half-intervals 10 above, 5 below the mean
+    k = conformal_spread_scale(np.full(10, 50.0), np.full(10, 45.0), np.full(10, 60.0), truth)
+    assert k == pytest.approx(2.0)
+    # with many labels the widened interval covers about 90 % of them, whatever the posterior's own width
+    rng = np.random.default_rng(0)
+    y = rng.normal(0.0, 3.0, 2000)
+    k = conformal_spread_scale(np.zeros(2000), np.full(2000, -1.0), np.ones(2000), y)
+    assert k == pytest.approx(3.0 * 1.645, rel=0.05)
+    assert np.mean(np.abs(y) <= k) == pytest.approx(0.9, abs=0.01)
+    with pytest.raises(ValueError, match="non-empty"):
+        conformal_spread_scale([], [], [], [])
+
+
+def test_spread_scale_widens_the_draws_about_their_mean(loops):
+    narrow = tiny_estimator(ef_mean=50.0, ef_std=0.2)
+    wide = tiny_estimator(ef_mean=50.0, ef_std=0.2, spread_scale=3.0)
+    a, b = narrow.posterior(loops[0].frames, seed=3), wide.posterior(loops[0].frames, seed=3)
+    assert not a.clipped and not b.clipped
+    assert b.mean == pytest.approx(a.mean, abs=1e-4) and b.sd == pytest.approx(3.0 * a.sd, rel=1e-5)
+    assert b.p95 - b.p05 == pytest.approx(3.0 * (a.p95 - a.p05), rel=1e-5)
+    with pytest.raises(ValueError, match="spread_scale"):
+        tiny_model(spread_scale=0.0)
+
+
+def test_calibration_split_holds_out_whole_patients():
+    manifest = [{"patient": f"p{i // 4}", "source": "camus"} for i in range(40)]
+    manifest += [{"patient": f"ph{i}", "source": "phantom"} for i in range(5)]
+    train_idx, calib = calibration_split(manifest, 3, seed=0)
+    held = {manifest[i]["patient"] for i in calib}
+    assert len(held) == 3 and len(calib) == 12 and sorted(train_idx + calib) == list(range(45))
+    assert not held & {manifest[i]["patient"] for i in train_idx}
+    assert all(manifest[i]["source"] == "camus" for i in calib)
+    assert calibration_split(manifest, 3, seed=0) == (train_idx, calib) != calibration_split(manifest, 3, seed=1)
+    assert calibration_split(manifest, 0, seed=0) == (list(range(45)), [])
+    with pytest.raises(ValueError, match="calibration_patients"):
+        calibration_split(manifest, 10, seed=0)
+
+
+def test_fit_with_ema_and_calibration(loops, tmp_path):
+    """The EMA weights are the ones saved; held-out loops set the saved spread_scale, reported in the metrics."""
+    mean, sd = label_stats(np.array([p.ef for p in loops]))
+    cfg = train_preset("tiny")
+    cfg = dataclasses.replace(cfg, steps=3, checkpoint_every=0, model=dataclasses.replace(cfg.model, ef_mean=mean, ef_std=sd))
+    fit(ClipSampler(_dataset(loops), cfg.model, cfg), cfg, tmp_path / "raw", seed=0)
+    metrics = fit(ClipSampler(_dataset(loops), cfg.model, cfg), dataclasses.replace(cfg, ema_decay=0.9),
+                  tmp_path / "ema", seed=0, calibration_loops=_dataset(loops))
+    raw = EFDenoiser.from_pretrained(tmp_path / "raw" / "final")
+    ema = EFDenoiser.from_pretrained(tmp_path / "ema" / "final")
+    assert not torch.allclose(raw.aux_head.weight, ema.aux_head.weight)
+    cal = metrics["calibration"]
+    assert cal["n"] == 2 and set(cal["before"]) == set(cal["after"]) == {"mae", "rmse", "r2", "crps", "coverage90", "n"}
+    assert ema.config.spread_scale == pytest.approx(cal["spread_scale"]) and cal["spread_scale"] != 1.0
+    assert raw.config.spread_scale == 1.0
 
 
 def test_evaluate_ef_regression_known_answer():

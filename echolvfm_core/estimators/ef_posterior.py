@@ -4,7 +4,8 @@ The network (:class:`~echolvfm_core.models.ef_denoiser.EFDenoiser`) predicts the
 clip features. Inference encodes the clip once, then runs DDIM (Song et al., "Denoising Diffusion Implicit
 Models", ICLR 2021, eq. 12 with eta = 0) for ``steps`` steps on ``trajectories`` noise draws at once: one batched
 denoiser call per step with the cached conditioning. The samples, mapped back to EF in % and clipped to [0, 100],
-form the posterior.
+form the posterior. A model whose config holds a ``spread_scale`` other than 1 (set in training on held-out
+patients, :func:`conformal_spread_scale`) scales the draws about their mean by it before clipping.
 
     est = EFPosteriorEstimator.from_pretrained()           # assets/ef_regressor
     post = est.posterior(pre.echo.frames, seed=0)          # frames (T, 112, 112) in [0, 1]
@@ -36,6 +37,7 @@ __all__ = [
     "make_train_scheduler",
     "make_sampler",
     "evaluate_ef_regression",
+    "conformal_spread_scale",
     "default_ef_regressor_dir",
 ]
 
@@ -264,6 +266,9 @@ class EFPosteriorEstimator:
         gen = torch.Generator().manual_seed(int(seed))
         z = ddim_sample(lambda y, t: self.model(y.to(dt), t[:1], cond=cond), self.sampler, n, steps, gen, device=dev)
         raw = self.model.denormalise(z.float()).cpu().numpy()
+        scale = float(self.model.config.get("spread_scale", 1.0))
+        if scale != 1.0:
+            raw = raw.mean() + scale * (raw - raw.mean())
         return EFPosterior.from_samples(raw, seed, steps)
 
     def posterior(self, frames: np.ndarray, age: float | None = None, sex: str | None = None,
@@ -277,12 +282,37 @@ class EFPosteriorEstimator:
         return self.posterior(echo.frames, age=echo.info.age, sex=echo.info.sex, seed=seed)
 
 
-def evaluate_ef_regression(estimator: EFPosteriorEstimator, loops: Iterable, seed: int = 0) -> dict:
+def conformal_spread_scale(means, p05, p95, truth, level: float = 0.9) -> float:
+    """Split-conformal scale of the posterior's central interval on held-out labels.
+
+    Finds the smallest ``k`` such that the interval ``[mean - k (mean - p05), mean + k (p95 - mean)]`` holds the
+    label for at least ``level`` of the loops, with the finite-sample quantile ``ceil((n + 1) level) / n`` of split
+    conformal prediction (Angelopoulos and Bates, "A Gentle Introduction to Conformal Prediction", 2021, section 1),
+    so that the widened 5-95 % interval covers about 90 % of new loops from the same population. ``k`` < 1 narrows
+    an over-dispersed posterior.
+
+    Args:
+        means, p05, p95: the posteriors' means and 5th / 95th percentiles, in %.
+        truth: the held-out labels, in %.
+    """
+    m, lo, hi, y = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (means, p05, p95, truth))
+    if not len(m) == len(lo) == len(hi) == len(y) or len(y) == 0:
+        raise ValueError("conformal_spread_scale needs equally long, non-empty arrays.")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1); got {level}.")
+    # the k each label needs: its distance from the mean in units of the half-interval on its side
+    needed = np.where(y < m, (m - y) / np.maximum(m - lo, 1e-6), (y - m) / np.maximum(hi - m, 1e-6))
+    q = min(1.0, math.ceil((len(y) + 1) * level) / len(y))
+    return float(np.quantile(needed, q, method="higher"))
+
+
+def evaluate_ef_regression(estimator: EFPosteriorEstimator, loops: Iterable, seed: int = 0, details: bool = False) -> dict:
     """Accuracy and calibration of the posterior on loops with known EF (e.g. ``alpha == 1`` prepared loops).
 
     Args:
         loops: objects with ``frames`` (T, S, S) uint8 or float in [0, 1] and ``ef`` in %.
         seed: seed of every posterior (the same noise for every loop).
+        details: also return ``posteriors``: per-loop lists ``mean``, ``p05``, ``p95`` and ``truth``.
 
     Returns:
         ``{mae, rmse, r2, crps, coverage90, n}``: errors of the posterior mean in EF points, R^2 of the mean,
@@ -303,7 +333,7 @@ def evaluate_ef_regression(estimator: EFPosteriorEstimator, loops: Iterable, see
     m, y = np.asarray(means), np.asarray(truth)
     err = m - y
     ss_tot = float(np.sum((y - y.mean()) ** 2))
-    return {
+    out = {
         "mae": float(np.mean(np.abs(err))),
         "rmse": float(np.sqrt(np.mean(err**2))),
         "r2": float(1.0 - np.sum(err**2) / ss_tot) if ss_tot > 0 else float("nan"),
@@ -311,3 +341,6 @@ def evaluate_ef_regression(estimator: EFPosteriorEstimator, loops: Iterable, see
         "coverage90": interval_coverage(lo, hi, y),
         "n": int(len(y)),
     }
+    if details:
+        out["posteriors"] = {"mean": means, "p05": lo, "p95": hi, "truth": truth}
+    return out

@@ -41,7 +41,10 @@ class EFDenoiserConfig:
     ``backbone`` "r2plus1d" uses ``encoder_channels`` / ``temporal_strides``; "jepa" uses ``jepa`` (the
     :class:`~echolvfm_core.models.jepa.JEPAConfig` fields of the encoder, whose clip shape must be
     ``num_frames`` x ``frame_size``) and ``frozen_backbone``. ``label_classes`` > 0 gives the (2+1)D encoder its
-    training-only label heads (:class:`~echolvfm_core.models.video_encoder.VideoEncoder`).
+    training-only label heads (:class:`~echolvfm_core.models.video_encoder.VideoEncoder`); ``area_features``
+    also feeds the statistics of the label areas over the clip to the features (heads used at inference too).
+    ``spread_scale`` widens (> 1) or narrows the posterior draws about their mean at inference; training sets it on
+    held-out patients (:func:`~echolvfm_core.estimators.ef_posterior.conformal_spread_scale`), 1 = the raw draws.
     """
 
     num_frames: int = 16
@@ -57,6 +60,8 @@ class EFDenoiserConfig:
     jepa: dict | None = field(default=None)
     frozen_backbone: bool = True
     label_classes: int = 0
+    area_features: bool = False
+    spread_scale: float = 1.0
 
 
 #: Size presets: ``demo`` (bundled) and ``tiny`` (tests).
@@ -113,15 +118,20 @@ class EFDenoiser(ModelMixin, ConfigMixin):
         jepa: dict | None = None,
         frozen_backbone: bool = True,
         label_classes: int = 0,
+        area_features: bool = False,
+        spread_scale: float = 1.0,
     ):
         super().__init__()
         if not ef_std > 0:
             raise ValueError(f"ef_std must be positive; got {ef_std}.")
+        if not spread_scale > 0:
+            raise ValueError(f"spread_scale must be positive; got {spread_scale}.")
         if backbone == "r2plus1d":
-            self.encoder = VideoEncoder(tuple(encoder_channels), feature_dim, tuple(temporal_strides), label_classes)
+            self.encoder = VideoEncoder(tuple(encoder_channels), feature_dim, tuple(temporal_strides), label_classes,
+                                        area_features)
         elif backbone == "jepa":
-            if label_classes:
-                raise ValueError("label_classes applies to the r2plus1d backbone only.")
+            if label_classes or area_features:
+                raise ValueError("label_classes and area_features apply to the r2plus1d backbone only.")
             if not jepa:
                 raise ValueError("backbone 'jepa' needs the encoder's configuration (jepa=...).")
             vit = JEPAConfig(**{k: v for k, v in jepa.items() if k in JEPAConfig.__dataclass_fields__})

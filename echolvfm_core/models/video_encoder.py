@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["VideoEncoder", "R2Plus1DBlock"]
+__all__ = ["VideoEncoder", "R2Plus1DBlock", "area_statistics"]
 
 
 def _groups(channels: int) -> int:
@@ -47,6 +47,16 @@ class R2Plus1DBlock(nn.Module):
         return self.act(h + self.shortcut(x))
 
 
+def area_statistics(logits: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """Label logits (B, K, T, h, w), class 0 background and class 1 the LV cavity -> (B, 2 (K - 1) + 1): the log of
+    the largest and of the smallest share of the frame each foreground class covers over the clip, then the LV
+    cavity's area-length-like EF ``1 - (min / max) ** 1.5``."""
+    share = logits.float().softmax(dim=1).mean(dim=(3, 4))[:, 1:]  # (B, K - 1, T)
+    hi, lo = share.amax(dim=2), share.amin(dim=2)
+    ef = 1.0 - (lo[:, 0] / hi[:, 0].clamp_min(eps)).clamp(0.0, 1.0) ** 1.5
+    return torch.cat([hi.clamp_min(eps).log(), lo.clamp_min(eps).log(), ef[:, None]], dim=1).to(logits.dtype)
+
+
 class VideoEncoder(nn.Module):
     """Clip encoder.
 
@@ -60,12 +70,20 @@ class VideoEncoder(nn.Module):
     features the clip vector is made of). Supervising them with the loops' labels teaches the encoder where the
     ventricle is and how its area changes, which a scalar EF label alone teaches slowly.
 
+    With ``area_features`` (needs the label heads) the label logits are also used at inference: the share of the
+    image each label covers in every frame (softmax probabilities averaged over the frame) is summarised by its
+    largest and smallest value over the clip (log scale), plus ``1 - (min / max) ** 1.5`` of the LV cavity (the EF
+    that area-length gives when the long axis scales with the square root of the area); a small MLP of these
+    statistics is added to the clip features. The summary is what the area-length EF is made of, so the EF
+    posterior sees the cavity's change directly instead of only through pooled texture features.
+
     Args:
         channels: output channels of the stem and of each stage; every stage after the first halves H and W,
             stages listed in ``temporal_strides`` (by index) also halve T.
         feature_dim: size of the output vector.
         temporal_strides: per stage, 1 or 2.
         label_classes: number of label classes of the training-only heads (0: no heads).
+        area_features: add the label-area statistics to the features (needs ``label_classes`` >= 2).
     """
 
     def __init__(
@@ -74,8 +92,11 @@ class VideoEncoder(nn.Module):
         feature_dim: int = 128,
         temporal_strides: tuple[int, ...] = (1, 1, 1, 2),
         label_classes: int = 0,
+        area_features: bool = False,
     ):
         super().__init__()
+        if area_features and label_classes < 2:
+            raise ValueError("area_features needs the label heads (label_classes >= 2).")
         if len(temporal_strides) != len(channels):
             raise ValueError(
                 f"temporal_strides needs one entry per stage ({len(channels)}); got {len(temporal_strides)}."
@@ -98,6 +119,9 @@ class VideoEncoder(nn.Module):
                 raise ValueError("the label heads need at least two stages.")
             self.label_head = nn.Conv3d(channels[1], label_classes, 1)
             self.area_head = nn.Linear(prev, label_classes)
+        if area_features:
+            n_stats = 2 * (label_classes - 1) + 1
+            self.area_proj = nn.Sequential(nn.Linear(n_stats, feature_dim), nn.SiLU(), nn.Linear(feature_dim, feature_dim))
 
     def forward(self, video: torch.Tensor, maps: bool = False):
         """Clip features (B, feature_dim); with ``maps`` also label logits (B, K, T, H / 4, W / 4) and label areas
@@ -110,15 +134,18 @@ class VideoEncoder(nn.Module):
         x = torch.cat([2.0 * video - 1.0, 4.0 * (video - video.mean(dim=2, keepdim=True))], dim=1)
         x = self.stem(x)
         logits = None
+        want_logits = maps or hasattr(self, "area_proj")
         for i, stage in enumerate(self.stages):
             x = stage(x)
-            if maps and i == 1:
+            if want_logits and i == 1:
                 logits = self.label_head(x)
         h = x.mean(dim=(3, 4))  # (B, C, T'): spatial average per time
         # temporal mean and standard deviation: the level of each feature and the amplitude of its change over the
         # cycle (how much the ventricle moves is what the EF measures)
         pooled = torch.cat([h.mean(dim=2), h.std(dim=2, unbiased=False)], dim=1)
         features = self.proj(pooled)
+        if hasattr(self, "area_proj"):
+            features = features + self.area_proj(area_statistics(logits))
         if not maps:
             return features
         return features, logits, self.area_head(h.transpose(1, 2))

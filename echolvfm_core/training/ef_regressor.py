@@ -4,9 +4,10 @@ Diffusion regression (MCSDR style): the clip encoder and the conditional noise p
 the DDPM noise-prediction loss on the z-scored EF (Ho et al. 2020, eq. 14), several noise draws per clip so that
 one encoder pass serves many denoising targets, plus a small auxiliary regression of the z-scored EF from the clip
 features (it speeds up the encoder's learning on a CPU budget; the posterior comes from the diffusion model only).
-The demo preset also supervises the (2+1)D encoder's training-only label heads with the loops' per-frame labels
-(LV cavity, myocardium, left atrium; soft cross-entropy at a quarter of the clip's side, and the share of the image
-each label covers over time): the EF label says how much the ventricle moves, the labels say where it is.
+The demo preset also supervises the (2+1)D encoder's label heads with the loops' per-frame labels (LV cavity,
+myocardium, left atrium; soft cross-entropy at a quarter of the clip's side, and the share of the image each label
+covers over time): the EF label says how much the ventricle moves, the labels say where it is. Its encoder also
+feeds the statistics of the predicted label areas over the clip to the clip features (``area_features``).
 
 Training clips come from every prepared loop of the training split (all counterfactual strengths ``alpha``; their
 EF labels are exact, measured on the warped labels): random phase offset and 1-1.5 cycles half of the time, the
@@ -15,12 +16,19 @@ samples carry them and dropped at random (modality dropout) so the learned null 
 A few uninformative clips (pure noise, or one frame repeated) keep their loop's EF label, which teaches the model
 to answer them with the broad training distribution of EF rather than a confident guess.
 
+The demo preset keeps an exponential moving average of the weights (the EMA model is evaluated and saved) and holds
+``calibration_patients`` training patients out of training: after training, the posterior's ``spread_scale`` is set
+on their loops by split conformal calibration of the 5-95 % interval
+(:func:`~echolvfm_core.estimators.ef_posterior.conformal_spread_scale`), so the valid split is never used to tune it.
+
 Metrics (``DIR/metrics.json``): :func:`~echolvfm_core.estimators.ef_posterior.evaluate_ef_regression` on the valid
-split's ``alpha == 1`` loops (mae, rmse, r2, crps, coverage90).
+split's ``alpha == 1`` loops (mae, rmse, r2, crps, coverage90), and ``calibration`` (the scale, the held-out loops'
+metrics before and after it).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -32,10 +40,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Subset
 
 from ..estimators.ef_posterior import (
     EFPosteriorEstimator,
     clip_indices,
+    conformal_spread_scale,
     evaluate_ef_regression,
     make_sampler,
     make_train_scheduler,
@@ -49,6 +59,7 @@ from ..models.ef_denoiser import (
 )
 from .augment import AugmentConfig, augment_batch
 from .common import (
+    ema_update,
     load_checkpoint,
     make_accelerator,
     preset_from_args,
@@ -59,7 +70,8 @@ from .common import (
 )
 
 __all__ = ["EFTrainConfig", "TRAIN_PRESETS", "LABEL_CLASSES", "train_preset", "ClipBatch", "ClipSampler",
-           "diffusion_loss", "label_loss", "label_stats", "fit", "write_model_card", "with_jepa_backbone", "train"]
+           "diffusion_loss", "label_loss", "label_stats", "fit", "write_model_card", "with_jepa_backbone", "calibrate",
+           "calibration_split", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +91,10 @@ class EFTrainConfig:
         p_drop_age, p_drop_sex: modality dropout of known age / sex.
         p_inference_clip: share of clips sampled exactly as at inference (whole loop from frame 0).
         max_cycles: other clips cover 1 to ``max_cycles`` cycles from a random phase.
+        ema_decay: exponential moving average of the weights (warm-up ``(1 + s) / (10 + s)``); the EMA weights are
+            evaluated and saved. 0 = the raw weights.
+        calibration_patients: CAMUS training patients held out of training (all their loops, drawn with the run's
+            seed) to set the posterior's ``spread_scale`` by :func:`conformal_spread_scale`; 0 = no calibration.
         eval_every, checkpoint_every: in steps (0 = only at the end).
     """
 
@@ -96,6 +112,8 @@ class EFTrainConfig:
     p_drop_sex: float = 0.3
     p_inference_clip: float = 0.5
     max_cycles: float = 1.5
+    ema_decay: float = 0.0
+    calibration_patients: int = 0
     eval_every: int = 1000
     checkpoint_every: int = 250
     augment: AugmentConfig = field(
@@ -107,10 +125,10 @@ class EFTrainConfig:
 LABEL_CLASSES = 4
 
 TRAIN_PRESETS = {
-    # 1200 steps: with the label heads, longer runs keep the valid MAE (7.6 at 3000 steps) but narrow the posterior
-    # until it no longer covers the labels (coverage90 0.76 at 1200 steps, 0.60 at 2000, 0.52 at 3000)
-    "demo": EFTrainConfig(model=replace(ef_denoiser_preset("demo"), label_classes=LABEL_CLASSES), steps=1200,
-                          label_weight=1.0),
+    # 1200 steps: with the label heads, longer runs kept the valid MAE (7.6 at 3000 steps) but narrowed the raw
+    # posterior (coverage90 0.76 at 1200 steps, 0.60 at 2000, 0.52 at 3000); the held-out calibration now widens it
+    "demo": EFTrainConfig(model=replace(ef_denoiser_preset("demo"), label_classes=LABEL_CLASSES, area_features=True),
+                          steps=1200, label_weight=1.0, ema_decay=0.995, calibration_patients=40),
     "tiny": EFTrainConfig(model=ef_denoiser_preset("tiny"), steps=30, batch_size=4, noise_draws=4, warmup=5,
                           eval_every=0, checkpoint_every=10),
 }
@@ -284,13 +302,15 @@ def label_stats(efs: np.ndarray) -> tuple[float, float]:
 
 
 def fit(sampler: ClipSampler, cfg: EFTrainConfig, out: Path, seed: int = 0, device: str | None = None,
-        resume: bool = False, valid_loops=None, backbone_state: dict | None = None) -> dict:
+        resume: bool = False, valid_loops=None, backbone_state: dict | None = None, calibration_loops=None) -> dict:
     """Train the EF denoiser; writes ``out/final`` (model + scheduler_config.json + training_config.json) and
     ``out/metrics.json``. ``cfg.model`` must already hold the label statistics (``ef_mean``, ``ef_std``).
 
     Args:
         valid_loops: optional list of loops (``frames``, ``ef``) for the metrics, e.g. the valid ``alpha == 1`` loops.
         backbone_state: for ``backbone="jepa"``, the EchoJEPA encoder's state dict (its self-supervised weights).
+        calibration_loops: optional held-out training loops (``frames``, ``ef``); when given, the saved model's
+            ``spread_scale`` is set on them by :func:`conformal_spread_scale` before the valid metrics are taken.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -299,6 +319,10 @@ def fit(sampler: ClipSampler, cfg: EFTrainConfig, out: Path, seed: int = 0, devi
     model = EFDenoiser(**asdict(cfg.model))
     if backbone_state is not None:
         model.encoder.vit.load_state_dict(backbone_state)
+    ema = None
+    if cfg.ema_decay:
+        ema = copy.deepcopy(model).requires_grad_(False).eval().to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
     scheduler = make_train_scheduler()
     trainable = [p for p in model.parameters() if p.requires_grad]  # a frozen backbone stays as it was loaded
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -323,22 +347,25 @@ def fit(sampler: ClipSampler, cfg: EFTrainConfig, out: Path, seed: int = 0, devi
         accelerator.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         lr_sched.step()
+        if ema is not None:
+            ema_update(ema, raw, min(cfg.ema_decay, (1 + step) / (10 + step)))
         losses.append(float(loss.detach()))
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", aux=f"{parts['aux_mse']:.2f}",
                         **({"label": f"{parts['label']:.2f}"} if "label" in parts else {}))
         if cfg.eval_every and valid_loops and step % cfg.eval_every == 0 and step < cfg.steps:
-            m = _evaluate(raw, scheduler, valid_loops, seed)
+            m = _evaluate(ema if ema is not None else raw, scheduler, valid_loops, seed)
             history.append({"step": step, "loss": float(np.mean(losses[-50:])), **m})
             bar.write(f"step {step}: mae {m['mae']:.2f} coverage90 {m['coverage90']:.2f} crps {m['crps']:.2f}")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
             save_checkpoint(accelerator, out, step, history=history)
     bar.close()
     elapsed = time.perf_counter() - t0
-    raw.eval()
+    final_model = ema if ema is not None else raw
+    final_model.eval()
     metrics = {
-        "params": int(sum(p.numel() for p in raw.parameters())),
+        "params": int(sum(p.numel() for p in final_model.parameters())),
         "steps": cfg.steps,
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "seconds": round(elapsed, 1),
@@ -349,11 +376,13 @@ def fit(sampler: ClipSampler, cfg: EFTrainConfig, out: Path, seed: int = 0, devi
         "ef_std": cfg.model.ef_std,
         "history": history,
     }
+    if calibration_loops:
+        metrics["calibration"] = calibrate(final_model, scheduler, calibration_loops, seed)
     if valid_loops:
-        metrics["valid_alpha1"] = _evaluate(raw, scheduler, valid_loops, seed)
+        metrics["valid_alpha1"] = _evaluate(final_model, scheduler, valid_loops, seed)
     if accelerator.is_main_process:
         final = out / "final"
-        raw.save_pretrained(str(final))
+        final_model.save_pretrained(str(final))
         scheduler.save_pretrained(str(final))
         (final / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -373,7 +402,7 @@ def with_jepa_backbone(cfg: EFTrainConfig, jepa_dir: str | Path | None) -> tuple
     jepa = EchoJEPA.from_pretrained(str(folder))
     vit = {k: jepa.config[k] for k in JEPAConfig.__dataclass_fields__}
     model = replace(cfg.model, backbone="jepa", jepa=vit, frozen_backbone=True, num_frames=vit["num_frames"],
-                    frame_size=vit["frame_size"], label_classes=0)
+                    frame_size=vit["frame_size"], label_classes=0, area_features=False)
     return replace(cfg, model=model, label_weight=0.0), jepa.encoder.state_dict()
 
 
@@ -383,6 +412,31 @@ def _evaluate(model: EFDenoiser, scheduler, loops, seed: int) -> dict:
         return evaluate_ef_regression(est, loops, seed=seed)
     finally:
         model.train()
+
+
+def calibrate(model: EFDenoiser, scheduler, loops, seed: int) -> dict:
+    """Set ``model``'s ``spread_scale`` on held-out loops (:func:`conformal_spread_scale` at 90 %); returns the
+    loops' metrics before and after, and the scale."""
+    model.register_to_config(spread_scale=1.0)
+    loops = list(loops)
+    est = EFPosteriorEstimator(model, make_sampler(scheduler.config))
+    before = evaluate_ef_regression(est, loops, seed=seed, details=True)
+    d = before.pop("posteriors")
+    scale = conformal_spread_scale(d["mean"], d["p05"], d["p95"], d["truth"])
+    model.register_to_config(spread_scale=scale)
+    after = evaluate_ef_regression(est, loops, seed=seed)
+    return {"spread_scale": scale, "n": len(loops), "before": before, "after": after}
+
+
+def calibration_split(manifest: list[dict], n_patients: int, seed: int) -> tuple[list[int], list[int]]:
+    """Row indices of the training loops and of the calibration loops: every loop of ``n_patients`` CAMUS patients
+    (drawn with ``seed``) goes to calibration, everything else (phantoms included) to training."""
+    patients = sorted({r["patient"] for r in manifest if r["source"] == "camus"})
+    if n_patients < 0 or (n_patients and n_patients >= len(patients)):
+        raise ValueError(f"calibration_patients must be between 0 and {len(patients) - 1}; got {n_patients}.")
+    held = set(np.random.default_rng(seed).choice(patients, size=n_patients, replace=False).tolist()) if n_patients else set()
+    calib = [i for i, r in enumerate(manifest) if r["source"] == "camus" and r["patient"] in held]
+    return [i for i in range(len(manifest)) if i not in set(calib)], calib
 
 
 def _alpha_one(ds) -> list[int]:
@@ -397,14 +451,33 @@ def _backbone_text(model: EFDenoiserConfig, args: argparse.Namespace) -> str:
         where = getattr(args, "jepa", None) or "assets/jepa"
         return (f"the EchoJEPA video ViT of `{where}` (self-supervised, frozen: only the attentive pooling and the "
                 "denoiser were trained here)")
+    if model.area_features:
+        return ("a small (2+1)D convolutional encoder (taught by the loops' per-frame labels too; its features include "
+                "the largest and smallest share of the frame that each predicted label covers over the clip)")
     if model.label_classes:
         return "a small (2+1)D convolutional encoder (also taught by the loops' per-frame labels, see Training)"
     return "a small (2+1)D convolutional encoder"
 
 
+def _calibration_text(cal: dict | None, data: dict) -> str:
+    if not cal:
+        return ""
+    b, a = cal["before"], cal["after"]
+    return f"""
+- Calibration: all {cal["n"]} loops of {data.get("calibration_patients")} training patients (drawn with the seed) were held out
+  of training; the posterior's draws are scaled about their mean by `spread_scale` {cal["spread_scale"]:.3f}
+  (split conformal, 90 % interval; `config.json`). On those loops: coverage90 {b["coverage90"]:.2f} -> {a["coverage90"]:.2f},
+  CRPS {b["crps"]:.2f} -> {a["crps"]:.2f}, MAE {b["mae"]:.2f} -> {a["mae"]:.2f} (the mean moves only where draws are clipped)."""
+
+
 def _label_text(cfg: EFTrainConfig) -> str:
     if not cfg.label_weight:
         return ""
+    if cfg.model.area_features:
+        return ("\nThe encoder's two label heads (label logits of the LV cavity, myocardium and left atrium at a "
+                "quarter of the clip's side,\nand the share of the image each covers over time) learnt from the loops' "
+                f"per-frame labels, loss weight {cfg.label_weight:g};\nthe label logits also give the area statistics "
+                "of the features at inference.")
     return ("\nThe encoder's two training-only heads (label logits of the LV cavity, myocardium and left atrium at a "
             "quarter of the clip's side,\nand the share of the image each covers over time) learnt from the loops' "
             f"per-frame labels, loss weight {cfg.label_weight:g};\nthey are not used at inference.")
@@ -418,6 +491,8 @@ def write_model_card(final: Path, args: argparse.Namespace, cfg: EFTrainConfig, 
         if v else "| (no valid alpha = 1 loops in the data folder) | |"
     )
     steps = f" --steps {args.steps}" if args.steps is not None else ""
+    calibration = _calibration_text(metrics.get("calibration"), data)
+    width = ", its width calibrated on held-out synthesised loops," if calibration else ","
     backbone = ""
     if cfg.model.backbone == "jepa":
         backbone = " --backbone jepa" + (f" --jepa {args.jepa}" if getattr(args, "jepa", None) else "")
@@ -440,7 +515,7 @@ Inference: DDIM, 10 steps x 40 trajectories, clipped to [0, 100] %. {used_by}
   replaced by noise or a still frame with the loop's label kept (uninformative input -> broad posterior).
   No age or sex in this data: the model has only seen them as unknown.
 - Metrics: the valid split's alpha = 1 loops ({data.get("valid_loops")} loops; the real ED -> ES motion), never
-  used in training. CAMUS (Leclerc et al., IEEE TMI 2019) is for non-commercial research.
+  used in training. CAMUS (Leclerc et al., IEEE TMI 2019) is for non-commercial research.{calibration}
 
 ## Valid metrics (alpha = 1 loops)
 | metric | value |
@@ -452,7 +527,7 @@ posterior's 5-95 % interval.
 
 ## Training
 {cfg.steps} steps, batch {cfg.batch_size} clips x {cfg.noise_draws} noise draws, AdamW lr {cfg.lr:g}, auxiliary
-regression weight {cfg.aux_weight:g}, seed {args.seed}, device {metrics.get("device")}, {metrics.get("seconds", 0) / 60:.1f} min.{_label_text(cfg)}
+regression weight {cfg.aux_weight:g}{f", EMA of the weights {cfg.ema_decay:g} (saved)" if cfg.ema_decay else ""}, seed {args.seed}, device {metrics.get("device")}, {metrics.get("seconds", 0) / 60:.1f} min.{_label_text(cfg)}
 Configuration: `training_config.json`.
 
 ## Reproduce
@@ -463,8 +538,9 @@ echolvfm train ef-regressor --data {args.data} --preset {args.preset} --seed {ar
 
 ## Limits
 Trained on synthesised loops (real anatomy, synthetic motion); real cines with other frame rates, several beats,
-other views or scanners may be measured less accurately. The posterior is a model's uncertainty, not a
-calibrated clinical interval. Not a medical device; not for diagnosis.
+other views or scanners may be measured less accurately. The posterior is a model's uncertainty{width} not a
+calibrated clinical interval.
+Not a medical device; not for diagnosis.
 """
     path = Path(final) / "MODEL_CARD.md"
     path.write_text(text, encoding="utf-8")
@@ -480,7 +556,8 @@ def train(args: argparse.Namespace) -> int:
     if getattr(args, "backbone", "r2plus1d") == "jepa":
         cfg, backbone_state = with_jepa_backbone(cfg, args.jepa)
     train_ds = PreparedLoops(args.data, split="train", cache_size=0)  # ClipSampler keeps small copies
-    mean, sd = label_stats(np.array([float(r["ef"]) for r in train_ds.manifest]))
+    train_idx, calib_idx = calibration_split(train_ds.manifest, cfg.calibration_patients, args.seed)
+    mean, sd = label_stats(np.array([float(train_ds.manifest[i]["ef"]) for i in train_idx]))
     cfg = replace(cfg, model=replace(cfg.model, ef_mean=mean, ef_std=sd))
     try:
         valid_ds = PreparedLoops(args.data, split="valid")
@@ -488,15 +565,18 @@ def train(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         log.warning("no valid split for metrics: %s", exc)
         valid = []
-    metrics = fit(ClipSampler(train_ds, cfg.model, cfg), cfg, Path(args.out), seed=args.seed, device=args.device,
-                  resume=args.resume, valid_loops=valid, backbone_state=backbone_state)
+    metrics = fit(ClipSampler(Subset(train_ds, train_idx), cfg.model, cfg), cfg, Path(args.out), seed=args.seed,
+                  device=args.device, resume=args.resume, valid_loops=valid, backbone_state=backbone_state,
+                  calibration_loops=[train_ds[i] for i in calib_idx])
     meta = train_ds.meta
     data = {
         "prepare_flags": f" --loops-per-patient {meta.get('loops_per_patient')} --phantom {meta.get('phantom')} "
                          f"--seed {meta.get('seed')}",
-        "train_loops": len(train_ds),
-        "train_patients": len({r["patient"] for r in train_ds.manifest if r["source"] == "camus"}),
-        "phantom_loops": sum(r["source"] == "phantom" for r in train_ds.manifest),
+        "train_loops": len(train_idx),
+        "train_patients": len({train_ds.manifest[i]["patient"] for i in train_idx if train_ds.manifest[i]["source"] == "camus"}),
+        "phantom_loops": sum(train_ds.manifest[i]["source"] == "phantom" for i in train_idx),
+        "calibration_loops": len(calib_idx),
+        "calibration_patients": cfg.calibration_patients,
         "valid_loops": len(valid),
     }
     write_model_card(Path(args.out) / "final", args, cfg, metrics, data)
