@@ -435,8 +435,8 @@ def calibration_split(manifest: list[dict], n_patients: int, seed: int) -> tuple
     if n_patients < 0 or (n_patients and n_patients >= len(patients)):
         raise ValueError(f"calibration_patients must be between 0 and {len(patients) - 1}; got {n_patients}.")
     held = set(np.random.default_rng(seed).choice(patients, size=n_patients, replace=False).tolist()) if n_patients else set()
-    calib = [i for i, r in enumerate(manifest) if r["source"] == "camus" and r["patient"] in held]
-    return [i for i in range(len(manifest)) if i not in set(calib)], calib
+    is_held = [r["source"] == "camus" and r["patient"] in held for r in manifest]
+    return [i for i, h in enumerate(is_held) if not h], [i for i, h in enumerate(is_held) if h]
 
 
 def _alpha_one(ds) -> list[int]:
