@@ -335,6 +335,7 @@ def fit(sampler: ClipSampler, cfg: EFTrainConfig, out: Path, seed: int = 0, devi
     bar = progress(accelerator, cfg.steps, step, desc="ef-regressor")
     t0, start_step = time.perf_counter(), step
     raw = accelerator.unwrap_model(model)
+    final_model = ema if ema is not None else raw  # what is evaluated and saved
     while step < cfg.steps:
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         batch = sampler.sample(cfg.batch_size, g)
@@ -355,14 +356,13 @@ def fit(sampler: ClipSampler, cfg: EFTrainConfig, out: Path, seed: int = 0, devi
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", aux=f"{parts['aux_mse']:.2f}",
                         **({"label": f"{parts['label']:.2f}"} if "label" in parts else {}))
         if cfg.eval_every and valid_loops and step % cfg.eval_every == 0 and step < cfg.steps:
-            m = _evaluate(ema if ema is not None else raw, scheduler, valid_loops, seed)
+            m = _evaluate(final_model, scheduler, valid_loops, seed)
             history.append({"step": step, "loss": float(np.mean(losses[-50:])), **m})
             bar.write(f"step {step}: mae {m['mae']:.2f} coverage90 {m['coverage90']:.2f} crps {m['crps']:.2f}")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
             save_checkpoint(accelerator, out, step, history=history)
     bar.close()
     elapsed = time.perf_counter() - t0
-    final_model = ema if ema is not None else raw
     final_model.eval()
     metrics = {
         "params": int(sum(p.numel() for p in final_model.parameters())),
