@@ -222,6 +222,24 @@ def test_training_steps_lower_the_loss(loops):
     assert after < 0.8 * before
 
 
+def test_real_motion_share_chooses_the_loops(loops):
+    """With the loops' alphas, ``p_real_motion`` sets the share of clips from the alpha = 1 loop (EF 30 here)."""
+    model = tiny_model()
+    data, alphas = _dataset(loops), [1.0, 0.6]
+
+    def share_real(p_real, alphas):
+        cfg = dataclasses.replace(train_preset("tiny"), p_uninformative=0.0, p_real_motion=p_real)
+        _, ef, _, _, _ = ClipSampler(data, model.config, cfg, alphas).sample(200, torch.Generator().manual_seed(0))
+        return float(np.isclose(ef.numpy(), loops[0].ef, atol=1e-3).mean())
+
+    assert share_real(1.0, alphas) == 1.0
+    assert share_real(0.2, alphas) == pytest.approx(0.2, abs=0.07)
+    assert share_real(0.9, None) == pytest.approx(0.5, abs=0.1)  # no alphas: every loop equally likely
+    assert share_real(0.9, [1.0, 1.0]) == pytest.approx(0.5, abs=0.1)  # one group only: the same
+    with pytest.raises(ValueError, match="one alpha per loop"):
+        ClipSampler(data, model.config, dataclasses.replace(train_preset("tiny"), p_real_motion=0.5), [1.0])
+
+
 def test_uninformative_clips_replace_the_video(loops):
     cfg = dataclasses.replace(train_preset("tiny"), p_uninformative=1.0)
     model = tiny_model()

@@ -91,6 +91,9 @@ class EFTrainConfig:
         p_drop_age, p_drop_sex: modality dropout of known age / sex.
         p_inference_clip: share of clips sampled exactly as at inference (whole loop from frame 0).
         max_cycles: other clips cover 1 to ``max_cycles`` cycles from a random phase.
+        p_real_motion: share of clips drawn from the ``alpha = 1`` loops (the real ED -> ES motion, whose ES-phase
+            frame is the real ES image, the kind of loop the posterior is judged on); the rest come from the
+            counterfactual loops. 0 = every loop equally likely.
         ema_decay: exponential moving average of the weights (warm-up ``(1 + s) / (10 + s)``); the EMA weights are
             evaluated and saved. 0 = the raw weights.
         calibration_patients: CAMUS training patients held out of training (all their loops, drawn with the run's
@@ -112,6 +115,7 @@ class EFTrainConfig:
     p_drop_sex: float = 0.3
     p_inference_clip: float = 0.5
     max_cycles: float = 1.5
+    p_real_motion: float = 0.0
     ema_decay: float = 0.0
     calibration_patients: int = 0
     eval_every: int = 1000
@@ -128,7 +132,7 @@ TRAIN_PRESETS = {
     # 1200 steps: with the label heads, longer runs kept the valid MAE (7.6 at 3000 steps) but narrowed the raw
     # posterior (coverage90 0.76 at 1200 steps, 0.60 at 2000, 0.52 at 3000); the held-out calibration now widens it
     "demo": EFTrainConfig(model=replace(ef_denoiser_preset("demo"), label_classes=LABEL_CLASSES, area_features=True),
-                          steps=1200, label_weight=1.0, ema_decay=0.995, calibration_patients=40),
+                          steps=1200, label_weight=1.0, p_real_motion=0.5, ema_decay=0.995, calibration_patients=40),
     "tiny": EFTrainConfig(model=ef_denoiser_preset("tiny"), steps=30, batch_size=4, noise_draws=4, warmup=5,
                           eval_every=0, checkpoint_every=10),
 }
@@ -161,16 +165,25 @@ class ClipBatch(NamedTuple):
 
 class ClipSampler:
     """Draws training clips from a loop data set (items with ``frames`` uint8 (T, S, S) and ``ef`` in %; also
-    ``labels`` uint8 (T, S, S) when ``cfg.label_weight`` > 0).
+    ``labels`` uint8 (T, S, S) when ``cfg.label_weight`` > 0). ``alphas`` (one per loop) lets ``cfg.p_real_motion``
+    choose between the ``alpha = 1`` loops and the others; without it, or when one of the two groups is empty, every
+    loop is equally likely.
 
     ``sample(batch_size, generator)`` -> :class:`ClipBatch`, F and s from the model config; the labels follow the
     clip's frames and geometric augmentation, and are -1 for the uninformative clips.
     """
 
-    def __init__(self, loops, model_cfg: EFDenoiserConfig, cfg: EFTrainConfig):
+    def __init__(self, loops, model_cfg: EFDenoiserConfig, cfg: EFTrainConfig, alphas=None):
         if len(loops) == 0:
             raise ValueError("The EF regressor needs training loops; the data set holds none.")
         self.loops, self.mcfg, self.cfg = loops, model_cfg, cfg
+        self._groups = None  # (indices of the alpha = 1 loops, of the others) when drawn apart
+        if alphas is not None and cfg.p_real_motion > 0:
+            if len(alphas) != len(loops):
+                raise ValueError(f"ClipSampler needs one alpha per loop; got {len(alphas)} for {len(loops)} loops.")
+            real = torch.from_numpy(np.abs(np.asarray(alphas, dtype=np.float64) - 1.0) < 1e-6)
+            if bool(real.any()) and not bool(real.all()):
+                self._groups = (torch.nonzero(real)[:, 0], torch.nonzero(~real)[:, 0])
         self.with_labels = cfg.label_weight > 0
         # loop index -> (frames uint8 (T, s, s) at the encoder's frame size, labels uint8 (T, s, s) or None, ef, age,
         # sex); each loop is read (rendered) once and kept at the small size
@@ -197,10 +210,20 @@ class ClipSampler:
         cycles = 1.0 + (self.cfg.max_cycles - 1.0) * float(torch.rand(1, generator=g))
         return clip_indices(n_frames, self.mcfg.num_frames, offset=offset, cycles=cycles)
 
+    def _draw(self, n: int, g: torch.Generator) -> list[int]:
+        """Indices of ``n`` loops."""
+        if self._groups is None:
+            return torch.randint(0, len(self.loops), (n,), generator=g).tolist()
+        real, other = self._groups
+        pick_real = torch.rand(n, generator=g) < self.cfg.p_real_motion
+        from_real = real[torch.randint(0, len(real), (n,), generator=g)]
+        from_other = other[torch.randint(0, len(other), (n,), generator=g)]
+        return torch.where(pick_real, from_real, from_other).tolist()
+
     def sample(self, batch_size: int, generator: torch.Generator) -> ClipBatch:
         g, c = generator, self.cfg
         clips, labels, efs, ages, sexes = [], [], [], [], []
-        for i in torch.randint(0, len(self.loops), (batch_size,), generator=g).tolist():
+        for i in self._draw(batch_size, g):
             frames, lab, ef, age, sex = self._loop(i)
             idx = self._indices(len(frames), g)
             clips.append(video_clip(frames, self.mcfg.num_frames, self.mcfg.frame_size, idx))
@@ -510,7 +533,7 @@ Inference: DDIM, 10 steps x 40 trajectories, clipped to [0, 100] %. {used_by}
 ## Data
 - Prepared folder `{args.data}` (`echolvfm prepare`): loops synthesised from real CAMUS apical 4CH ED / ES pairs at
   several deformation strengths (EF labels measured on the warped labels, area-length){", plus phantom loops" if data.get("phantom_loops") else ""}.
-- Training split: {data.get("train_loops")} loops ({data.get("phantom_loops")} of them phantoms) from {data.get("train_patients")} CAMUS patients, all strengths; random
+- Training split: {data.get("train_loops")} loops ({data.get("phantom_loops")} of them phantoms) from {data.get("train_patients")} CAMUS patients, all strengths{f" ({cfg.p_real_motion:.0%} of clips from the alpha = 1 loops)" if cfg.p_real_motion else ""}; random
   phase / 1-{cfg.max_cycles:g} cycles for half of the clips, ultrasound augmentation, {cfg.p_uninformative:.0%} of clips
   replaced by noise or a still frame with the loop's label kept (uninformative input -> broad posterior).
   No age or sex in this data: the model has only seen them as unknown.
@@ -565,7 +588,8 @@ def train(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         log.warning("no valid split for metrics: %s", exc)
         valid = []
-    metrics = fit(ClipSampler(Subset(train_ds, train_idx), cfg.model, cfg), cfg, Path(args.out), seed=args.seed,
+    alphas = [float(train_ds.manifest[i]["alpha"]) for i in train_idx]
+    metrics = fit(ClipSampler(Subset(train_ds, train_idx), cfg.model, cfg, alphas), cfg, Path(args.out), seed=args.seed,
                   device=args.device, resume=args.resume, valid_loops=valid, backbone_state=backbone_state,
                   calibration_loops=[train_ds[i] for i in calib_idx])
     meta = train_ds.meta
