@@ -512,13 +512,18 @@ def test_train_command_writes_model_card_and_loads(tmp_path):
     data = tmp_path / "prepared"
     prepare(None, data, PrepareConfig(phantom=6, loops_per_patient=2), progress=False)
     out = tmp_path / "ef"
-    assert main(["train", "ef-regressor", "--data", str(data), "--preset", "tiny", "--steps", "2", "--out", str(out)]) == 0
+    args = ["train", "ef-regressor", "--data", str(data), "--preset", "tiny", "--steps", "2", "--seed", "3", "--out", str(out)]
+    assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     train_efs = [r["ef"] for r in PreparedLoops(data, split="train").manifest]
     assert metrics["ef_mean"] == pytest.approx(np.mean(train_efs)) and metrics["valid_alpha1"]["n"] == 2
     assert "coverage90" in (out / "final" / "MODEL_CARD.md").read_text()
     est = EFPosteriorEstimator.from_pretrained(out / "final")
     assert est.model.config.ef_std == pytest.approx(np.std(train_efs, ddof=1))
+    # the metrics use the posterior's default noise seed, not the training seed: they are what evaluate reports
+    valid = PreparedLoops(data, split="valid")
+    again = evaluate_ef_regression(est, [valid[i] for i in range(len(valid)) if abs(float(valid.manifest[i]["alpha"]) - 1) < 1e-6])
+    assert again == pytest.approx(metrics["valid_alpha1"])
 
 
 def test_estimate_ef_command_on_the_dicom_sample(sample_path, tmp_path, capsys):

@@ -18,12 +18,12 @@ to answer them with the broad training distribution of EF rather than a confiden
 
 The demo preset keeps an exponential moving average of the weights (the EMA model is evaluated and saved) and holds
 ``calibration_patients`` training patients out of training: after training, the posterior's ``spread_scale`` is set
-on their loops by split conformal calibration of the 5-95 % interval
+on their ``alpha == 1`` loops by split conformal calibration of the 5-95 % interval
 (:func:`~echolvfm_core.estimators.ef_posterior.conformal_spread_scale`), so the valid split is never used to tune it.
 
 Metrics (``DIR/metrics.json``): :func:`~echolvfm_core.estimators.ef_posterior.evaluate_ef_regression` on the valid
 split's ``alpha == 1`` loops (mae, rmse, r2, crps, coverage90), and ``calibration`` (the scale, the held-out loops'
-metrics before and after it).
+metrics before and after it), all with the posterior noise seed :data:`POSTERIOR_SEED`.
 """
 from __future__ import annotations
 
@@ -127,6 +127,10 @@ class EFTrainConfig:
 
 #: Label classes of the loops (background, LV cavity, myocardium, left atrium).
 LABEL_CLASSES = 4
+
+#: Noise seed of the posteriors behind the metrics and the calibration, whatever the training seed: the default of
+#: ``echolvfm estimate-ef``, the app and ``echolvfm evaluate``, so ``metrics.json`` matches what they report.
+POSTERIOR_SEED = 0
 
 TRAIN_PRESETS = {
     # 1200 steps: with the label heads, longer runs kept the valid MAE (7.6 at 3000 steps) but narrowed the raw
@@ -379,7 +383,7 @@ def fit(sampler: ClipSampler, cfg: EFTrainConfig, out: Path, seed: int = 0, devi
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", aux=f"{parts['aux_mse']:.2f}",
                         **({"label": f"{parts['label']:.2f}"} if "label" in parts else {}))
         if cfg.eval_every and valid_loops and step % cfg.eval_every == 0 and step < cfg.steps:
-            m = _evaluate(final_model, scheduler, valid_loops, seed)
+            m = _evaluate(final_model, scheduler, valid_loops, POSTERIOR_SEED)
             history.append({"step": step, "loss": float(np.mean(losses[-50:])), **m})
             bar.write(f"step {step}: mae {m['mae']:.2f} coverage90 {m['coverage90']:.2f} crps {m['crps']:.2f}")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
@@ -400,9 +404,9 @@ def fit(sampler: ClipSampler, cfg: EFTrainConfig, out: Path, seed: int = 0, devi
         "history": history,
     }
     if calibration_loops:
-        metrics["calibration"] = calibrate(final_model, scheduler, calibration_loops, seed)
+        metrics["calibration"] = calibrate(final_model, scheduler, calibration_loops, POSTERIOR_SEED)
     if valid_loops:
-        metrics["valid_alpha1"] = _evaluate(final_model, scheduler, valid_loops, seed)
+        metrics["valid_alpha1"] = _evaluate(final_model, scheduler, valid_loops, POSTERIOR_SEED)
     if accelerator.is_main_process:
         final = out / "final"
         final_model.save_pretrained(str(final))
@@ -487,8 +491,8 @@ def _calibration_text(cal: dict | None, data: dict) -> str:
         return ""
     b, a = cal["before"], cal["after"]
     return f"""
-- Calibration: all {cal["n"]} loops of {data.get("calibration_patients")} training patients (drawn with the seed) were held out
-  of training; the posterior's draws are scaled about their mean by `spread_scale` {cal["spread_scale"]:.3f}
+- Calibration: all loops of {data.get("calibration_patients")} training patients (drawn with the seed) were held out of training;
+  on their {cal["n"]} alpha = 1 loops (the kind the posterior is judged on) the posterior's draws are scaled about their mean by `spread_scale` {cal["spread_scale"]:.3f}
   (split conformal, 90 % interval; `config.json`). On those loops: coverage90 {b["coverage90"]:.2f} -> {a["coverage90"]:.2f},
   CRPS {b["crps"]:.2f} -> {a["crps"]:.2f}, MAE {b["mae"]:.2f} -> {a["mae"]:.2f} (the mean moves only where draws are clipped)."""
 
@@ -589,6 +593,9 @@ def train(args: argparse.Namespace) -> int:
         log.warning("no valid split for metrics: %s", exc)
         valid = []
     alphas = [float(train_ds.manifest[i]["alpha"]) for i in train_idx]
+    # the interval is calibrated on the held-out patients' alpha = 1 loops: the counterfactual loops, whose frames all
+    # come from the ED image, are easier and would narrow it for the loops it is judged on
+    calib_idx = [i for i in calib_idx if abs(float(train_ds.manifest[i]["alpha"]) - 1.0) < 1e-6]
     metrics = fit(ClipSampler(Subset(train_ds, train_idx), cfg.model, cfg, alphas), cfg, Path(args.out), seed=args.seed,
                   device=args.device, resume=args.resume, valid_loops=valid, backbone_state=backbone_state,
                   calibration_loops=[train_ds[i] for i in calib_idx])
