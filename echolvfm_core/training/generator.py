@@ -294,7 +294,6 @@ class ClipSampler:
 
 
 # ------------------------------------------------------------------------------------------------------ training
-@torch.no_grad()
 def _preview_batch(loops: LatentLoops, cfg: GeneratorTrainConfig, n: int = 4) -> VideoBatch:
     """Fixed preview clips: the first ``n`` loops from ED, ED observed, their own EF."""
     xs, conds, obs, fms, efs = [], [], [], [], []
