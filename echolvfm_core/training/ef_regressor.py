@@ -132,6 +132,11 @@ LABEL_CLASSES = 4
 #: ``echolvfm estimate-ef``, the app and ``echolvfm evaluate``, so ``metrics.json`` matches what they report.
 POSTERIOR_SEED = 0
 
+
+def _is_alpha_one(alpha) -> bool:
+    """Whether a loop's deformation scale is 1: the real ED -> ES motion, its ES-phase frame the real ES image."""
+    return abs(float(alpha) - 1.0) < 1e-6
+
 TRAIN_PRESETS = {
     # 1200 steps: with the label heads, longer runs kept the valid MAE (7.6 at 3000 steps) but narrowed the raw
     # posterior (coverage90 0.76 at 1200 steps, 0.60 at 2000, 0.52 at 3000); the held-out calibration now widens it
@@ -185,7 +190,7 @@ class ClipSampler:
         if alphas is not None and cfg.p_real_motion > 0:
             if len(alphas) != len(loops):
                 raise ValueError(f"ClipSampler needs one alpha per loop; got {len(alphas)} for {len(loops)} loops.")
-            real = torch.from_numpy(np.abs(np.asarray(alphas, dtype=np.float64) - 1.0) < 1e-6)
+            real = torch.tensor([_is_alpha_one(a) for a in alphas])
             if bool(real.any()) and not bool(real.all()):
                 self._groups = (torch.nonzero(real)[:, 0], torch.nonzero(~real)[:, 0])
         self.with_labels = cfg.label_weight > 0
@@ -468,7 +473,7 @@ def calibration_split(manifest: list[dict], n_patients: int, seed: int) -> tuple
 
 def _alpha_one(ds) -> list[int]:
     """Indices of the alpha = 1 loops: the CAMUS ones when there are any (the acceptance set), else all."""
-    rows = [(i, r) for i, r in enumerate(ds.manifest) if abs(float(r["alpha"]) - 1.0) < 1e-6]
+    rows = [(i, r) for i, r in enumerate(ds.manifest) if _is_alpha_one(r["alpha"])]
     camus = [i for i, r in rows if r["source"] == "camus"]
     return camus or [i for i, _ in rows]
 
@@ -595,7 +600,7 @@ def train(args: argparse.Namespace) -> int:
     alphas = [float(train_ds.manifest[i]["alpha"]) for i in train_idx]
     # the interval is calibrated on the held-out patients' alpha = 1 loops: the counterfactual loops, whose frames all
     # come from the ED image, are easier and would narrow it for the loops it is judged on
-    calib_idx = [i for i in calib_idx if abs(float(train_ds.manifest[i]["alpha"]) - 1.0) < 1e-6]
+    calib_idx = [i for i in calib_idx if _is_alpha_one(train_ds.manifest[i]["alpha"])]
     metrics = fit(ClipSampler(Subset(train_ds, train_idx), cfg.model, cfg, alphas), cfg, Path(args.out), seed=args.seed,
                   device=args.device, resume=args.resume, valid_loops=valid, backbone_state=backbone_state,
                   calibration_loops=[train_ds[i] for i in calib_idx])
@@ -606,7 +611,6 @@ def train(args: argparse.Namespace) -> int:
         "train_loops": len(train_idx),
         "train_patients": len({train_ds.manifest[i]["patient"] for i in train_idx if train_ds.manifest[i]["source"] == "camus"}),
         "phantom_loops": sum(train_ds.manifest[i]["source"] == "phantom" for i in train_idx),
-        "calibration_loops": len(calib_idx),
         "calibration_patients": cfg.calibration_patients,
         "valid_loops": len(valid),
     }
