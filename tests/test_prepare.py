@@ -5,9 +5,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from echolvfm_core.cli import main
-from echolvfm_core.data.loops import RegistrationConfig
+from echolvfm_core.data.loops import RegistrationConfig, exp_velocity, warp
 from echolvfm_core.data.prepared import (
     MANIFEST_FIELDS,
     LoopSample,
@@ -48,6 +49,7 @@ def test_phantom_only_prepare(phantom_folder):
         efs.append(s.ef)
     assert abs(efs[0] - efs[1]) > 5  # same anatomy, different EFs
     assert len(ds.real_frames()) == 0
+    assert ds.deformation(0) is None  # phantoms have no registration
     ds[0].frames[:] = 7  # the LRU cache hands out copies
     assert not np.all(ds[0].frames == 7)
     batch = collate_loops([ds[0], ds[1], ds[2]])
@@ -120,6 +122,17 @@ def test_camus_prepare_with_loops(camus_root, tmp_path):
             assert s.ef == pytest.approx(measured_ef(s), abs=1e-3)
         a1 = loops[0]
         assert np.array_equal(a1.frames[a1.es_index], real.images[2 * k + 1])  # the ES phase is the real ES
+        # the stored deformation reproduces the counterfactual loop: its ED labels warped frame by frame
+        i = ds.loops_of(patient)[1]
+        motion = ds.deformation(i)
+        cf = loops[1]
+        assert motion.scale.shape == (len(cf.frames),) and motion.scale[0] == 0.0
+        assert ds.deformation(ds.loops_of(patient)[0]).scale[a1.es_index] == 1.0
+        disp = exp_velocity(torch.from_numpy(motion.velocity)[None], 112, torch.from_numpy(motion.scale).float(),
+                            ds.registration.squarings, ds.registration.work_size)
+        onehot = torch.nn.functional.one_hot(torch.from_numpy(cf.labels[0]).long(), 4).permute(2, 0, 1).float()
+        warped = warp(onehot[None].expand(len(disp), -1, -1, -1), disp).argmax(1).numpy()
+        assert (warped == cf.labels).mean() >= 0.995
     report = json.loads((out / "prepare_report.json").read_text())
     assert report["ef_alpha1_minus_real_labels"]["max_abs"] <= 1.0
     assert report["counts"]["by_split"]["train"]["ssim_es"]["median"] >= 0.5

@@ -49,6 +49,7 @@ __all__ = [
     "FORMAT",
     "MANIFEST_FIELDS",
     "VERSION",
+    "LoopDeformation",
     "LoopSample",
     "PrepareConfig",
     "PreparedLoops",
@@ -287,6 +288,21 @@ class PreparedLoops:
             alpha=float(alpha), split=str(self._pairs["split"][i]), source="camus", loop_id=f"{patient}_alpha{alpha:g}",
         )
 
+    def deformation(self, index: int) -> LoopDeformation | None:
+        """How loop ``index`` moves its end-diastolic image, or None for a phantom loop (no registration).
+
+        Frame k of a counterfactual loop (alpha != 1) is the ED image warped by ``exp(scale[k] * velocity)``; an
+        alpha = 1 loop follows the same deformation and cross-fades into the real ES image around mid-systole, whose
+        registration to ED is that same field at scale 1.
+        """
+        row = self.manifest[index]
+        if row["source"] != "camus":
+            return None
+        recipe = self._recipes[row["loop_id"]]
+        phases = CycleTiming(**recipe["timing"]).phases()
+        velocity = np.asarray(self._pairs["velocity"][int(recipe["pair"])], dtype=np.float32)
+        return LoopDeformation(velocity, float(recipe["alpha"]) * phases)
+
     @property
     def patients(self) -> list[str]:
         """Patient ids with at least one loop in this view, in manifest order."""
@@ -377,6 +393,20 @@ def _loop_measures(labels: np.ndarray, es_phase: int) -> tuple[float, int, float
 
 
 # ------------------------------------------------------------------------------------------------------ writing
+
+
+@dataclass(frozen=True)
+class LoopDeformation:
+    """The stationary ED -> ES velocity of a CAMUS loop's pair and the scale it is applied at in every frame.
+
+    Attributes:
+        velocity: (2, g, g) float32 coarse velocity in normalised units (see :mod:`echolvfm_core.data.loops`).
+        scale: (T,) alpha times the deformation phase of each frame (0 at ED); frame k is the ED image warped by
+            :func:`~echolvfm_core.data.loops.exp_velocity` of ``velocity`` at ``scale[k]``.
+    """
+
+    velocity: np.ndarray
+    scale: np.ndarray
 
 
 @dataclass(frozen=True)
