@@ -455,3 +455,49 @@ def test_warp_prediction_moves_the_anchor_by_the_network_displacement():
         MeanFlow(WarpNet(residual, disp), prediction="warp")
     with pytest.raises(ValueError, match="displacement"):
         LinearFlow(EchoVelocityUNet.from_preset("tiny", displacement_channels=2))
+
+
+@pytest.mark.parametrize("mf_weight", [0.0, 1.0])
+def test_displacement_supervision_is_the_field_error_of_the_clips_that_know_their_motion(mf_weight):
+    batch = _batch()
+    b, c, t, h, w = batch.x.shape
+    disp = torch.zeros(b, 2, t, h, w)
+    disp[:, 1] = 0.5
+    residual = torch.zeros(b, c, t, h, w)
+    known_motion = disp.clone()
+    known_motion[1, 0] += 1.0  # clip 1 should move one pixel further right: squared error 1 in one of 2 channels
+    known_motion[2] = 7.0  # clip 2's motion is unknown: whatever it carries must not count
+    known = torch.tensor([True, True, False])
+    supervised = VideoBatch(batch.x, batch.cond, known_motion, known)
+    flow = MeanFlow(WarpNet(residual, disp), prediction="warp", residual=True, share_r_neq_t=1.0, recon_weight=1.0,
+                    recon_on="all", mf_weight=mf_weight, displacement_weight=3.0)
+    out = flow(supervised, generator=torch.Generator().manual_seed(0))
+    assert float(out.parts["disp"]) == pytest.approx((0.0 + 0.5) / 2)
+    plain = flow(batch, generator=torch.Generator().manual_seed(0))  # a batch without known motion: no such term
+    assert "disp" not in plain.parts
+    assert float(out.loss - plain.loss) == pytest.approx(3.0 * 0.25, rel=1e-5)
+
+
+def test_displacement_supervision_reaches_the_network_and_checks_its_inputs():
+    torch.manual_seed(0)
+    net = EchoVelocityUNet.from_preset("tiny", max_frames=8, displacement_channels=2, context_channels=4)
+    config = MeanFlowConfig(prediction="warp", residual=True, mf_weight=0.0, recon_weight=1.0, one_step_share=1.0,
+                            recon_on="one_step")
+    batch = _batch(hw=8)
+    b, _, t, h, w = batch.x.shape
+    motion = torch.randn(b, 2, t, h, w, generator=torch.Generator().manual_seed(2))
+    supervised = VideoBatch(batch.x, batch.cond, motion, torch.ones(b, dtype=torch.bool))
+    with_term = MeanFlow(net, config, displacement_weight=1.0)(supervised, generator=torch.Generator().manual_seed(0))
+    without = MeanFlow(net, config)(supervised, generator=torch.Generator().manual_seed(0))
+    term = with_term.loss - without.loss
+    assert float(term) == pytest.approx(float(with_term.parts["disp"]), rel=1e-5)
+    grads = torch.autograd.grad(term, [p for p in net.parameters() if p.requires_grad], allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    with pytest.raises(ValueError, match="displacement_weight"):
+        MeanFlowConfig(displacement_weight=1.0)  # prediction "u" has no field to supervise
+    with pytest.raises(ValueError, match="displacement_weight"):
+        MeanFlowConfig(displacement_weight=-1.0, prediction="warp", residual=True)
+    with pytest.raises(ValueError, match="come together"):
+        VideoBatch(batch.x, batch.cond, motion, None)
+    with pytest.raises(ValueError, match="displacement must be"):
+        VideoBatch(batch.x, batch.cond, motion[:, :1], torch.ones(b, dtype=torch.bool))

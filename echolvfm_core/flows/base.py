@@ -113,17 +113,34 @@ class VideoBatch:
 
     ``x`` may be another loop than the one the conditioning frames come from (counterfactual supervision: same
     anatomy, the target's exact EF in ``cond.ef``).
+
+    ``displacement`` (B, 2, T, h, w), optional: the known motion of each clip, in latent pixels (channel 0: x,
+    1: y), that moves its anchor (:func:`anchor_latents`) onto each target frame as :func:`warp_latents` applies
+    it; ``displacement_known`` (B,) bool marks the clips it is known for (the others carry zeros).
     """
 
     x: torch.Tensor
     cond: Conditioning
+    displacement: torch.Tensor | None = None
+    displacement_known: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.x.shape != self.cond.cond.shape:
             raise ValueError(f"x {tuple(self.x.shape)} and cond {tuple(self.cond.cond.shape)} must have one shape.")
+        if (self.displacement is None) != (self.displacement_known is None):
+            raise ValueError("displacement and displacement_known come together.")
+        if self.displacement is not None:
+            b, _, t, h, w = self.x.shape
+            if self.displacement.shape != (b, 2, t, h, w) or self.displacement_known.shape != (b,):
+                raise ValueError(f"displacement must be ({b}, 2, {t}, {h}, {w}) and displacement_known ({b},); got "
+                                 f"{tuple(self.displacement.shape)} and {tuple(self.displacement_known.shape)}.")
 
     def to(self, device=None, dtype=None) -> "VideoBatch":
-        return VideoBatch(self.x.to(device=device, dtype=dtype), self.cond.to(device, dtype))
+        disp = known = None
+        if self.displacement is not None:
+            disp = self.displacement.to(device=device, dtype=dtype)
+            known = self.displacement_known.to(device)
+        return VideoBatch(self.x.to(device=device, dtype=dtype), self.cond.to(device, dtype), disp, known)
 
 
 @dataclass

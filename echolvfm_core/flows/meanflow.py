@@ -95,6 +95,11 @@ class MeanFlowConfig:
         displacement instead of blurring it. The loss and its JVP target are the same in every case.
     displacement_gain: with "warp", the network's displacement output is multiplied by it (latent pixels), so
         that the optimiser's steps move the anatomy by useful fractions of a pixel from the start.
+    displacement_weight: with "warp", weight of a squared error (latent pixels^2, per clip over its real frames)
+        between the network's displacement field and the clip's known motion (``VideoBatch.displacement``, e.g. the
+        registration field a synthesised loop was rendered with), for the clips that carry it. The image terms pull
+        on a displacement only through the local gradient of the warped latents; the known field supervises the
+        whole motion directly. 0: off.
     """
 
     share_r_neq_t: float = 0.25
@@ -112,6 +117,7 @@ class MeanFlowConfig:
     one_step_share: float = 0.0
     mf_weight: float = 1.0
     motion_gain: float = 1.0
+    displacement_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("share_r_neq_t", "one_step_share"):
@@ -133,6 +139,10 @@ class MeanFlowConfig:
             raise ValueError('motion_gain scales the displacement field of prediction="warp" only.')
         if not self.motion_gain > 0:
             raise ValueError(f"motion_gain must be > 0; got {self.motion_gain}.")
+        if self.displacement_weight < 0:
+            raise ValueError(f"displacement_weight must be >= 0; got {self.displacement_weight}.")
+        if self.displacement_weight > 0 and self.prediction != "warp":
+            raise ValueError('displacement_weight supervises the displacement field of prediction="warp" only.')
         if self.mf_weight == 0 and self.recon_weight == 0:
             raise ValueError("mf_weight = 0 leaves only the reconstruction regulariser: recon_weight must be > 0.")
 
@@ -168,9 +178,11 @@ class MeanFlow(nn.Module):
             r, t = torch.where(one, 0.0, r), torch.where(one, 1.0, t)
         return r, t
 
-    def _velocity_fn(self, cond: Conditioning, anchor: torch.Tensor | None = None, motion_gain: float = 1.0):
+    def _velocity_fn(self, cond: Conditioning, anchor: torch.Tensor | None = None, motion_gain: float = 1.0,
+                     with_displacement: bool = False):
         """u(z, r, t) of the network; ``anchor``: ``anchor_latents(cond)`` when the caller has it (residual flows);
-        ``motion_gain``: factor on the displacement field ("warp" prediction)."""
+        ``motion_gain``: factor on the displacement field ("warp" prediction); ``with_displacement``: the function
+        returns ``(u, displacement)`` with the field (B, 2, T, h, w) in latent pixels ("warp" only)."""
         if anchor is None and self.config.residual:
             anchor = anchor_latents(cond)
         context = network_context(self.net, cond, anchor)
@@ -188,6 +200,8 @@ class MeanFlow(nn.Module):
                 out = moved - anchor + out[:, :c]
             if prediction in ("x", "warp"):
                 out = (z - out) / t.clamp_min(PREDICTION_T_MIN)[:, None, None, None, None]
+            if with_displacement:
+                return out, disp.reshape(b, frames, 2, h, w).transpose(1, 2)
             return out
 
         return fn
@@ -210,20 +224,26 @@ class MeanFlow(nn.Module):
         tb = t_[:, None, None, None, None]
         z = (1 - tb) * x + tb * eps
         v = eps - x
-        fn = self._velocity_fn(cond, anchor)
+        supervise_motion = cfg.displacement_weight > 0 and batch.displacement is not None
+        fn = self._velocity_fn(cond, anchor, with_displacement=supervise_motion)
         weights = frame_weights(cond, cfg.observed_weight)
         parts = {"linear": torch.tensor(float(linear))}
+
+        def split(out):  # (u, displacement or None)
+            return out if supervise_motion else (out, None)
+
         if cfg.mf_weight == 0:  # reconstruction regulariser alone: no target, no JVP
-            u = fn(z, r_, t_)
+            u, disp = split(fn(z, r_, t_))
             loss = u.new_zeros(())
         else:
             if bool((r < t).any()):
                 # du/dt along (dz, dr, dt) = (v, 0, 1); the fused SDPA kernels have no forward-mode derivative.
                 with sdpa_kernel([SDPBackend.MATH]):
-                    u, dudt = torch.func.jvp(fn, (z, r_, t_), (v, torch.zeros_like(r_), torch.ones_like(t_)))
+                    out, tangent = torch.func.jvp(fn, (z, r_, t_), (v, torch.zeros_like(r_), torch.ones_like(t_)))
+                (u, disp), (dudt, _) = split(out), split(tangent)
                 target = (v - (t_ - r_)[:, None, None, None, None] * dudt).detach()
             else:
-                u = fn(z, r_, t_)
+                u, disp = split(fn(z, r_, t_))
                 target = v
             mse = per_video_mse(u, target, weights)  # (B,)
             adaptive = (mse.detach() + cfg.adaptive_c).pow(-cfg.adaptive_p)
@@ -242,6 +262,12 @@ class MeanFlow(nn.Module):
             loss_rec = (rec * sel).sum() / sel.sum().clamp_min(1.0)
             loss = loss + cfg.recon_weight * loss_rec
             parts["recon"] = loss_rec.detach()
+        if supervise_motion:
+            known = batch.displacement_known.to(x.dtype)
+            err = per_video_mse(disp, batch.displacement, frame_weights(cond))
+            loss_disp = (err * known).sum() / known.sum().clamp_min(1.0)
+            loss = loss + cfg.displacement_weight * loss_disp
+            parts["disp"] = loss_disp.detach()
         return FlowLoss(loss, parts)
 
     @torch.no_grad()
