@@ -196,6 +196,42 @@ def test_whole_cycle_clips_resample_the_loop_to_the_clip_length():
         assert float(batch.cond.cond[k, 0, 0, 0, 0]) == 0.0  # the sibling's ED frame
 
 
+def test_clip_sampler_gives_the_known_motion_of_single_frame_clips():
+    from echolvfm_core.data.prepared import LoopDeformation
+
+    # each latent carries (loop * 100 + frame), so a clip shows which loop and frames it took
+    frames, hw = 14, 4
+    lat = [(100 * k + torch.arange(frames, dtype=torch.float16))[None, :, None, None].expand(4, frames, hw, hw).clone()
+           for k in range(3)]
+    loops = gen_train.LatentLoops(lat, np.array([60.0, 30.0, 45.0]), np.zeros(3, np.int64), ["p0", "p0", "p1"],
+                                  ["a", "b", "c"])
+    # a uniform velocity (0.2 normalised units to the right): exp(s v) = s v exactly, 0.2 * (hw - 1) / 2 = 0.3 pixel
+    velocity = np.zeros((2, hw, hw), np.float32)
+    velocity[0] = 0.2
+    phases = np.arange(frames) / frames
+    deformations = [LoopDeformation(velocity, 1.0 * phases), LoopDeformation(velocity, 0.5 * phases), None]
+    obs = ObservationConfig(probs=(1, 1, 1, 0, 0), min_frames=6, max_frames=12)
+    sampler = gen_train.ClipSampler(loops, obs, counterfactual_prob=0.5, deformations=deformations)
+    batch = sampler.batch(64, torch.Generator().manual_seed(0))
+    known = batch.displacement_known
+    assert batch.displacement.shape == (64, 2, batch.x.shape[2], hw, hw) and 0 < int(known.sum()) < 64
+    for k in range(64):
+        observed = batch.cond.observed[k].nonzero().flatten()
+        target = batch.x[k, 0, :, 0, 0]
+        assert bool(known[k]) == (len(observed) == 1 and int(target[0]) // 100 < 2)
+        if not known[k]:
+            assert not batch.displacement[k].any()
+            continue
+        source = int(batch.cond.cond[k, 0, observed[0], 0, 0])
+        length = int(batch.cond.frame_mask[k].sum())
+        scale = [deformations[int(v) // 100].scale[int(v) % 100] for v in target[:length]]
+        expected = (torch.tensor(scale) - deformations[source // 100].scale[source % 100]) * 0.3
+        torch.testing.assert_close(batch.displacement[k, 0, :length], expected[:, None, None].expand(-1, hw, hw).float())
+        assert not batch.displacement[k, 1].any() and not batch.displacement[k, :, length:].any()
+    with pytest.raises(ValueError, match="one entry per loop"):
+        gen_train.ClipSampler(loops, obs, deformations=deformations[:2])
+
+
 def test_training_writes_final_model_samples_and_resumes(tmp_path, codec):
     data = tmp_path / "prep"
     assert main(["prepare", "--out", str(data), "--phantom", "3", "--loops-per-patient", "2", "--workers", "1",

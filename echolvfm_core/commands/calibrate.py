@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", default=None, help="models folder with generator/, vae/, segmenter/ (default: assets/)")
     p.add_argument("--split", default="train", help="patients to calibrate on (default: train)")
     p.add_argument("--patients", type=int, default=12, help="number of patients (default 12)")
-    p.add_argument("--gains", default="1,1.5,2,2.5,3,4", help="candidate gains, comma-separated")
+    p.add_argument("--gains", default="1,1.25,1.5,2,2.5,3,4", help="candidate gains, comma-separated")
     p.add_argument("--efs", default="25,45,70", help="requested EFs (%%), comma-separated")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
