@@ -151,7 +151,7 @@ def test_bundled_models_follow_the_requested_ef():
             raw = client.predict(api_name="/measure")[3]
             measured[ef] = raw["counterfactual_segmentation_ef"]
         assert None not in measured.values(), measured
-        assert measured[70] - measured[30] > 5, measured
+        assert measured[70] - measured[30] >= 20, measured  # the generator issue's acceptance on the sample
 
 
 @pytest.mark.browser
