@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,6 +137,30 @@ def test_cli_generate_writes_a_video_and_json(models_dir, sample_path, tmp_path,
     assert load_echo(out).n_frames == 12
     assert main([*args, "--reject", "2", "--out", str(tmp_path / "cf.gif")]) == 0
     assert len(json.loads(capsys.readouterr().out)["candidate_efs"]) == 2
+
+
+def test_cli_generate_observes_the_end_diastolic_frame_the_segmenter_finds(models_dir, tmp_path, capsys):
+    import shutil
+
+    from echolvfm_core.data.loops import CycleTiming
+    from echolvfm_core.data.phantom import render_phantom
+    from echolvfm_core.io import write_mp4
+
+    # a phantom cycle that starts 5 frames before end-diastole, measured with the bundled (trained) segmenter
+    loop = render_phantom(21, 55.0, CycleTiming(16), fps=30.0)
+    path = tmp_path / "late.mp4"
+    write_mp4(np.roll(loop.frames, 5, axis=0).astype(np.float32) / 255.0, path, fps=30.0)
+    models = tmp_path / "models"
+    for name in ("generator", "vae"):
+        shutil.copytree(models_dir / name, models / name)
+    shutil.copytree(Path(__file__).resolve().parents[1] / "assets" / "segmenter", models / "segmenter")
+    args = ["generate", str(path), "--ef", "40", "--json", "--models", str(models), "--out", str(tmp_path / "cf.mp4")]
+    assert main([*args, "--observed", "ed"]) == 0
+    (observed,) = json.loads(capsys.readouterr().out)["observed"]
+    assert abs(observed - 5) <= 1
+    shutil.rmtree(models / "segmenter")
+    assert main([*args, "--observed", "ed"]) == 2
+    assert "--observed ed needs a segmenter" in capsys.readouterr().err
 
 
 def test_cli_generate_errors(models_dir, sample_path, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""``echolvfm generate PATH --ef X [--observed 0,5] [--frames N] [--steps 1] [--seed S] [--reject K] --out OUT.mp4
+"""``echolvfm generate PATH --ef X [--observed 0,5|ed] [--frames N] [--steps 1] [--seed S] [--reject K] --out OUT.mp4
 [--json] [--models DIR]``: an EF counterfactual of an echo loop.
 
 The echo is read (:func:`echolvfm_core.io.load_echo`), brought onto the model grid
@@ -7,7 +7,8 @@ The echo is read (:func:`echolvfm_core.io.load_echo`), brought onto the model gr
 the suffix of ``--out``) at the input's frame rate. Without ``--frames``, a loop longer than the generator's
 ``max_frames`` is first resampled in time to that many frames (same duration; as in the app and the evaluation), and
 the output keeps that frame rate. With a segmenter in the models folder the generated loop's EF
-is measured (and ``--reject K`` keeps the best of K candidates).
+is measured (and ``--reject K`` keeps the best of K candidates), and ``--observed ed`` conditions on the end-diastolic
+frame it finds (as the app does).
 """
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ from pathlib import Path
 DEFAULT_FPS = 30.0
 
 
-def _indices(text: str) -> list[int]:
+def _indices(text: str) -> list[int] | str:
+    if text.strip().lower() == "ed":
+        return "ed"
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated frame indices such as 0,5; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated frame indices such as 0,5, or ed; got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("give at least one frame index")
     return values
@@ -32,7 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate the loop of this heart at another ejection fraction")
     p.add_argument("path", metavar="PATH", help="DICOM, NIfTI or video file of an apical four-chamber loop (or still)")
     p.add_argument("--ef", type=float, required=True, help="requested ejection fraction in %%")
-    p.add_argument("--observed", type=_indices, default=[0], help="frames to condition on, e.g. 0,5 (default 0)")
+    p.add_argument("--observed", type=_indices, default=[0],
+                   help="frames to condition on, e.g. 0,5 (default 0), or ed: the end-diastolic frame the segmenter "
+                        "finds (what the app observes; the generator reads a lone observed frame 0 as the start of a "
+                        "cycle, so ed suits a loop that does not start at end-diastole)")
     p.add_argument("--frames", type=int, default=None,
                    help="frames to generate (default: the input's; a longer loop than the generator's max_frames is "
                         "resampled in time to max_frames frames, and --observed then counts its frames; max_frames "
@@ -65,8 +71,11 @@ def run(args: argparse.Namespace) -> int:
         if not (models / name / "config.json").is_file():
             raise CommandError(f"No {name} in {models / name}; train one with `echolvfm train {name}` or point "
                                "--models at a folder with generator/ and vae/.")
-    if args.reject > 1 and not (models / "segmenter" / "config.json").is_file():
+    has_segmenter = (models / "segmenter" / "config.json").is_file()
+    if args.reject > 1 and not has_segmenter:
         raise CommandError(f"--reject needs a segmenter in {models / 'segmenter'} to measure the candidates' EF.")
+    if args.observed == "ed" and not has_segmenter:
+        raise CommandError(f"--observed ed needs a segmenter in {models / 'segmenter'} to find the end-diastolic frame.")
 
     echo = load_echo(args.path)
     pipe = CounterfactualPipeline.from_pretrained(models, device=args.device)
@@ -77,8 +86,11 @@ def run(args: argparse.Namespace) -> int:
         loop = resample_time(loop, loop.fps * pipe.max_frames / loop.n_frames)
         loop = loop.replace(frames=loop.frames[: pipe.max_frames], labels=None, labelled=())
         fps = loop.fps
+    observed = args.observed
     try:
-        cf = pipe.generate(loop, ef=args.ef, observed=args.observed, length=args.frames, steps=args.steps,
+        if observed == "ed":
+            observed = [_end_diastole(models, loop, args.device)]
+        cf = pipe.generate(loop, ef=args.ef, observed=observed, length=args.frames, steps=args.steps,
                            seed=args.seed, reject=args.reject)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
@@ -107,3 +119,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"requested EF {cf.requested_ef:.1f} %, measured {got}; {cf.length} frames in {cf.latency_ms:.0f} ms")
     print(f"written to {out}")
     return 0
+
+
+def _end_diastole(models: Path, loop, device) -> int:
+    """The end-diastolic frame of ``loop`` (preprocessed, on the model grid) as the bundled segmenter finds it."""
+    from echolvfm_core.estimators.segmentation import SegmentationEF
+
+    segmenter = SegmentationEF.from_pretrained(models / "segmenter", device=device)
+    return int(segmenter.measure_echo(loop.require_loop("--observed ed")).ed_index)
