@@ -88,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
         fps = loop.fps
     observed = args.observed
     try:
-        if observed == "ed":
-            observed = [_end_diastole(models, loop, args.device)]
+        if observed == "ed":  # the end-diastolic frame the segmenter finds on the loop the generator sees
+            observed = [int(pipe.segmenter.measure_echo(loop.require_loop("--observed ed")).ed_index)]
         cf = pipe.generate(loop, ef=args.ef, observed=observed, length=args.frames, steps=args.steps,
                            seed=args.seed, reject=args.reject)
     except ValueError as exc:
@@ -119,11 +119,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"requested EF {cf.requested_ef:.1f} %, measured {got}; {cf.length} frames in {cf.latency_ms:.0f} ms")
     print(f"written to {out}")
     return 0
-
-
-def _end_diastole(models: Path, loop, device) -> int:
-    """The end-diastolic frame of ``loop`` (preprocessed, on the model grid) as the bundled segmenter finds it."""
-    from echolvfm_core.estimators.segmentation import SegmentationEF
-
-    segmenter = SegmentationEF.from_pretrained(models / "segmenter", device=device)
-    return int(segmenter.measure_echo(loop.require_loop("--observed ed")).ed_index)

@@ -111,10 +111,12 @@ class CounterfactualPipeline:
         measure_ef: ``f(frames float (T, H, W) in [0, 1]) -> EF in %`` (e.g. the segmenter's), for rejection
             sampling and ``measured_ef``; a ValueError from it marks that loop as unmeasured.
         device: where the flow runs (default: the network's device).
+        segmenter: the :class:`~echolvfm_core.estimators.segmentation.SegmentationEF` behind ``measure_ef`` when
+            there is one, for callers that need more of its measurement (e.g. the end-diastolic frame).
     """
 
     def __init__(self, flow: MeanFlow | LinearFlow, codec=None, measure_ef: Callable[[np.ndarray], float] | None = None,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, segmenter=None):
         self.flow = flow.eval()
         if device is not None:
             self.flow.to(device)
@@ -122,6 +124,7 @@ class CounterfactualPipeline:
             self.flow.net.to(memory_format=torch.channels_last)  # faster convolutions on CPU, same results
         self.codec = codec
         self.measure_ef = measure_ef
+        self.segmenter = segmenter
 
     @classmethod
     def from_pretrained(cls, models: str | Path | None = None, device: str | torch.device | None = None,
@@ -138,13 +141,13 @@ class CounterfactualPipeline:
         if not (root / "vae" / "config.json").is_file():
             raise FileNotFoundError(2, "No VAE (config.json) in this folder", str(root / "vae"))
         codec = EchoCodec.from_pretrained(root / "vae", device=device)
-        measure = None
+        measure = seg = None
         if segmenter and (root / "segmenter" / "config.json").is_file():
             from ..estimators.segmentation import SegmentationEF
 
             seg = SegmentationEF.from_pretrained(root / "segmenter", device=device)
             measure = lambda frames: float(seg.measure(frames).ef)  # noqa: E731
-        return cls(flow, codec, measure, device=device)
+        return cls(flow, codec, measure, device=device, segmenter=seg)
 
     @property
     def net(self) -> EchoVelocityUNet:
