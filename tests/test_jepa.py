@@ -20,7 +20,14 @@ from echolvfm_core.estimators.jepa import (
     predict,
 )
 from echolvfm_core.metrics import feature_stats, frechet_distance
-from echolvfm_core.models.jepa import AttentiveProbe, EchoJEPA, LinearProbe, jepa_preset, sincos_positions_3d
+from echolvfm_core.models.jepa import (
+    AttentiveProbe,
+    EchoJEPA,
+    LinearProbe,
+    jepa_preset,
+    sincos_positions_3d,
+    temporal_deviation,
+)
 from echolvfm_core.training.common import ema_update
 from echolvfm_core.training.jepa import (
     LoopClipSampler,
@@ -147,6 +154,39 @@ def test_probes_fit_and_predict_in_percent():
         start = np.abs(predict(probe, tokens) - ef.numpy()).mean()
         fit_probe(probe, tokens, ef, steps=150, batch_size=16, lr=1e-2, seed=0)
         assert np.abs(predict(probe, tokens) - ef.numpy()).mean() < 0.7 * start
+
+
+def test_temporal_deviation_removes_the_still_part():
+    g = torch.Generator().manual_seed(0)
+    still = torch.randn(2, 1, 5, 4, generator=g).expand(-1, 3, -1, -1)  # (B, T, positions, D), same at every t
+    moving = torch.randn(2, 3, 5, 4, generator=g)
+    moving = moving - moving.mean(dim=1, keepdim=True)
+    out = temporal_deviation((still + moving).reshape(2, 15, 4), time_steps=3)
+    torch.testing.assert_close(out, moving.reshape(2, 15, 4))
+    with pytest.raises(ValueError, match="time steps"):
+        temporal_deviation(torch.zeros(1, 10, 4), time_steps=3)
+
+
+def test_motion_probe_reads_what_the_mean_token_cannot():
+    """EF set by how far tokens swing over time around a still anatomy that differs from clip to clip (and is much
+    larger): attention can only average tokens, so the plain probe misses it and the one reading the change finds it."""
+    g = torch.Generator().manual_seed(0)
+    n, t, positions, d = 128, 4, 6, 8
+    amplitude = torch.rand(n, generator=g)
+    direction = torch.randn(1, 1, positions, d, generator=g)
+    phase = torch.tensor([1.0, -1.0, 1.0, -1.0]).view(1, t, 1, 1)
+    still = 2 * torch.randn(n, 1, positions, d, generator=g)
+    tokens = (still + amplitude.view(n, 1, 1, 1) * phase * direction).reshape(n, t * positions, d)
+    tokens = tokens + 0.1 * torch.randn(tokens.shape, generator=g)
+    ef = 30 + 40 * amplitude
+    train, test = slice(0, 96), slice(96, n)
+    maes = {}
+    for time_steps in (0, t):
+        probe = AttentiveProbe(dim=d, attn_dim=8, heads=2, queries=4, time_steps=time_steps, ef_mean=50, ef_std=12)
+        fit_probe(probe, tokens[train], ef[train], steps=300, batch_size=32, lr=1e-2, seed=0)
+        maes[time_steps] = np.abs(predict(probe, tokens[test]) - ef[test].numpy()).mean()
+    spread = np.abs(ef[test].numpy() - ef[train].median().item()).mean()  # the median predictor's error
+    assert maes[t] < 0.5 * spread and maes[0] > 0.8 * spread
 
 
 def test_frechet_distance_known_answers():

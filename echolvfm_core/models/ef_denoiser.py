@@ -40,7 +40,8 @@ class EFDenoiserConfig:
 
     ``backbone`` "r2plus1d" uses ``encoder_channels`` / ``temporal_strides``; "jepa" uses ``jepa`` (the
     :class:`~echolvfm_core.models.jepa.JEPAConfig` fields of the encoder, whose clip shape must be
-    ``num_frames`` x ``frame_size``) and ``frozen_backbone``. ``label_classes`` > 0 gives the (2+1)D encoder its
+    ``num_frames`` x ``frame_size``, and optionally ``motion``: pool the tokens' change over the clip, see
+    :class:`~echolvfm_core.models.jepa.JEPAClipEncoder`) and ``frozen_backbone``. ``label_classes`` > 0 gives the (2+1)D encoder its
     training-only label heads (:class:`~echolvfm_core.models.video_encoder.VideoEncoder`); ``area_features``
     also feeds the statistics of the label areas over the clip to the features (heads used at inference too).
     ``spread_scale`` widens (> 1) or narrows the posterior draws about their mean at inference; training sets it on
@@ -138,7 +139,7 @@ class EFDenoiser(ModelMixin, ConfigMixin):
             if (vit.num_frames, vit.frame_size) != (num_frames, frame_size):
                 raise ValueError(f"the JEPA encoder takes {vit.num_frames} x {vit.frame_size} clips; the denoiser is "
                                  f"configured for {num_frames} x {frame_size}.")
-            self.encoder = JEPAClipEncoder(vit, feature_dim, frozen=frozen_backbone)
+            self.encoder = JEPAClipEncoder(vit, feature_dim, frozen=frozen_backbone, motion=bool(jepa.get("motion")))
         else:
             raise ValueError(f"Unknown backbone {backbone!r}; choose one of {BACKBONES}.")
         # Point estimate of the z-scored EF from the features: an auxiliary training target that speeds up the

@@ -11,8 +11,9 @@ grid, 392 tokens, numbered ``t * 49 + h * 7 + w``.
 * :class:`JEPAPredictor` - context tokens + mask tokens at the target positions -> predicted target features.
 * :class:`EchoJEPA` - both, with the config saved beside the weights (``save_pretrained`` / ``from_pretrained``).
   The bundled encoder is the EMA target encoder at the end of training (as V-JEPA evaluates its target encoder).
-* :class:`AttentiveProbe` - a learned query cross-attends to the frozen tokens, then a linear read-out
-  (V-JEPA's attentive probe, one query); :class:`LinearProbe` - a linear read-out of the mean token.
+* :class:`AttentiveProbe` - learned queries cross-attend to the frozen tokens (or to how they change over time,
+  :func:`temporal_deviation`), then an MLP read-out (V-JEPA's attentive probe); :class:`LinearProbe` - a linear
+  read-out of the mean token.
 * :class:`JEPAClipEncoder` - the encoder as the video backbone of the EF regressor (attentive pooling to a
   feature vector; frozen by default).
 """
@@ -35,6 +36,7 @@ __all__ = [
     "VideoViT",
     "JEPAPredictor",
     "EchoJEPA",
+    "temporal_deviation",
     "AttentiveProbe",
     "LinearProbe",
     "JEPAClipEncoder",
@@ -211,12 +213,14 @@ class JEPAClipEncoder(nn.Module):
     The ViT's tokens are pooled by ``queries`` learned queries (cross-attention, as the attentive probe) and
     projected to ``feature_dim``. With ``frozen`` the ViT keeps its (self-supervised) weights: it gets no gradients
     and runs in inference mode, so only the pooling and what comes after it train, as in V-JEPA's frozen evaluation.
+    With ``motion`` the queries read how the tokens change over the clip (:func:`temporal_deviation`), as the
+    bundled attentive EF probe does.
     """
 
-    def __init__(self, cfg: JEPAConfig, feature_dim: int, queries: int = 4, frozen: bool = True):
+    def __init__(self, cfg: JEPAConfig, feature_dim: int, queries: int = 4, frozen: bool = True, motion: bool = False):
         super().__init__()
         self.vit = VideoViT(cfg)
-        self.frozen = frozen
+        self.frozen, self.motion = frozen, motion
         if frozen:
             self.vit.requires_grad_(False)
         attn_dim = cfg.dim // 2
@@ -237,33 +241,52 @@ class JEPAClipEncoder(nn.Module):
                 tokens = self.vit(video)
         else:
             tokens = self.vit(video)
+        if self.motion:
+            tokens = temporal_deviation(tokens, self.vit.grid[0])
         return self.proj(attentive_pool(self.query, self.kv, tokens))
+
+
+def temporal_deviation(tokens: torch.Tensor, time_steps: int) -> torch.Tensor:
+    """Each token minus the mean over time of the tokens at its position: (B, N, D) -> (B, N, D).
+
+    Tokens are ordered ``t * positions + p`` (:class:`VideoViT`), N = ``time_steps`` x positions. What is left is
+    how each place changes over the clip (wall motion), without the still anatomy that dominates the features.
+    """
+    b, n, d = tokens.shape
+    if time_steps < 1 or n % time_steps:
+        raise ValueError(f"{n} tokens do not split into {time_steps} time steps.")
+    x = tokens.reshape(b, time_steps, n // time_steps, d)
+    return (x - x.mean(dim=1, keepdim=True)).reshape(b, n, d)
 
 
 class AttentiveProbe(ModelMixin, ConfigMixin):
     """EF read-out from frozen tokens: ``forward(tokens (B, N, dim)) -> EF (B,)`` in %.
 
-    A learned query cross-attends (``heads`` heads over ``attn_dim`` channels; keys and values are projections of
-    the layer-normed tokens), then a residual MLP, a LayerNorm and a linear layer predict the z-scored EF,
-    de-normalised with ``ef_mean`` / ``ef_std`` (%). ``attn_dim`` below ``dim`` keeps probe training cheap on a CPU.
+    ``queries`` learned queries cross-attend to the tokens (``heads`` heads over ``attn_dim`` channels; keys and
+    values are projections of the layer-normed tokens); their outputs, concatenated, go through an MLP to the
+    z-scored EF, de-normalised with ``ef_mean`` / ``ef_std`` (%). With ``time_steps`` > 0 the probe reads the
+    tokens' :func:`temporal_deviation` over that many tubelet time steps: softmax attention can only average
+    tokens, so it cannot subtract a frame's features from another's, which an EF (a change of the cavity over the
+    cycle) needs. ``queries=1, time_steps=0`` is V-JEPA's one-query probe. ``attn_dim`` below ``dim`` keeps probe
+    training cheap on a CPU.
     """
 
     @register_to_config
-    def __init__(self, dim: int = 128, attn_dim: int = 64, heads: int = 4, ef_mean: float = 50.0, ef_std: float = 15.0):
+    def __init__(self, dim: int = 128, attn_dim: int = 64, heads: int = 4, queries: int = 1, time_steps: int = 0,
+                 ef_mean: float = 50.0, ef_std: float = 15.0):
         super().__init__()
         if attn_dim % heads:
             raise ValueError(f"attn_dim ({attn_dim}) must be a multiple of heads ({heads}).")
-        self.query = nn.Parameter(torch.zeros(1, heads, 1, attn_dim // heads))
+        self.query = nn.Parameter(torch.zeros(1, heads, queries, attn_dim // heads))
         nn.init.trunc_normal_(self.query, std=0.02)
         self.kv = nn.Linear(dim, 2 * attn_dim)
-        self.mlp = nn.Sequential(nn.LayerNorm(attn_dim), nn.Linear(attn_dim, 2 * attn_dim), nn.GELU(),
-                                 nn.Linear(2 * attn_dim, attn_dim))
-        self.head = nn.Sequential(nn.LayerNorm(attn_dim), nn.Linear(attn_dim, 1))
+        self.head = nn.Sequential(nn.LayerNorm(queries * attn_dim), nn.Linear(queries * attn_dim, 2 * attn_dim),
+                                  nn.GELU(), nn.Linear(2 * attn_dim, 1))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        q = attentive_pool(self.query, self.kv, tokens)
-        q = q + self.mlp(q)
-        return self.head(q)[:, 0] * self.config.ef_std + self.config.ef_mean
+        if self.config.time_steps:
+            tokens = temporal_deviation(tokens, self.config.time_steps)
+        return self.head(attentive_pool(self.query, self.kv, tokens))[:, 0] * self.config.ef_std + self.config.ef_mean
 
 
 class LinearProbe(nn.Module):

@@ -424,7 +424,8 @@ def fit(sampler: ClipSampler, cfg: EFTrainConfig, out: Path, seed: int = 0, devi
 
 def with_jepa_backbone(cfg: EFTrainConfig, jepa_dir: str | Path | None) -> tuple[EFTrainConfig, dict]:
     """``cfg`` with the EchoJEPA encoder of ``jepa_dir`` (default: the bundled ``assets/jepa``) as the frozen video
-    backbone (clip shape taken from the encoder), and the encoder's weights to load into it."""
+    backbone (clip shape taken from the encoder; its pooling reads the tokens' change over the clip, as the EchoJEPA
+    EF probe does), and the encoder's weights to load into it."""
     from ..models.jepa import EchoJEPA, JEPAConfig
     from ..pipelines.counterfactual import default_models_dir
 
@@ -433,7 +434,7 @@ def with_jepa_backbone(cfg: EFTrainConfig, jepa_dir: str | Path | None) -> tuple
         raise FileNotFoundError(2, "No EchoJEPA encoder (config.json) in this folder", str(folder))
     jepa = EchoJEPA.from_pretrained(str(folder))
     vit = {k: jepa.config[k] for k in JEPAConfig.__dataclass_fields__}
-    model = replace(cfg.model, backbone="jepa", jepa=vit, frozen_backbone=True, num_frames=vit["num_frames"],
+    model = replace(cfg.model, backbone="jepa", jepa={**vit, "motion": True}, frozen_backbone=True, num_frames=vit["num_frames"],
                     frame_size=vit["frame_size"], label_classes=0, area_features=False)
     return replace(cfg, model=model, label_weight=0.0), jepa.encoder.state_dict()
 
