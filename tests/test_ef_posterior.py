@@ -523,7 +523,8 @@ def test_train_command_writes_model_card_and_loads(tmp_path):
     # the metrics use the posterior's default noise seed, not the training seed: they are what evaluate reports
     valid = PreparedLoops(data, split="valid")
     again = evaluate_ef_regression(est, [valid[i] for i in range(len(valid)) if abs(float(valid.manifest[i]["alpha"]) - 1) < 1e-6])
-    assert again == pytest.approx(metrics["valid_alpha1"])
+    # to float32 precision: with two loops R^2 divides by a tiny spread and amplifies rounding (seen at 2e-6 relative)
+    assert again == pytest.approx(metrics["valid_alpha1"], rel=1e-4, abs=1e-4)
 
 
 def test_estimate_ef_command_on_the_dicom_sample(sample_path, tmp_path, capsys):
