@@ -557,6 +557,7 @@ def test_jepa_backbone_is_frozen_and_its_pooling_trains(loops):
                                        "mlp_ratio")}
     model = tiny_model(backbone="jepa", jepa=vit, num_frames=8, frame_size=32)
     model.encoder.vit.load_state_dict(jepa.encoder.state_dict())
+    assert not model.encoder.motion  # a configuration without "motion" (as saved before it existed) pools raw tokens
     model.train()
     assert not model.encoder.vit.training  # frozen: inference mode even while the rest trains
     clips = torch.rand(3, 1, 8, 32, 32)
@@ -585,6 +586,7 @@ def test_train_command_with_the_jepa_backbone(tmp_path):
     assert main(args) == 0
     est = EFPosteriorEstimator.from_pretrained(out / "final")
     assert est.model.config.backbone == "jepa" and est.model.config.frame_size == 32
+    assert est.model.encoder.motion  # its pooling reads the tokens' change over the clip, as the EchoJEPA probe
     trained = est.model.encoder.vit.state_dict()
     assert all(torch.equal(trained[k], v) for k, v in jepa.encoder.state_dict().items())  # the encoder stayed frozen
     card = (out / "final" / "MODEL_CARD.md").read_text()

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from echolvfm_core.data.jepa_masks import DEFAULT_MASKS, BlockMaskConfig, MultiBlockMaskCollator
+from echolvfm_core.data.jepa_masks import (
+    DEFAULT_MASKS,
+    BlockMaskConfig,
+    MultiBlockMaskCollator,
+)
 from echolvfm_core.estimators.jepa import (
     FeatureStats,
     encode_clips,
@@ -23,7 +27,9 @@ from echolvfm_core.metrics import feature_stats, frechet_distance
 from echolvfm_core.models.jepa import (
     AttentiveProbe,
     EchoJEPA,
+    JEPAClipEncoder,
     LinearProbe,
+    attentive_pool,
     jepa_preset,
     sincos_positions_3d,
     temporal_deviation,
@@ -189,6 +195,19 @@ def test_motion_probe_reads_what_the_mean_token_cannot():
     assert maes[t] < 0.5 * spread and maes[0] > 0.8 * spread
 
 
+def test_clip_encoder_with_motion_pools_the_tokens_change():
+    cfg = jepa_preset("tiny")
+    video = torch.rand(2, 1, 16, 112, 112)
+    torch.manual_seed(0)
+    enc = JEPAClipEncoder(cfg, feature_dim=8, motion=True).eval()
+    with torch.no_grad():
+        tokens = enc.vit(video)
+        expected = enc.proj(attentive_pool(enc.query, enc.kv, temporal_deviation(tokens, enc.vit.grid[0])))
+        raw = enc.proj(attentive_pool(enc.query, enc.kv, tokens))
+        torch.testing.assert_close(enc(video), expected)
+    assert not torch.allclose(expected, raw, atol=1e-4)
+
+
 def test_frechet_distance_known_answers():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(500, 6))
@@ -238,7 +257,11 @@ class _Loops:
 def test_evaluate_section_without_generator_uses_cached_real_stats(tmp_path):
     from argparse import Namespace
 
-    from echolvfm_core.estimators.jepa import PROBE_DIR, STATS_FILE, evaluate_jepa_section
+    from echolvfm_core.estimators.jepa import (
+        PROBE_DIR,
+        STATS_FILE,
+        evaluate_jepa_section,
+    )
 
     folder = tmp_path / "jepa"
     model = _tiny()

@@ -41,8 +41,8 @@ class EFDenoiserConfig:
     ``backbone`` "r2plus1d" uses ``encoder_channels`` / ``temporal_strides``; "jepa" uses ``jepa`` (the
     :class:`~echolvfm_core.models.jepa.JEPAConfig` fields of the encoder, whose clip shape must be
     ``num_frames`` x ``frame_size``, and optionally ``motion``: pool the tokens' change over the clip, see
-    :class:`~echolvfm_core.models.jepa.JEPAClipEncoder`) and ``frozen_backbone``. ``label_classes`` > 0 gives the (2+1)D encoder its
-    training-only label heads (:class:`~echolvfm_core.models.video_encoder.VideoEncoder`); ``area_features``
+    :class:`~echolvfm_core.models.jepa.JEPAClipEncoder`) and ``frozen_backbone``. ``label_classes`` > 0 gives the
+    (2+1)D encoder its training-only label heads (:class:`~echolvfm_core.models.video_encoder.VideoEncoder`); ``area_features``
     also feeds the statistics of the label areas over the clip to the features (heads used at inference too).
     ``spread_scale`` widens (> 1) or narrows the posterior draws about their mean at inference; training sets it on
     held-out patients (:func:`~echolvfm_core.estimators.ef_posterior.conformal_spread_scale`), 1 = the raw draws.
