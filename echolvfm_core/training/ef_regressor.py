@@ -434,8 +434,8 @@ def with_jepa_backbone(cfg: EFTrainConfig, jepa_dir: str | Path | None) -> tuple
         raise FileNotFoundError(2, "No EchoJEPA encoder (config.json) in this folder", str(folder))
     jepa = EchoJEPA.from_pretrained(str(folder))
     vit = {k: jepa.config[k] for k in JEPAConfig.__dataclass_fields__}
-    model = replace(cfg.model, backbone="jepa", jepa={**vit, "motion": True}, frozen_backbone=True, num_frames=vit["num_frames"],
-                    frame_size=vit["frame_size"], label_classes=0, area_features=False)
+    model = replace(cfg.model, backbone="jepa", jepa={**vit, "motion": True}, frozen_backbone=True,
+                    num_frames=vit["num_frames"], frame_size=vit["frame_size"], label_classes=0, area_features=False)
     return replace(cfg, model=model, label_weight=0.0), jepa.encoder.state_dict()
 
 

@@ -444,10 +444,11 @@ def train(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     t, s = cfg.model.num_frames, cfg.model.frame_size
-    # the probes learn from every labelled loop of the training split, not only those the encoder trained on
+    # the probes learn from every labelled loop of the training split, not only those the encoder trained on; the
+    # sampler renders each loop once (it already holds the ones it trained on)
     camus_idx = [i for i, row in enumerate(train_ds.manifest) if row["source"] == "camus"]
     train_set = {
-        "clips": loop_clips((train_ds[i].frames for i in camus_idx), t, s),
+        "clips": loop_clips((sampler.frames(i) for i in camus_idx), t, s),
         "ef": np.array([float(train_ds.manifest[i]["ef"]) for i in camus_idx]),
         "patient": [train_ds.manifest[i]["patient"] for i in camus_idx],
     }
