@@ -152,6 +152,18 @@ def test_fit_saves_model_and_resumes(tmp_path):
     assert resumed["steps_per_second"] is None  # nothing left to train
 
 
+def test_train_command_needs_camus_loops_for_its_probes(tmp_path, capsys):
+    """A phantom-only prepared folder has no EF labels for the probes: one-line error, exit 2, before any training."""
+    from echolvfm_core.cli import main
+    from echolvfm_core.data.prepared import PrepareConfig, prepare
+
+    prepare(None, tmp_path / "prepared", PrepareConfig(phantom=6, loops_per_patient=2), progress=False)
+    args = ["train", "jepa", "--data", str(tmp_path / "prepared"), "--preset", "tiny", "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert "no CAMUS loops" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_probes_fit_and_predict_in_percent():
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(40, 10, 8, generator=g)

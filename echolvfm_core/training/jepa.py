@@ -431,11 +431,16 @@ data set; EchoJEPA-scale pretraining (millions of videos) is out of reach here. 
 
 def train(args: argparse.Namespace) -> int:
     """Entry point of ``echolvfm train jepa``."""
+    from ..cli import CommandError
     from ..data.prepared import PreparedLoops
 
     cfg = preset_from_args(train_preset, args)
     out = Path(args.out)
     train_ds = PreparedLoops(args.data, split="train", cache_size=0)  # the sampler keeps the frames
+    valid_ds = PreparedLoops(args.data, split="valid", source="camus", cache_size=0)
+    if not len(valid_ds) or not any(r["source"] == "camus" for r in train_ds.manifest):
+        raise CommandError(f"{args.data} has no CAMUS loops in its train and valid splits, which the EF probes need; "
+                           "prepare it with --camus.")
     used = [i for p in train_ds.patients for i in train_ds.loops_of(p)[: cfg.loops_per_patient]]
     sampler = LoopClipSampler(train_ds, cfg, used)
     model, train_metrics = fit(sampler, cfg, out, seed=args.seed, device=args.device, resume=args.resume)
@@ -452,7 +457,6 @@ def train(args: argparse.Namespace) -> int:
         "ef": np.array([float(train_ds.manifest[i]["ef"]) for i in camus_idx]),
         "patient": [train_ds.manifest[i]["patient"] for i in camus_idx],
     }
-    valid_ds = PreparedLoops(args.data, split="valid", source="camus", cache_size=0)
     phantom_ds = PreparedLoops(args.data, split="valid", source="phantom", cache_size=0)
     valid_set, phantom_set = _split_sets(valid_ds, t, s), _split_sets(phantom_ds, t, s)
     set_seed(args.seed + 1)
