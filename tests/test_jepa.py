@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -16,12 +17,14 @@ from echolvfm_core.data.jepa_masks import (
 )
 from echolvfm_core.estimators.jepa import (
     FeatureStats,
+    effective_rank,
     encode_clips,
     fid_jepa,
     fit_probe,
     fvd_jepa,
     loop_clips,
     predict,
+    temporal_share,
 )
 from echolvfm_core.metrics import feature_stats, frechet_distance
 from echolvfm_core.models.jepa import (
@@ -164,6 +167,37 @@ def test_train_command_needs_camus_loops_for_its_probes(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_train_command_end_to_end_on_camus_patients(camus_root, tmp_path, capsys):
+    """Two training and two valid CAMUS patients plus phantoms, tiny preset: the model, its probe and reference
+    statistics load again, and the card and metrics.json carry every read-out, diagnostics included."""
+    from echolvfm_core.cli import main
+
+    data, out = tmp_path / "prepared", tmp_path / "out"
+    assert main(["prepare", "--camus", str(camus_root), "--out", str(data), "--patients", "1", "2", "200", "206",
+                 "--loops-per-patient", "2", "--phantom", "12", "--workers", "1", "--quiet"]) == 0
+    assert main(["train", "jepa", "--data", str(data), "--preset", "tiny", "--out", str(out), "--device", "cpu"]) == 0
+    assert "valid attentive-probe EF MAE" in capsys.readouterr().out
+    model = EchoJEPA.from_pretrained(out / "final")
+    probe = AttentiveProbe.from_pretrained(out / "final" / "probe")
+    stats = FeatureStats.load(out / "final" / "real_stats.npz")
+    assert probe.config.time_steps == model.encoder.grid[0] and stats.n == 4  # two loops of two training patients
+    rep = json.loads((out / "metrics.json").read_text())["representation"]
+    assert (rep["n_train"], rep["n_valid"], rep["n_valid_patients"]) == (4, 4, 2)
+    for name in ("jepa", "random"):
+        assert 1.0 <= rep[name]["rankme"] <= model.config.dim and 0.0 < rep[name]["temporal_share"] < 1.0
+    assert set(rep["robustness"]) == {"clean", "gain", "depth_attenuation", "speckle", "sector_dropout"}
+    card = (out / "final" / "MODEL_CARD.md").read_text()
+    assert "feature effective rank" in card and "--preset tiny" in card and "not comparable" in card
+
+    # no valid-split phantoms: stops before training with a one-line error
+    assert main(["prepare", "--camus", str(camus_root), "--out", str(tmp_path / "nophantom"), "--patients", "1", "200",
+                 "--loops-per-patient", "1", "--workers", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", "jepa", "--data", str(tmp_path / "nophantom"), "--preset", "tiny", "--out",
+                 str(tmp_path / "out2")]) == 2
+    assert "no phantom loops" in capsys.readouterr().err and not (tmp_path / "out2").exists()
+
+
 def test_probes_fit_and_predict_in_percent():
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(40, 10, 8, generator=g)
@@ -205,6 +239,32 @@ def test_motion_probe_reads_what_the_mean_token_cannot():
         maes[time_steps] = np.abs(predict(probe, tokens[test]) - ef[test].numpy()).mean()
     spread = np.abs(ef[test].numpy() - ef[train].median().item()).mean()  # the median predictor's error
     assert maes[t] < 0.5 * spread and maes[0] > 0.8 * spread
+
+
+def test_effective_rank_known_answers():
+    g = torch.Generator().manual_seed(0)
+    line = torch.randn(50, 20, 1, generator=g) * torch.randn(1, 1, 16, generator=g)  # every token on one direction
+    assert effective_rank(line) == pytest.approx(1.0, abs=1e-3)
+    # k orthogonal directions of equal spread: singular values equal, RankMe = k
+    basis = torch.linalg.qr(torch.randn(16, 16, generator=g))[0][:4]
+    coeff = torch.linalg.qr(torch.randn(1000, 4, generator=g))[0] * 10  # orthonormal columns -> equal energy
+    coeff = coeff - coeff.mean(dim=0)
+    assert effective_rank((coeff @ basis).reshape(50, 20, 16)) == pytest.approx(4.0, rel=0.02)
+    assert 14 < effective_rank(torch.randn(200, 20, 16, generator=g)) <= 16
+    assert effective_rank(torch.ones(3, 4, 5)) == 0.0
+
+
+def test_temporal_share_known_answers():
+    g = torch.Generator().manual_seed(0)
+    still = torch.randn(6, 1, 5, 4, generator=g).expand(-1, 3, -1, -1).reshape(6, 15, 4)
+    assert temporal_share(still, 3) == pytest.approx(0.0, abs=1e-12)
+    moving = torch.randn(6, 3, 5, 4, generator=g)
+    moving = (moving - moving.mean(dim=1, keepdim=True)).reshape(6, 15, 4)
+    assert temporal_share(moving, 3) == pytest.approx(1.0, abs=1e-9)
+    # a still part and a swing (+a, -a over two time steps) of equal variance: about half of it changes
+    still = torch.randn(400, 1, 5, 4, generator=g).expand(-1, 2, -1, -1)
+    swing = torch.randn(400, 1, 5, 4, generator=g) * torch.tensor([1.0, -1.0]).view(1, 2, 1, 1)
+    assert temporal_share((still + swing).reshape(400, 10, 4), 2) == pytest.approx(0.5, abs=0.03)
 
 
 def test_clip_encoder_with_motion_pools_the_tokens_change():

@@ -6,6 +6,8 @@
   :class:`~echolvfm_core.models.jepa.LinearProbe` (mean token), trained on frozen tokens (:func:`fit_probe`).
 * Robustness: :data:`PERTURBATIONS` apply one ultrasound change each (gain, depth attenuation, speckle, sector
   dropout; :func:`~echolvfm_core.training.augment.augment_batch` with everything else off) before encoding.
+* Diagnostics of the features: :func:`effective_rank` (RankMe; a collapsed encoder puts every token on a few
+  directions) and :func:`temporal_share` (how much of the features' variance is change over the clip).
 * Fréchet distances in the encoder's feature space: ``fvd_jepa`` between loop features (mean token) and
   ``fid_jepa`` between frame features (the spatial mean token of each tubelet time step, i.e. 2 frames), each
   against statistics of a reference set (:class:`FeatureStats`; the bundled model caches those of the training
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..metrics import feature_stats, frechet_distance
-from ..models.jepa import AttentiveProbe, EchoJEPA, VideoViT
+from ..models.jepa import AttentiveProbe, EchoJEPA, VideoViT, temporal_deviation
 from ..training.augment import AugmentConfig, augment_batch
 from .ef_posterior import clip_indices
 
@@ -37,6 +39,8 @@ __all__ = [
     "encode_clips",
     "fit_probe",
     "predict",
+    "effective_rank",
+    "temporal_share",
     "loop_features",
     "frame_features",
     "fvd_jepa",
@@ -124,6 +128,30 @@ def predict(probe: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 256)
     """EF (N,) in % from tokens (N, num_tokens, dim)."""
     probe.eval()
     return torch.cat([probe(tokens[i:i + batch_size].float()) for i in range(0, len(tokens), batch_size)]).numpy()
+
+
+def effective_rank(tokens: torch.Tensor) -> float:
+    """RankMe (Garrido et al., ICML 2023) of tokens (N, num_tokens, dim): the exponential of the entropy of the
+    normalised singular values of the centred (N * num_tokens, dim) feature matrix.
+
+    From 1 (all tokens on one line: a collapsed encoder) to ``dim`` (variance spread evenly over every direction).
+    """
+    x = tokens.reshape(-1, tokens.shape[-1]).double()
+    x = x - x.mean(dim=0)
+    sv = torch.linalg.eigvalsh(x.T @ x).clamp(min=0).sqrt()
+    if float(sv.sum()) == 0.0:
+        return 0.0
+    p = sv / sv.sum()
+    return float(torch.exp(-(p * torch.log(p.clamp(min=1e-30))).sum()))
+
+
+def temporal_share(tokens: torch.Tensor, time_steps: int) -> float:
+    """Share of the variance of tokens (N, num_tokens, dim), about the set's mean token, that is their change over the
+    clip at each place (:func:`~echolvfm_core.models.jepa.temporal_deviation`): 0 for features that stay still
+    while the heart beats. The rest is where a token is and what the clip shows."""
+    x = tokens.double()
+    total = float(((x - x.mean(dim=(0, 1))) ** 2).sum())
+    return float((temporal_deviation(x, time_steps) ** 2).sum()) / total if total > 0 else 0.0
 
 
 def loop_features(tokens: torch.Tensor) -> np.ndarray:

@@ -35,12 +35,14 @@ from ..estimators.jepa import (
     PROBE_DIR,
     STATS_FILE,
     FeatureStats,
+    effective_rank,
     encode_clips,
     fit_probe,
     fvd_jepa,
     fid_jepa,
     loop_clips,
     predict,
+    temporal_share,
 )
 from ..estimators.ef_posterior import clip_indices
 from ..models.jepa import AttentiveProbe, EchoJEPA, JEPAConfig, LinearProbe, VideoViT, jepa_preset
@@ -283,7 +285,9 @@ def evaluate_representation(model: EchoJEPA, random_model: EchoJEPA, train: dict
                            lr=1e-2, weight_decay=0.0, seed=seed)
         metrics[name] = {"attentive_mae": float(np.abs(pred - ef_va).mean()),
                          "attentive_mae_alpha1": float(np.abs(pred - ef_va)[alpha1].mean()),
-                         "linear_mae": _mae(linear, val[name], ef_va)}
+                         "linear_mae": _mae(linear, val[name], ef_va),
+                         "rankme": effective_rank(val[name]),
+                         "temporal_share": temporal_share(val[name], grid[0])}
         probes[name] = probe
     metrics["baseline_median_mae"] = float(np.abs(np.median(ef_tr) - ef_va).mean())
 
@@ -379,8 +383,12 @@ target encoder. {metrics['train']['encoder_params'] / 1e6:.2f} M encoder paramet
 | attentive (all {r['n_valid']} loops) | {j['attentive_mae']:.2f} | {rnd['attentive_mae']:.2f} |
 | attentive (alpha = 1 loops) | {j['attentive_mae_alpha1']:.2f} | {rnd['attentive_mae_alpha1']:.2f} |
 | linear (mean token) | {j['linear_mae']:.2f} | {rnd['linear_mae']:.2f} |
+| feature effective rank (RankMe, of {m.dim}) | {j['rankme']:.1f} | {rnd['rankme']:.1f} |
+| share of feature variance that changes over the clip | {j['temporal_share']:.3f} | {rnd['temporal_share']:.3f} |
 
-Predicting the training median for every loop gives MAE {r['baseline_median_mae']:.2f}.
+Predicting the training median for every loop gives MAE {r['baseline_median_mae']:.2f}. The last two rows are diagnostics on
+the valid tokens: a low effective rank means the features sit on a few directions (partial collapse), a small share
+of change over the clip means they describe the still anatomy more than its motion, which is what an EF needs.
 Acceptance (attentive MAE <= 8 and >= 2 points better than the random encoder): **{'met' if j['attentive_mae'] <= 8 and rnd['attentive_mae'] - j['attentive_mae'] >= 2 else 'not met'}**.
 
 Sample efficiency (attentive probe, share of training patients' labels -> valid MAE): | {curve} |
@@ -441,6 +449,10 @@ def train(args: argparse.Namespace) -> int:
     if not len(valid_ds) or not any(r["source"] == "camus" for r in train_ds.manifest):
         raise CommandError(f"{args.data} has no CAMUS loops in its train and valid splits, which the EF probes need; "
                            "prepare it with --camus.")
+    phantom_ds = PreparedLoops(args.data, split="valid", source="phantom", cache_size=0)
+    if not len(phantom_ds):
+        raise CommandError(f"{args.data} has no phantom loops in its valid split, the far end of the fvd_jepa ranking; "
+                           "prepare it with more --phantom loops.")
     used = [i for p in train_ds.patients for i in train_ds.loops_of(p)[: cfg.loops_per_patient]]
     sampler = LoopClipSampler(train_ds, cfg, used)
     model, train_metrics = fit(sampler, cfg, out, seed=args.seed, device=args.device, resume=args.resume)
@@ -457,7 +469,6 @@ def train(args: argparse.Namespace) -> int:
         "ef": np.array([float(train_ds.manifest[i]["ef"]) for i in camus_idx]),
         "patient": [train_ds.manifest[i]["patient"] for i in camus_idx],
     }
-    phantom_ds = PreparedLoops(args.data, split="valid", source="phantom", cache_size=0)
     valid_set, phantom_set = _split_sets(valid_ds, t, s), _split_sets(phantom_ds, t, s)
     set_seed(args.seed + 1)
     random_model = EchoJEPA(**asdict(cfg.model)).eval()
