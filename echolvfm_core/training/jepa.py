@@ -13,7 +13,8 @@ every training-split loop (real anatomy and phantoms). After training, ``DIR/fin
 the EMA target encoder), ``probe/`` (the attentive EF probe) and ``real_stats.npz`` (reference statistics for
 ``fvd_jepa`` / ``fid_jepa``), and ``DIR/metrics.json`` the measured read-outs (:func:`evaluate_representation`):
 attentive and linear probe EF MAE on the valid split's CAMUS loops, the same probe on a randomly initialised
-encoder, a sample-efficiency curve, a robustness table and the ``fvd_jepa`` ranking real < speckle < phantom.
+encoder, the features' effective rank and share of change over the clip (both encoders), a sample-efficiency curve,
+a robustness table and the ``fvd_jepa`` ranking real < speckle < phantom.
 """
 from __future__ import annotations
 
