@@ -447,7 +447,8 @@ def train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     train_ds = PreparedLoops(args.data, split="train", cache_size=0)  # the sampler keeps the frames
     valid_ds = PreparedLoops(args.data, split="valid", source="camus", cache_size=0)
-    if not len(valid_ds) or not any(r["source"] == "camus" for r in train_ds.manifest):
+    camus_idx = [i for i, row in enumerate(train_ds.manifest) if row["source"] == "camus"]  # the probes' labels
+    if not len(valid_ds) or not camus_idx:
         raise CommandError(f"{args.data} has no CAMUS loops in its train and valid splits, which the EF probes need; "
                            "prepare it with --camus.")
     phantom_ds = PreparedLoops(args.data, split="valid", source="phantom", cache_size=0)
@@ -464,7 +465,6 @@ def train(args: argparse.Namespace) -> int:
     t, s = cfg.model.num_frames, cfg.model.frame_size
     # the probes learn from every labelled loop of the training split, not only those the encoder trained on; the
     # sampler renders each loop once (it already holds the ones it trained on)
-    camus_idx = [i for i, row in enumerate(train_ds.manifest) if row["source"] == "camus"]
     train_set = {
         "clips": loop_clips((sampler.frames(i) for i in camus_idx), t, s),
         "ef": np.array([float(train_ds.manifest[i]["ef"]) for i in camus_idx]),
