@@ -185,6 +185,7 @@ def test_train_command_end_to_end_on_camus_patients(camus_root, tmp_path, capsys
     assert (rep["n_train"], rep["n_valid"], rep["n_valid_patients"]) == (4, 4, 2)
     for name in ("jepa", "random"):
         assert 1.0 <= rep[name]["rankme"] <= model.config.dim and 0.0 < rep[name]["temporal_share"] < 1.0
+        assert 0.0 < rep[name]["attentive_both_mae"] < 100.0
     assert set(rep["robustness"]) == {"clean", "gain", "depth_attenuation", "speckle", "sector_dropout"}
     card = (out / "final" / "MODEL_CARD.md").read_text()
     assert "feature effective rank" in card and "--preset tiny" in card and "not comparable" in card
@@ -239,6 +240,22 @@ def test_motion_probe_reads_what_the_mean_token_cannot():
         maes[time_steps] = np.abs(predict(probe, tokens[test]) - ef[test].numpy()).mean()
     spread = np.abs(ef[test].numpy() - ef[train].median().item()).mean()  # the median predictor's error
     assert maes[t] < 0.5 * spread and maes[0] > 0.8 * spread
+
+
+def test_probe_keeping_the_tokens_sees_the_still_anatomy():
+    """The change-only probe ignores what stays still at a place over the clip; with keep_tokens it does not."""
+    g = torch.Generator().manual_seed(0)
+    t, positions, d = 4, 6, 8
+    tokens = torch.randn(3, t * positions, d, generator=g)
+    still = torch.randn(3, 1, positions, d, generator=g).expand(-1, t, -1, -1).reshape(3, t * positions, d)
+    change_only = AttentiveProbe(dim=d, attn_dim=8, heads=2, queries=2, time_steps=t).eval()
+    both = AttentiveProbe(dim=d, attn_dim=8, heads=2, queries=2, time_steps=t, keep_tokens=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(change_only(tokens + still), change_only(tokens))
+        assert (both(tokens + still) - both(tokens)).abs().min() > 1e-4
+    assert both.kv.in_features == 2 * d
+    with pytest.raises(ValueError, match="time_steps"):
+        AttentiveProbe(dim=d, attn_dim=8, heads=2, keep_tokens=True)
 
 
 def test_effective_rank_known_answers():

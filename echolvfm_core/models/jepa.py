@@ -267,25 +267,32 @@ class AttentiveProbe(ModelMixin, ConfigMixin):
     z-scored EF, de-normalised with ``ef_mean`` / ``ef_std`` (%). With ``time_steps`` > 0 the probe reads the
     tokens' :func:`temporal_deviation` over that many tubelet time steps: softmax attention can only average
     tokens, so it cannot subtract a frame's features from another's, which an EF (a change of the cavity over the
-    cycle) needs. ``queries=1, time_steps=0`` is V-JEPA's one-query probe. ``attn_dim`` below ``dim`` keeps probe
-    training cheap on a CPU.
+    cycle) needs. With ``keep_tokens`` as well, it reads both, each layer-normed and concatenated (2 ``dim``
+    channels): the still anatomy (how large the cavity is) beside its change. ``queries=1, time_steps=0`` is V-JEPA's
+    one-query probe. ``attn_dim`` below ``dim`` keeps probe training cheap on a CPU.
     """
 
     @register_to_config
     def __init__(self, dim: int = 128, attn_dim: int = 64, heads: int = 4, queries: int = 1, time_steps: int = 0,
-                 ef_mean: float = 50.0, ef_std: float = 15.0):
+                 ef_mean: float = 50.0, ef_std: float = 15.0, keep_tokens: bool = False):
         super().__init__()
         if attn_dim % heads:
             raise ValueError(f"attn_dim ({attn_dim}) must be a multiple of heads ({heads}).")
+        if keep_tokens and not time_steps:
+            raise ValueError("keep_tokens adds the tokens to their change over time; it needs time_steps > 0.")
         self.query = nn.Parameter(torch.zeros(1, heads, queries, attn_dim // heads))
         nn.init.trunc_normal_(self.query, std=0.02)
-        self.kv = nn.Linear(dim, 2 * attn_dim)
+        self.kv = nn.Linear(2 * dim if keep_tokens else dim, 2 * attn_dim)
         self.head = nn.Sequential(nn.LayerNorm(queries * attn_dim), nn.Linear(queries * attn_dim, 2 * attn_dim),
                                   nn.GELU(), nn.Linear(2 * attn_dim, 1))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.config.time_steps:
-            tokens = temporal_deviation(tokens, self.config.time_steps)
+            change = temporal_deviation(tokens, self.config.time_steps)
+            if self.config.keep_tokens:
+                d = tokens.shape[-1]
+                change = torch.cat([F.layer_norm(tokens, (d,)), F.layer_norm(change, (d,))], dim=-1)
+            tokens = change
         return self.head(attentive_pool(self.query, self.kv, tokens))[:, 0] * self.config.ef_std + self.config.ef_mean
 
 
