@@ -279,7 +279,7 @@ class AttentiveProbe(ModelMixin, ConfigMixin):
         if attn_dim % heads:
             raise ValueError(f"attn_dim ({attn_dim}) must be a multiple of heads ({heads}).")
         if keep_tokens and not time_steps:
-            raise ValueError("keep_tokens adds the tokens to their change over time; it needs time_steps > 0.")
+            raise ValueError("keep_tokens reads the tokens beside their change over time; it needs time_steps > 0.")
         self.query = nn.Parameter(torch.zeros(1, heads, queries, attn_dim // heads))
         nn.init.trunc_normal_(self.query, std=0.02)
         self.kv = nn.Linear(2 * dim if keep_tokens else dim, 2 * attn_dim)

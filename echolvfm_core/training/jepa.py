@@ -13,8 +13,9 @@ every training-split loop (real anatomy and phantoms). After training, ``DIR/fin
 the EMA target encoder), ``probe/`` (the attentive EF probe) and ``real_stats.npz`` (reference statistics for
 ``fvd_jepa`` / ``fid_jepa``), and ``DIR/metrics.json`` the measured read-outs (:func:`evaluate_representation`):
 attentive and linear probe EF MAE on the valid split's CAMUS loops (and the attentive probe reading the tokens
-beside their change), the same probes on a randomly initialised encoder, the features' effective rank and share of change over the clip (both encoders), a sample-efficiency curve,
-a robustness table and the ``fvd_jepa`` ranking real < speckle < phantom.
+beside their change), the same probes on a randomly initialised encoder, the features' effective rank and share of
+change over the clip (both encoders), a sample-efficiency curve, a robustness table and the ``fvd_jepa`` ranking
+real < speckle < phantom.
 """
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ class JEPATrainConfig:
     )
 
 
-#: ``demo``: a GPU schedule; ``cpu``: the bundled model's schedule (about 6 min on two idle CPU cores, plus about 5 min
+#: ``demo``: a GPU schedule; ``cpu``: the bundled model's schedule (about 6 min on two idle CPU cores, plus about 7 min
 #: of probes and read-outs); ``tiny``: tests.
 TRAIN_PRESETS = {
     "demo": JEPATrainConfig(),
