@@ -288,11 +288,9 @@ class AttentiveProbe(ModelMixin, ConfigMixin):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.config.time_steps:
-            change = temporal_deviation(tokens, self.config.time_steps)
-            if self.config.keep_tokens:
-                d = tokens.shape[-1]
-                change = torch.cat([F.layer_norm(tokens, (d,)), F.layer_norm(change, (d,))], dim=-1)
-            tokens = change
+            change, d = temporal_deviation(tokens, self.config.time_steps), tokens.shape[-1]
+            tokens = (torch.cat([F.layer_norm(tokens, (d,)), F.layer_norm(change, (d,))], dim=-1)
+                      if self.config.keep_tokens else change)
         return self.head(attentive_pool(self.query, self.kv, tokens))[:, 0] * self.config.ef_std + self.config.ef_mean
 
 
