@@ -107,8 +107,9 @@ class JEPATrainConfig:
     )
 
 
-#: ``demo``: a GPU schedule; ``cpu``: the bundled model's schedule (about 6 min on two idle CPU cores, plus about 7 min
-#: of probes and read-outs); ``tiny``: tests.
+#: ``demo``: the long schedule (86 min on two CPU cores plus 9 min of read-outs; not bundled, see docs/models.md);
+#: ``cpu``: the bundled model's schedule (about 6 min on two idle CPU cores, plus about 7 min of probes and
+#: read-outs); ``tiny``: tests.
 TRAIN_PRESETS = {
     "demo": JEPATrainConfig(),
     "cpu": JEPATrainConfig(steps=800, batch_size=16, lr=1e-3, warmup=30, ema=(0.99, 0.999), checkpoint_every=200,
