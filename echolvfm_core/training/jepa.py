@@ -107,7 +107,7 @@ class JEPATrainConfig:
     )
 
 
-#: ``demo``: the long schedule (86 min on two CPU cores plus 9 min of read-outs; not bundled, see docs/models.md);
+#: ``demo``: the long schedule (86 min on two CPU cores plus 6 min of read-outs; not bundled, see docs/models.md);
 #: ``cpu``: the bundled model's schedule (about 6 min on two idle CPU cores, plus about 7 min of probes and
 #: read-outs); ``tiny``: tests.
 TRAIN_PRESETS = {
