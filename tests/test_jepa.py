@@ -14,6 +14,7 @@ from echolvfm_core.data.jepa_masks import (
     DEFAULT_MASKS,
     BlockMaskConfig,
     MultiBlockMaskCollator,
+    TimeStepMaskConfig,
 )
 from echolvfm_core.estimators.jepa import (
     FeatureStats,
@@ -76,6 +77,25 @@ def test_mask_collator_shapes_disjoint_and_tubes(masks):
     (_,), (tgt,) = MultiBlockMaskCollator(GRID, masks[:1], seed=1).sample(1, torch.Generator().manual_seed(3))
     pos = tgt[0] % 49
     assert all(set(pos[tgt[0] // 49 == t].tolist()) == set(pos[tgt[0] // 49 == 0].tolist()) for t in range(8))
+
+
+def test_time_step_mask_family():
+    """The context is every place at 2-4 whole time steps, the targets every place at the others."""
+    coll = MultiBlockMaskCollator(GRID, (TimeStepMaskConfig((2, 4)),), seed=0)
+    (ctx,), (tgt,) = coll.sample(6, torch.Generator().manual_seed(1))
+    steps = set()
+    for c, t in zip(ctx, tgt):
+        seen, hidden = set((c // 49).tolist()), set((t // 49).tolist())
+        assert not seen & hidden and len(seen | hidden) == 8
+        steps.add(len(seen))
+    assert steps <= {2, 3, 4} and len(steps) > 1  # the number of visible steps varies
+    (ctx,), (tgt,) = coll.sample(1, torch.Generator().manual_seed(2))
+    assert len(ctx[0]) % 49 == 0 and len(ctx[0]) + len(tgt[0]) == 392  # one clip: whole time steps, nothing dropped
+    batch = MultiBlockMaskCollator(GRID, DEFAULT_MASKS + (TimeStepMaskConfig((2, 4)),), seed=0)(_clips(2))
+    assert len(batch.context) == len(batch.targets) == 3
+    for bad in ((0, 3), (3, 2), (2, 8)):
+        with pytest.raises(ValueError, match="visible steps"):
+            MultiBlockMaskCollator(GRID, (TimeStepMaskConfig(bad),))
 
 
 def test_mask_collator_is_deterministic():
@@ -322,10 +342,10 @@ def test_fvd_and_fid_jepa_with_cached_stats(tmp_path):
     stats = FeatureStats.from_tokens(tokens, GRID)
     stats.save(tmp_path / "s.npz")
     cached = FeatureStats.load(tmp_path / "s.npz")
-    assert fvd_jepa(tokens, cached) == pytest.approx(0.0, abs=1e-6)
+    assert fvd_jepa(tokens, GRID, cached) == pytest.approx(0.0, abs=1e-6)
     assert fid_jepa(tokens, GRID, cached) == pytest.approx(0.0, abs=1e-6)
     noisy = encode_clips(model.encoder, (clips.float() * 0.5).to(torch.uint8))
-    assert fvd_jepa(noisy, cached) > 1e-3
+    assert fvd_jepa(noisy, GRID, cached) > 1e-3
 
 
 class _Loops:
