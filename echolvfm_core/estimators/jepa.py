@@ -8,12 +8,12 @@
   dropout; :func:`~echolvfm_core.training.augment.augment_batch` with everything else off) before encoding.
 * Diagnostics of the features: :func:`effective_rank` (RankMe; a collapsed encoder puts every token on a few
   directions) and :func:`temporal_share` (how much of the features' variance is change over the clip).
-* Fréchet distances in the encoder's feature space: ``fvd_jepa`` between loop features (mean token) and
-  ``fid_jepa`` between frame features (the spatial mean token of each tubelet time step, i.e. 2 frames), each
-  against statistics of a reference set (:class:`FeatureStats`; the bundled model caches those of the training
-  split's real-anatomy loops). These are *not* comparable with I3D-based FVD or Inception-based FID numbers: the
-  feature extractor, its dimension and its training data differ, so only compare values computed with one
-  encoder.
+* Fréchet distances in the encoder's feature space: ``fvd_jepa`` between loop features (the mean token and how much
+  the tokens change over the clip) and ``fid_jepa`` between frame features (the spatial mean token of each tubelet
+  time step, i.e. 2 frames), each against statistics of a reference set (:class:`FeatureStats`; the bundled model
+  caches those of the training split's real-anatomy loops). These are *not* comparable with I3D-based FVD or
+  Inception-based FID numbers: the feature extractor, its dimension and its training data differ, so only compare
+  values computed with one encoder.
 """
 from __future__ import annotations
 
@@ -154,9 +154,14 @@ def temporal_share(tokens: torch.Tensor, time_steps: int) -> float:
     return float((temporal_deviation(x, time_steps) ** 2).sum()) / total if total > 0 else 0.0
 
 
-def loop_features(tokens: torch.Tensor) -> np.ndarray:
-    """Loop features for ``fvd_jepa``: the mean token, (N, num_tokens, dim) -> float64 (N, dim)."""
-    return tokens.double().mean(dim=1).numpy()
+def loop_features(tokens: torch.Tensor, time_steps: int) -> np.ndarray:
+    """Loop features for ``fvd_jepa``, (N, num_tokens, dim) -> float64 (N, 2 * dim): the mean token (what the loop
+    shows) beside the root-mean-square change of the tokens over the clip (:func:`temporal_deviation`, how it moves).
+    The mean token alone is blind to motion: loops of one repeated frame sit as close to the real loops as the real
+    valid loops do (docs/models.md)."""
+    x = tokens.double()
+    motion = temporal_deviation(x, time_steps).pow(2).mean(dim=1).sqrt()
+    return torch.cat([x.mean(dim=1), motion], dim=1).numpy()
 
 
 def frame_features(tokens: torch.Tensor, grid: tuple[int, int, int]) -> np.ndarray:
@@ -177,7 +182,7 @@ class FeatureStats:
 
     @classmethod
     def from_tokens(cls, tokens: torch.Tensor, grid: tuple[int, int, int]) -> FeatureStats:
-        lm, ls = feature_stats(loop_features(tokens))
+        lm, ls = feature_stats(loop_features(tokens, grid[0]))
         fm, fs = feature_stats(frame_features(tokens, grid))
         return cls(lm, ls, fm, fs, len(tokens))
 
@@ -191,9 +196,9 @@ class FeatureStats:
             return cls(z["loop_mu"], z["loop_sigma"], z["frame_mu"], z["frame_sigma"], int(z["n"]))
 
 
-def fvd_jepa(tokens: torch.Tensor, reference: FeatureStats) -> float:
+def fvd_jepa(tokens: torch.Tensor, grid: tuple[int, int, int], reference: FeatureStats) -> float:
     """Fréchet distance between the loop features of ``tokens`` (N >= 2 clips) and the reference's."""
-    return frechet_distance(*feature_stats(loop_features(tokens)), reference.loop_mu, reference.loop_sigma)
+    return frechet_distance(*feature_stats(loop_features(tokens, grid[0])), reference.loop_mu, reference.loop_sigma)
 
 
 def fid_jepa(tokens: torch.Tensor, grid: tuple[int, int, int], reference: FeatureStats) -> float:
@@ -242,5 +247,5 @@ def evaluate_jepa_section(folder: Path, loops, args: argparse.Namespace) -> dict
     else:
         tokens, reference = real, FeatureStats.load(Path(folder) / STATS_FILE)
         compared = "no generator: the split's real loops vs cached training-split real statistics (real-vs-real floor)"
-    return {**result, "fvd_jepa": fvd_jepa(tokens, reference), "fid_jepa": fid_jepa(tokens, grid, reference),
+    return {**result, "fvd_jepa": fvd_jepa(tokens, grid, reference), "fid_jepa": fid_jepa(tokens, grid, reference),
             "n": len(tokens), "compared": compared}
