@@ -24,14 +24,20 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.jepa_masks import DEFAULT_MASKS, BlockMaskConfig, MaskedBatch, MultiBlockMaskCollator
+from ..data.jepa_masks import (
+    DEFAULT_MASKS,
+    BlockMaskConfig,
+    MaskedBatch,
+    MultiBlockMaskCollator,
+    TimeStepMaskConfig,
+)
 from ..estimators.jepa import (
     PERTURBATIONS,
     PROBE_DIR,
@@ -83,7 +89,7 @@ class JEPATrainConfig:
     """
 
     model: JEPAConfig = field(default_factory=JEPAConfig)
-    masks: tuple[BlockMaskConfig, ...] = DEFAULT_MASKS
+    masks: tuple[BlockMaskConfig | TimeStepMaskConfig, ...] = DEFAULT_MASKS
     steps: int = 6000
     batch_size: int = 32
     lr: float = 5e-4
@@ -107,11 +113,13 @@ class JEPATrainConfig:
     )
 
 
-#: ``demo``: the long schedule (86 min on two CPU cores plus 6 min of read-outs; not bundled, see docs/models.md);
-#: ``cpu``: the bundled model's schedule (about 6 min on two idle CPU cores, plus about 7 min of probes and
-#: read-outs); ``tiny``: tests.
+#: ``demo``: the bundled model's schedule (64 min on two CPU cores plus 5 min of read-outs): V-JEPA's tubes plus a
+#: family that shows every place at 2-4 of the 8 tubelet time steps and asks for the others, so that the motion has
+#: to be predicted, and no per-frame speckle augmentation; ``cpu``: the short schedule bundled before (about 6 min,
+#: plus about 7 min of read-outs); ``tiny``: tests. Trials behind these choices: docs/models.md.
 TRAIN_PRESETS = {
-    "demo": JEPATrainConfig(),
+    "demo": JEPATrainConfig(steps=4000, masks=DEFAULT_MASKS + (TimeStepMaskConfig((2, 4)),),
+                            augment=replace(JEPATrainConfig().augment, p_speckle=0.0)),
     "cpu": JEPATrainConfig(steps=800, batch_size=16, lr=1e-3, warmup=30, ema=(0.99, 0.999), checkpoint_every=200,
                            loops_per_patient=2),
     "tiny": JEPATrainConfig(model=jepa_preset("tiny"), steps=6, batch_size=2, warmup=1, ema=(0.9, 0.99),
@@ -329,15 +337,15 @@ def evaluate_representation(model: EchoJEPA, random_model: EchoJEPA, train: dict
     stats = FeatureStats.from_tokens(tok["jepa"], grid)
     ph = encode_clips(model.encoder, phantom["clips"])
     sets = {"real": val["jepa"], "real_speckle": speckled, "phantom": ph}
-    metrics["fvd_jepa"] = {k: fvd_jepa(v, stats) for k, v in sets.items()}
+    metrics["fvd_jepa"] = {k: fvd_jepa(v, grid, stats) for k, v in sets.items()}
     metrics["fid_jepa"] = {k: fid_jepa(v, grid, stats) for k, v in sets.items()}
     # same-size check: real and speckled subsets of the phantom set's size (Fréchet distances grow as n shrinks)
     g = torch.Generator().manual_seed(seed)
     subsets = [torch.randperm(len(ef_va), generator=g)[: len(ph)] for _ in range(10)]
     metrics["fvd_jepa_same_n"] = {
         "n": len(ph),
-        "real": float(np.mean([fvd_jepa(val["jepa"][s], stats) for s in subsets])),
-        "real_speckle": float(np.mean([fvd_jepa(speckled[s], stats) for s in subsets])),
+        "real": float(np.mean([fvd_jepa(val["jepa"][s], grid, stats) for s in subsets])),
+        "real_speckle": float(np.mean([fvd_jepa(speckled[s], grid, stats) for s in subsets])),
         "phantom": metrics["fvd_jepa"]["phantom"],
     }
     f = metrics["fvd_jepa"]
@@ -355,6 +363,12 @@ def _split_sets(ds, num_frames: int, size: int) -> dict:
     }
 
 
+def _describe_masks(masks) -> str:
+    return ", ".join(f"every place at {m.visible_steps[0]}-{m.visible_steps[1]} tubelet time steps visible, the others the target"
+                     if isinstance(m, TimeStepMaskConfig) else f"{m.num_blocks} x {m.spatial_scale[1]:.0%} tube blocks"
+                     for m in masks)
+
+
 def write_model_card(out: Path, args: argparse.Namespace, cfg: JEPATrainConfig, metrics: dict, data: dict) -> Path:
     """``out/final/MODEL_CARD.md``: the model, its data and split, measured read-outs and how to reproduce it."""
     r, j, rnd = metrics["representation"], metrics["representation"]["jepa"], metrics["representation"]["random"]
@@ -367,7 +381,7 @@ def write_model_card(out: Path, args: argparse.Namespace, cfg: JEPATrainConfig, 
 
 A V-JEPA-style video ViT (Bardes et al. 2024) trained self-supervised on echo loops: clips of {m.num_frames} frames at
 {m.frame_size} x {m.frame_size}, tubelets of {m.tubelet} frames x {m.patch} x {m.patch} pixels ({data['tokens']} tokens), encoder width {m.dim}, {m.depth} blocks,
-{m.heads} heads; predictor width {m.pred_dim}, {m.pred_depth} blocks. Multi-block tube masks (8 small + 2 large blocks),
+{m.heads} heads; predictor width {m.pred_dim}, {m.pred_depth} blocks. Mask families: {_describe_masks(cfg.masks)};
 L1 loss on layer-normed features of an EMA target encoder (momentum {cfg.ema[0]} -> {cfg.ema[1]}). The bundled encoder is the EMA
 target encoder. {metrics['train']['encoder_params'] / 1e6:.2f} M encoder parameters ({metrics['train']['params'] / 1e6:.2f} M with the predictor).
 `probe/` holds the attentive EF probe, `real_stats.npz` the feature statistics of the training split's CAMUS loops
@@ -378,7 +392,7 @@ target encoder. {metrics['train']['encoder_params'] / 1e6:.2f} M encoder paramet
   (several deformation strengths) plus phantom loops.
 - Self-supervised training: {data['train_loops']} training-split loops ({data['loops_per_patient']} of every patient; {data['train_phantoms']} phantoms,
   {data['train_patients']} CAMUS patients), 16 frames over 1-{cfg.max_cycles:g} cycles from a random phase, zoomed
-  {a.scale_range[0]:g}-{a.scale_range[1]:g}x about the apex, rotated up to {a.max_rotation:g} degrees and shifted up to {a.max_shift:.0%} (V-JEPA's random resized crops), plus ultrasound augmentation.
+  {a.scale_range[0]:g}-{a.scale_range[1]:g}x about the apex, rotated up to {a.max_rotation:g} degrees and shifted up to {a.max_shift:.0%} (V-JEPA's random resized crops), plus ultrasound augmentation ({'with' if a.p_speckle else 'without'} per-frame speckle).
   No labels.
 - Probes: trained on the {r['n_train']} training-split CAMUS loops' EF labels (frozen encoder), measured on the valid split's
   {r['n_valid']} CAMUS loops ({r['n_valid_patients']} patients, never seen in training; {r['n_valid_alpha1']} of them alpha = 1, the real ED -> ES motion).
@@ -423,8 +437,9 @@ Against the training split's CAMUS loops (`real_stats.npz`, n = {data['train_cam
 Ranking real < real + speckle < phantom: **{'holds' if r['fvd_ranking_ok'] else 'does not hold'}**. With the real sets subsampled to the
 phantom set's size (mean of 10 draws, n = {same['n']}): real {same['real']:.4g}, real + speckle {same['real_speckle']:.4g}, phantom {same['phantom']:.4g}.
 
-`fvd_jepa` (mean token per loop) and `fid_jepa` (spatial mean token per tubelet time step, i.e. per 2 frames) are
-Fréchet distances (Heusel et al. 2017) in *this* encoder's {m.dim}-dimensional feature space. They are **not comparable
+`fvd_jepa` (per loop, the mean token beside the root-mean-square change of the tokens over the clip: what the loop
+shows and how it moves) and `fid_jepa` (spatial mean token per tubelet time step, i.e. per 2 frames) are Fréchet
+distances (Heusel et al. 2017) in *this* encoder's {m.dim}-dimensional feature space. They are **not comparable
 with I3D-based FVD or Inception-based FID** published for video generators: another feature extractor, dimension and
 training set. Compare only numbers computed with this encoder, and sets of similar size.
 
