@@ -364,9 +364,11 @@ def _split_sets(ds, num_frames: int, size: int) -> dict:
 
 
 def _describe_masks(masks) -> str:
-    return ", ".join(f"every place at {m.visible_steps[0]}-{m.visible_steps[1]} tubelet time steps visible, the others the target"
-                     if isinstance(m, TimeStepMaskConfig) else f"{m.num_blocks} x {m.spatial_scale[1]:.0%} tube blocks"
-                     for m in masks)
+    """The mask families in words, for the model card."""
+    return ", ".join(
+        f"every place at {m.visible_steps[0]}-{m.visible_steps[1]} tubelet time steps visible, the others the target"
+        if isinstance(m, TimeStepMaskConfig) else f"{m.num_blocks} x {m.spatial_scale[1]:.0%} tube blocks"
+        for m in masks)
 
 
 def write_model_card(out: Path, args: argparse.Namespace, cfg: JEPATrainConfig, metrics: dict, data: dict) -> Path:
