@@ -68,8 +68,8 @@ class MultiBlockMaskCollator:
         seed: seeds the collator's own generator, used when a call passes no ``generator``.
     """
 
-    def __init__(self, grid: tuple[int, int, int], masks: tuple[BlockMaskConfig | TimeStepMaskConfig, ...] = DEFAULT_MASKS,
-                 seed: int = 0):
+    def __init__(self, grid: tuple[int, int, int],
+                 masks: tuple[BlockMaskConfig | TimeStepMaskConfig, ...] = DEFAULT_MASKS, seed: int = 0):
         if len(grid) != 3 or min(grid) < 1:
             raise ValueError(f"grid must be three positive sizes (T, H, W); got {grid}.")
         if not masks:
