@@ -22,7 +22,7 @@ from scipy import ndimage as ndi
 
 from .echo import Echo, EchoLoadError
 
-__all__ = ["Sector", "CropGeometry", "Preprocessed", "find_sector", "preprocess", "resample_time"]
+__all__ = ["Sector", "CropGeometry", "Preprocessed", "find_sector", "preprocess", "resample_time", "square_window"]
 
 NO_SECTOR = "No ultrasound sector was found in the image; expected a B-mode echo with a fan-shaped sector."
 
@@ -349,7 +349,7 @@ def preprocess(
     *,
     size: int = 112,
     fps: float | None = None,
-    display_size: int = 384,
+    display_size: int | None = 384,
     sector: Sector | None = None,
     normalize: bool = True,
 ) -> Preprocessed:
@@ -364,7 +364,8 @@ def preprocess(
         echo: the input :class:`Echo`, frames float32 (T, H, W) in [0, 1].
         size: side of the model grid in pixels.
         fps: when given, resample time to this frame rate (see :func:`resample_time`); the echo must have an fps.
-        display_size: side of the display copy in pixels.
+        display_size: side of the display copy in pixels; None: the crop window's own side, so the display copy
+            keeps the input's resolution (no resampling).
         sector: a fan found beforehand (e.g. from both frames of an ED/ES pair, so both get the same crop); found
             from ``echo.frames`` when None.
         normalize: apply a single gain to the whole loop so that the 98th percentile of the grey levels inside the
@@ -380,7 +381,7 @@ def preprocess(
         EchoLoadError: no fan found, or ``fps`` asked for an echo without a frame rate.
         ValueError: a ``sector`` whose mask does not match the echo's frame size, or grid sizes below 8.
     """
-    if size < 8 or display_size < 8:
+    if size < 8 or (display_size is not None and display_size < 8):
         raise ValueError(f"size and display_size must be at least 8 pixels; got {size} and {display_size}.")
     if fps is not None:
         _check_fps(echo, fps)  # before any work, so a bad request fails fast
@@ -392,7 +393,8 @@ def preprocess(
             "find the sector on frames of the same size."
         )
 
-    geometry = _square_window(sector, echo.frames.shape[1:])
+    geometry = square_window(sector, echo.frames.shape[1:])
+    display_size = geometry.side if display_size is None else display_size
     window_mask = _window(sector.mask[None].astype(np.float32), geometry)
     frames = _window(echo.frames, geometry) * window_mask
     labels = None if echo.labels is None else _window(echo.labels, geometry)
@@ -429,7 +431,7 @@ def _normalising_gain(frames: np.ndarray, mask: np.ndarray) -> float:
     return NORMALISED_P98 / p98 if p98 > 1e-3 else 1.0
 
 
-def _square_window(sector: Sector, shape: tuple[int, int]) -> CropGeometry:
+def square_window(sector: Sector, shape: tuple[int, int]) -> CropGeometry:
     """Square window starting at the fan's top, horizontally centred on the apex, just wide enough for the fan."""
     y0, y1, x0, x1 = sector.bbox
     cx = sector.apex[1]

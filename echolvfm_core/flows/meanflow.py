@@ -271,6 +271,24 @@ class MeanFlow(nn.Module):
         return FlowLoss(loss, parts)
 
     @torch.no_grad()
+    def sample_motion(self, cond: Conditioning, noise: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One-step sample and its motion: ``(latents (B, C, T, h, w), displacement (B, 2, T, h, w))``.
+
+        The displacement field (latent pixels, channel 0: x, 1: y, ``motion_gain`` applied) is the one the
+        "warp" prediction moved the observed frames' anchor by: latent frame k is the anchor at ``(i + d_y,
+        j + d_x)`` plus the residual. Renderers use it to move the observed frames at any resolution.
+        """
+        if self.config.prediction != "warp":
+            raise ValueError('Only a generator with prediction="warp" returns a displacement field.')
+        z, pad = initial_noise(cond, noise, generator)
+        anchor = anchor_latents(cond)
+        n = z.shape[0]
+        velocity = self._velocity_fn(cond, anchor, self.config.motion_gain, with_displacement=True)
+        u, disp = velocity(z, z.new_zeros(n), z.new_ones(n))
+        return (z - u + anchor) * pad, disp * pad
+
+    @torch.no_grad()
     def sample(
         self,
         cond: Conditioning,

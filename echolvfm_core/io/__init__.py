@@ -6,13 +6,14 @@ write loops. Heavy libraries (pydicom, nibabel, imageio, PyAV) are imported only
 """
 from .camus import CamusPatient, CamusView, read_camus
 from .echonet import EchoNetRecord, read_echonet
-from .load import detect_kind, load_echo, sample_echo_path
+from .load import detect_kind, load_echo, sample_cine_path, sample_echo_path
 from .writers import write_dicom, write_gif, write_mp4
 
 __all__ = [
     "load_echo",
     "detect_kind",
     "sample_echo_path",
+    "sample_cine_path",
     "read_camus",
     "CamusPatient",
     "CamusView",

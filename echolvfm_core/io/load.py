@@ -11,7 +11,7 @@ from .echonet import echonet_record_for, read_echonet_video
 from .nifti import is_nifti_file, read_nifti
 from .video import VIDEO_EXTENSIONS, read_video
 
-__all__ = ["load_echo", "detect_kind", "sample_echo_path", "KINDS"]
+__all__ = ["load_echo", "detect_kind", "sample_echo_path", "sample_cine_path", "KINDS"]
 
 KINDS = ("dicom", "nifti", "video", "echonet")
 ACCEPTED = "give a DICOM file, a NIfTI file (.nii / .nii.gz) or a video (AVI, MP4, MOV, GIF, WebM)"
@@ -123,3 +123,16 @@ def sample_echo_path() -> Path:
     from pydicom.examples import get_path
 
     return Path(get_path("ybr_color"))
+
+
+def sample_cine_path() -> Path | None:
+    """Path of the second built-in case, or None when the ``pydicom-data`` package is not installed: its
+    ``color3d_jpeg_baseline.dcm``, the full apical four-chamber cine the ``ybr_color`` sample was cut from (120
+    frames, 640 x 480, 30 fps, several beats; MIT licence). Read from the installed package, never downloaded."""
+    from importlib.util import find_spec
+
+    spec = find_spec("data_store")  # the import name of pydicom-data
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "color3d_jpeg_baseline.dcm"
+    return path if path.is_file() else None
