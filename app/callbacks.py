@@ -146,12 +146,29 @@ class StudioCallbacks:
         k = gr.update(maximum=case.n_frames)
         missing = [self.engine.missing_message(n) for n in ("vae", "generator") if not self.engine.available(n)]
         gen_note = (" ".join(missing) + " Counterfactuals are off until then.") if missing else ""
-        return session, str(case.video), text, info, ef_fig, area_fig, length, k, None, gen_note, None
+        beats = case.cine.beats if case.cine is not None else None
+        if beats is not None:
+            hr = beats.heart_rate_bpm
+            text += (f"\n\n**Beats**: {len(beats.beats)} found ({beats.method.replace('_', ' ')})"
+                     + (f" · heart rate {hr:.0f} bpm" if hr else " · no whole cycle: the loop is played as one"))
+            beat = gr.update(choices=case.cine.beat_choices(), value=0, visible=True)
+        else:
+            beat = gr.update(choices=[], value=None, visible=False)
+        return session, str(case.video), text, info, ef_fig, area_fig, length, k, None, gen_note, None, beat
 
     @user_errors
     def load_sample(self, state: Session | None, request: gr.Request):
         session = self._session(state, request)
         return self._loaded(session, self.engine.load(None, session.folder))
+
+    @user_errors
+    def load_cine(self, state: Session | None, request: gr.Request):
+        """The second built-in case: pydicom's 30-frame cut of the sample cine (shorter than two beats)."""
+        from echolvfm_core.io import sample_echo_path
+
+        session = self._session(state, request)
+        return self._loaded(session, self.engine.load(sample_echo_path(), session.folder,
+                                                      name="Built-in 30-frame cut (pydicom ybr_color)"))
 
     @user_errors
     def load_upload(self, file: str | None, state: Session | None, request: gr.Request):
@@ -173,7 +190,7 @@ class StudioCallbacks:
     # ----------------------------------------------------------------------------------- counterfactuals
     @user_errors
     def generate(self, state: Session | None, ef: float, mode: str, k: float, length: float, seed: float,
-                 reject: bool, reject_k: float, contours: bool):
+                 reject: bool, reject_k: float, contours: bool, beat: float | None = None):
         """Slider release: the counterfactual video, a latency line and the raw numbers."""
         if state is None or state.case is None:
             raise gr.Error("Load an echo first.", print_exception=False)
@@ -182,10 +199,14 @@ class StudioCallbacks:
         result = self.engine.counterfactual(
             state.case, float(ef), state.folder, observed_mode=mode, k=int(k), length=int(length),
             seed=int(seed or 0), reject_k=int(reject_k) if reject else 1, contours=bool(contours),
+            beat=None if beat is None else int(beat),
         )
         state.result = result
+        where = (f"beat {result.beat + 1}, {result.display.shape[0]} frames at {result.fps:.0f} fps, "
+                 f"{result.display.shape[-1]} px (acquired frames moved)" if result.display is not None
+                 else f"{len(result.observed)} observed frame(s), model grid")
         line = (f"Requested EF **{result.requested_ef:.0f} %** · generated in **{result.latency_ms:.0f} ms** · "
-                f"seed {result.seed} · {len(result.observed)} observed frame(s)"
+                f"seed {result.seed} · {where}"
                 + (f" · best of {result.candidates}" if result.candidates > 1 else ""))
         return state, str(result.video), line, result.summary()
 
@@ -196,17 +217,18 @@ class StudioCallbacks:
             raise gr.Error("Generate a counterfactual first.", print_exception=False)
         case, result = state.case, state.result
         meas = self.engine.measure_result(case, result)
+        original = result.original or case.measurement
         curves, markers = {}, {}
-        for label, m in (("Original", case.measurement), ("Counterfactual", meas)):
+        for label, m in (("Original", original), ("Counterfactual", meas)):
             if m.lv_area is not None:
                 curves[label], markers[label] = m.lv_area, (m.ed_index, m.es_index)
         text = "\n\n".join([
             f"**Requested EF**: {result.requested_ef:.0f} %",
             _ef_line("Counterfactual", meas),
-            _ef_line("Original", case.measurement),
+            _ef_line("Original" + (" (this beat)" if result.original is not None else ""), original),
         ] + [f"> {n}" for n in meas.notes])
         ef_fig = ef_figure(_readouts(case, result), result.requested_ef)
-        area_fig = area_figure(curves, case.fps, _unit(case.measurement), markers=markers)
+        area_fig = area_figure(curves, result.fps, _unit(original), markers=markers)
         return state, ef_fig, area_fig, text, {**case.summary(), **result.summary()}
 
     @staticmethod

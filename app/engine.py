@@ -61,6 +61,8 @@ EF_RANGE = (10.0, 90.0)
 
 #: Side of each panel of the side-by-side video, in pixels: twice the 112-pixel model grid (even, as H.264 needs).
 PANEL_SIZE = 224
+#: Largest side (pixels) of the display copy; inputs whose fan crop is larger are shown at this size.
+MAX_DISPLAY = 640
 
 
 class ModelUnavailable(RuntimeError):
@@ -113,6 +115,47 @@ def _rolled(m: Measurement, shift: int) -> Measurement:
 
 
 @dataclass
+class CineView:
+    """The acquired loop at its own resolution and frame rate, and its beats.
+
+    Attributes:
+        display: float32 (T, S, S) in [0, 1], the cropped fan at the input's resolution (at most
+            :data:`MAX_DISPLAY` pixels a side), 0 outside the fan.
+        grid: float32 (T, 112, 112), the same frames on the model grid (what the instruments measure).
+        mask: (S, S) bool fan.
+        fps: the input's frame rate.
+        beats: :class:`~echolvfm_core.beats.BeatSet` found on the LV area curve (or by image periodicity).
+        prepared: per beat index, the beat made ready for rendering (filled on first use).
+        beat_measurements: per beat index, the segmenter's measurement of the acquired beat.
+    """
+
+    display: np.ndarray
+    grid: np.ndarray
+    mask: np.ndarray
+    fps: float
+    beats: Any
+    prepared: dict = field(default_factory=dict)
+    beat_measurements: dict = field(default_factory=dict)
+
+    def beat_frames(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(display, grid) frames of beat ``index``, starting at its end-diastole. A loop without a detected cycle
+        (shorter than two beats, e.g. the 30-frame sample) is rotated to start at its largest-LV-area frame and
+        played as one cycle, as its last frame runs on into its first."""
+        b = self.beats.beats[index]
+        if self.beats.method == "whole_loop":
+            return np.roll(self.display, -b.ed, axis=0), np.roll(self.grid, -b.ed, axis=0)
+        return self.display[b.start : b.stop], self.grid[b.start : b.stop]
+
+    def beat_choices(self) -> list[tuple[str, int]]:
+        """(label, index) of every beat for a picker."""
+        out = []
+        for i, b in enumerate(self.beats.beats):
+            t0, t1 = b.start / self.fps, b.stop / self.fps
+            out.append((f"Beat {i + 1}: {t0:.2f}-{t1:.2f} s ({b.n_frames} frames)", i))
+        return out
+
+
+@dataclass
 class LoadedCase:
     """A loaded, preprocessed echo and everything computed from it once.
 
@@ -126,6 +169,8 @@ class LoadedCase:
         video: H.264 MP4 of the loop as loaded (all its frames, at display resolution) with the sector outlined.
         measurement: EF of the original by the instruments that are bundled.
         latents: encoded latents (1, C, T, h, w), cached after the first counterfactual (per session).
+        cine: the loop as acquired (display resolution, native frame rate) with its beats, for counterfactuals
+            rendered on the acquired frames (:class:`CineView`).
     """
 
     name: str
@@ -135,6 +180,7 @@ class LoadedCase:
     video: Path
     measurement: Measurement
     latents: torch.Tensor | None = None
+    cine: "CineView | None" = None
 
     @property
     def n_frames(self) -> int:
@@ -171,6 +217,10 @@ class CounterfactualResult:
         timings_ms: parts of ``latency_ms``: the generator's "encode", "flow", "decode" (and "measure" with
             rejection sampling), then "contours" (segmenting the result) and "video" (composing and writing the MP4).
         candidate_efs: with rejection sampling, the segmentation EF (%) of every candidate (None: unmeasured).
+        display: with the "ed" mode on a cine, the counterfactual beat at the input's resolution (N, S, S) (then
+            ``frames`` is that beat on the model grid, at the input's frame rate); None otherwise.
+        beat: index of the beat it was generated for (None: the whole resampled loop).
+        original: the measurement of the acquired beat it is compared with (None: ``case.measurement``).
     """
 
     requested_ef: float
@@ -184,6 +234,9 @@ class CounterfactualResult:
     measurement: Measurement | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     candidate_efs: list[float | None] | None = None
+    display: np.ndarray | None = None
+    beat: int | None = None
+    original: Measurement | None = None
 
     def summary(self) -> dict:
         out = {
@@ -194,6 +247,11 @@ class CounterfactualResult:
             "candidates": int(self.candidates),
             "latency_ms": round(float(self.latency_ms), 1),
             "timings_ms": {k: round(float(v), 1) for k, v in self.timings_ms.items()},
+            "fps": round(float(self.fps), 3),
+            "display_size": None if self.display is None else int(self.display.shape[-1]),
+            "beat": None if self.beat is None else self.beat + 1,
+            "rendering": "acquired frames moved by the generator's motion" if self.display is not None
+            else "decoded latents (model grid)",
         }
         if self.candidate_efs is not None:
             out["candidate_efs"] = [None if e is None else round(float(e), 2) for e in self.candidate_efs]
@@ -334,33 +392,41 @@ class StudioEngine:
 
         Args:
             source: a file accepted by :func:`echolvfm_core.io.load_echo`, an :class:`Echo` already read, or
-                ``None`` for the built-in sample (pydicom's apical four-chamber cine).
+                ``None`` for the built-in sample: pydicom-data's 120-frame apical four-chamber cine, or pydicom's
+                30-frame cut of it when pydicom-data is not installed.
             out_dir: folder for the display video.
             name: label shown to the user (default: the file name).
 
         Raises:
             EchoLoadError: the input is not a readable echo loop (the message says why).
         """
-        from echolvfm_core.io import load_echo, sample_echo_path
-        from echolvfm_core.preprocess import preprocess, resample_time
+        from echolvfm_core.io import load_echo, sample_cine_path, sample_echo_path
+        from echolvfm_core.preprocess import find_sector, preprocess, resample_time, square_window
 
         if source is None:
-            source, name = sample_echo_path(), name or "Built-in sample (apical 4CH cine)"
+            cine = sample_cine_path()
+            source = cine or sample_echo_path()
+            name = name or ("Built-in sample (apical 4CH cine, 120 frames)" if cine else
+                            "Built-in sample (apical 4CH cine)")
         if isinstance(source, Echo):
             echo, name = source, name or "echo"
         else:
             echo, name = load_echo(Path(source)), name or Path(source).name
         echo.require_loop("The Studio")
-        pre = preprocess(echo)
+        sector_found = find_sector(echo.frames)
+        side = square_window(sector_found, echo.frames.shape[1:]).side
+        pre = preprocess(echo, sector=sector_found, display_size=None if side <= MAX_DISPLAY else MAX_DISPLAY)
         fps = float(pre.echo.fps or 0.0)
         if fps <= 0:
             raise EchoLoadError(f"{name} has no frame rate, so it cannot be shown as a loop.")
         sector = np.asarray(pre.mask, dtype=bool)
+        display_mask = pre.display.frames.max(0) > 0
         rgb = vid.to_rgb(pre.display.frames)
-        rgb = vid.draw_contours(rgb, np.repeat(sector[None], len(rgb), axis=0), colour=(90, 170, 255))
+        rgb = vid.draw_contours(rgb, np.repeat(display_mask[None], len(rgb), axis=0), colour=(90, 170, 255))
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        video = vid.write_h264(rgb, out / f"{secrets.token_hex(8)}.mp4", fps)
+        video = vid.write_h264(vid.even(rgb), out / f"{secrets.token_hex(8)}.mp4", fps)
+        cine = self._cine(pre, fps, display_mask)
         model_echo = pre.echo
         longest = self.max_frames()
         if longest is not None and model_echo.n_frames > longest:
@@ -369,7 +435,7 @@ class StudioEngine:
             model_echo = resample_time(model_echo, fps * longest / model_echo.n_frames)
             model_echo = model_echo.replace(frames=model_echo.frames[:longest], labels=None, labelled=())
         case = LoadedCase(name=name, echo=model_echo, sector=sector, fps=float(model_echo.fps), video=video,
-                          measurement=Measurement())
+                          measurement=Measurement(), cine=cine)
         case.measurement = self.measure(case.echo.frames, case.echo)
         ed = case.measurement.ed_index
         if longest is not None and ed:
@@ -378,6 +444,20 @@ class StudioEngine:
             case.echo = model_echo.replace(frames=np.roll(model_echo.frames, -ed, axis=0), labels=None, labelled=())
             case.measurement = _rolled(case.measurement, ed)
         return case
+
+    def _cine(self, pre, fps: float, display_mask: np.ndarray) -> CineView:
+        """The acquired loop and its beats (LV area curve by the segmenter when bundled, else image periodicity)."""
+        from echolvfm_core.beats import find_beats
+
+        area = None
+        if self.available("segmenter"):
+            try:
+                with self._run_lock:
+                    area = self.model("segmenter").measure(pre.echo.frames).lv_area
+            except ValueError as exc:  # no LV found: the images' periodicity still gives the beats
+                log.info("beats from image periodicity: %s", exc)
+        beats = find_beats(pre.echo.frames, fps, area, pre.mask)
+        return CineView(display=pre.display.frames, grid=pre.echo.frames, mask=display_mask, fps=fps, beats=beats)
 
     # ------------------------------------------------------------------------------------------ measurement
     def measure(self, frames: np.ndarray, like: Echo | None = None, masks_only: bool = False,
@@ -456,8 +536,14 @@ class StudioEngine:
         seed: int | None = None,
         reject_k: int = 1,
         contours: bool = False,
+        beat: int | None = None,
     ) -> CounterfactualResult:
         """Generate the case's heart at EF ``ef`` (%) and write the side-by-side video.
+
+        With the "ed" mode on a loaded cine and a generator that predicts motion, the counterfactual is rendered on
+        the acquired frames of beat ``beat`` (default the first) at the input's resolution and frame rate
+        (:mod:`echolvfm_core.pipelines.render`); ``length`` is then the beat's. Other modes decode the generated
+        latents on the model grid.
 
         Args:
             ef: requested EF in %, within :data:`EF_RANGE`.
@@ -478,6 +564,9 @@ class StudioEngine:
             raise ValueError(f"EF must be between {EF_RANGE[0]:.0f} and {EF_RANGE[1]:.0f} %; got {ef}.")
         if reject_k < 1:
             raise ValueError(f"The number of candidates must be at least 1; got {reject_k}.")
+        if observed_mode == "ed" and case.cine is not None and self.renders_acquired():
+            seed = secrets.randbelow(2**31) if seed is None else int(seed)
+            return self._render(case, float(ef), Path(out_dir), beat or 0, seed, reject_k, contours, t0)
         pipe = self.pipeline(rejection=reject_k > 1)
         if contours:
             self.model("segmenter")  # fail before spending time on generation
@@ -503,6 +592,73 @@ class StudioEngine:
                                     observed=observed, candidates=reject_k, latency_ms=latency,
                                     measurement=cf_meas, timings_ms=timings,
                                     candidate_efs=None if cf.candidate_efs is None else list(cf.candidate_efs[0]))
+
+    def renders_acquired(self) -> bool:
+        """Whether the bundled generator predicts motion, so counterfactuals can move the acquired frames."""
+        if not self.available("generator"):
+            return False
+        flow = self.model("generator")
+        return getattr(getattr(flow, "config", None), "prediction", None) == "warp"
+
+    def renderer(self):
+        """A :class:`~echolvfm_core.pipelines.render.BeatRenderer` over the loaded generator and codec."""
+        from echolvfm_core.pipelines.render import BeatRenderer
+
+        return BeatRenderer(self.model("generator"), self.model("vae"))
+
+    def beat_measurement(self, case: LoadedCase, index: int) -> Measurement:
+        """The segmenter's (and posterior's) measurement of one acquired beat, cached on the case."""
+        cine = case.cine
+        if index not in cine.beat_measurements:
+            cine.beat_measurements[index] = self.measure(cine.beat_frames(index)[1], case.echo)
+        return cine.beat_measurements[index]
+
+    def _render(self, case: LoadedCase, ef: float, out_dir: Path, index: int, seed: int, reject_k: int,
+                contours: bool, t0: float) -> CounterfactualResult:
+        from echolvfm_core.pipelines.render import to_model_grid
+
+        cine = case.cine
+        if not 0 <= index < len(cine.beats.beats):
+            raise ValueError(f"Beat {index + 1} does not exist; this loop has {len(cine.beats.beats)} beat(s).")
+        b = cine.beats.beats[index]
+        display = cine.beat_frames(index)[0]
+        original = self.beat_measurement(case, index)
+        if original.ef is None:
+            raise ValueError("The segmenter could not measure the EF of this beat, so it cannot be re-timed to "
+                             "another EF; pick another beat or load another echo.")
+        renderer = self.renderer()
+        with self._run_lock:
+            if index not in cine.prepared:
+                whole = cine.beats.method != "whole_loop"  # a rotated loop's LV area minimum is no beat's ES
+                es = original.es_index if whole and original.es_index and original.es_index > 0 else None
+                cine.prepared[index] = renderer.prepare(display, cine.mask, cine.fps, ed=0, source_ef=original.ef,
+                                                        es=es)
+            prepared = cine.prepared[index]
+            seeds = [seed + i for i in range(reject_k)]
+            renders = [renderer.render(prepared, ef, seed=s) for s in seeds]
+        timings = {k: sum(r.timings_ms[k] for r in renders) for k in renders[0].timings_ms}
+        grids = [to_model_grid(r.frames, renderer.grid) for r in renders]
+        candidate_efs = None
+        chosen = 0
+        t1 = time.perf_counter()
+        if reject_k > 1:
+            candidate_efs = [self.measure(g, case.echo, masks_only=True).ef for g in grids]
+            dist = [abs(e - ef) if e is not None else float("inf") for e in candidate_efs]
+            chosen = int(np.argmin(dist))
+            timings["measure"] = (time.perf_counter() - t1) * 1000.0
+        rendered, frames = renders[chosen], grids[chosen]
+        t1 = time.perf_counter()
+        cf_meas = self.measure(frames, case.echo, masks_only=True) if contours else None
+        timings["contours"] = (time.perf_counter() - t1) * 1000.0
+        t1 = time.perf_counter()
+        video = self._side_by_side_display(display, rendered.frames, ef,
+                                           original if contours else None, cf_meas, cine.fps, out_dir)
+        timings["video"] = (time.perf_counter() - t1) * 1000.0
+        return CounterfactualResult(requested_ef=ef, frames=frames, fps=cine.fps, video=video, seed=seeds[chosen],
+                                    observed=(b.ed,), candidates=reject_k,
+                                    latency_ms=(time.perf_counter() - t0) * 1000.0, measurement=cf_meas,
+                                    timings_ms=timings, candidate_efs=candidate_efs, display=rendered.frames,
+                                    beat=index, original=original)
 
     def measure_result(self, case: LoadedCase, result: CounterfactualResult) -> Measurement:
         """Complete the counterfactual's measurement (segmentation EF and posterior) and return it."""
@@ -534,6 +690,25 @@ class StudioEngine:
         ]
 
     # ----------------------------------------------------------------------------------------------- video
+    @staticmethod
+    def _side_by_side_display(original: np.ndarray, frames: np.ndarray, ef: float, orig_meas: Measurement | None,
+                              cf_meas: Measurement | None, fps: float, out_dir: Path) -> Path:
+        """Acquired beat | counterfactual beat at display resolution, at the input's frame rate (the browser loops
+        it, so both play in step at real speed)."""
+        left, right = vid.to_uint8(original), vid.to_uint8(frames)
+        contours = orig_meas is not None or cf_meas is not None
+        if contours:
+            left, right = vid.to_rgb(left), vid.to_rgb(right)
+            side = left.shape[1]
+            for panel, m in ((left, orig_meas), (right, cf_meas)):
+                if m is not None and m.lv_masks is not None:
+                    panel[:] = vid.draw_contours(panel, vid.resize_masks(m.lv_masks, side) > 0)
+        white = (255, 255, 255) if contours else 255
+        vid.caption(left, "Original", white)
+        vid.caption(right, f"SYNTHETIC  EF {ef:.0f} %", white)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return vid.write_h264(vid.even(vid.side_by_side(left, right)), out_dir / f"{secrets.token_hex(8)}.mp4", fps)
+
     def _side_by_side(self, case: LoadedCase, frames: np.ndarray, ef: float, cf_meas: Measurement | None,
                       contours: bool, out_dir: Path) -> Path:
         """Original (looped to the counterfactual's length) | counterfactual, each PANEL_SIZE square, one MP4."""

@@ -137,6 +137,7 @@ def build_demo(engine: StudioEngine, work_root: Path, data_dir: Path | None = No
                     with gr.Column(scale=1, min_width=320):
                         with gr.Accordion("Load an echo", open=True):
                             sample_btn = gr.Button("Built-in sample", elem_id="sample-btn")
+                            cine_btn = gr.Button("Built-in 30-frame cut (pydicom)", elem_id="cine-btn")
                             upload = gr.File(label="Upload DICOM, NIfTI, AVI, MP4, GIF or WebM",
                                              file_types=None, type="filepath", elem_id="upload")
                             case_dd = gr.Dropdown(choices=cases, value=None, label=f"Case from {data_dir}",
@@ -154,6 +155,9 @@ def build_demo(engine: StudioEngine, work_root: Path, data_dir: Path | None = No
                         cf_video = gr.Video(label="Original | counterfactual (synthetic)", autoplay=True,
                                             loop=True, interactive=False, elem_id="cf-video")
                         latency_md = gr.Markdown("", elem_id="latency-md")
+                        beat_dd = gr.Dropdown(choices=[], value=None, label="Beat (the counterfactual is made for "
+                                              "this beat and played at the input's frame rate)", visible=False,
+                                              elem_id="beat-dd")
                         with gr.Row():
                             mode = gr.Radio([(v, k) for k, v in OBSERVED_MODES.items()], value="ed",
                                             label="Observed frames", scale=3)
@@ -181,8 +185,8 @@ def build_demo(engine: StudioEngine, work_root: Path, data_dir: Path | None = No
 
         model = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1)
         load_out = [state, orig_video, case_md, raw, ef_plot, area_plot, length, k, cf_video, latency_md,
-                    downloads]
-        gen_in = [state, ef_slider, mode, k, length, seed, reject, reject_k, contours]
+                    downloads, beat_dd]
+        gen_in = [state, ef_slider, mode, k, length, seed, reject, reject_k, contours, beat_dd]
         gen_out = [state, cf_video, latency_md, raw]
         meas_out = [state, ef_plot, area_plot, readout_md, raw]
 
@@ -204,10 +208,13 @@ def build_demo(engine: StudioEngine, work_root: Path, data_dir: Path | None = No
         another.click(cb.new_seed, None, [seed], api_visibility="private", queue=False).then(
             cb.generate, gen_in, gen_out, api_visibility="private", **model).success(
             cb.measure, [state], meas_out, api_visibility="private", **model)
+        beat_dd.input(cb.generate, gen_in, gen_out, api_visibility="private", trigger_mode="always_last",
+                      **model).success(cb.measure, [state], meas_out, api_visibility="private", **model)
         export_btn.click(cb.export, [state], [downloads], api_name="export", **model)
         # Loading (registered after the public generate/measure endpoints so those keep their plain API names).
         then_generate(demo.load(cb.load_sample, [state], load_out, api_name="load_sample", **model))
         then_generate(sample_btn.click(cb.load_sample, [state], load_out, api_visibility="private", **model))
+        then_generate(cine_btn.click(cb.load_cine, [state], load_out, api_visibility="private", **model))
         then_generate(upload.upload(cb.load_upload, [upload, state], load_out, api_name="load_upload", **model))
         then_generate(case_dd.input(cb.load_case, [case_dd, state], load_out, api_name="load_case", **model))
         demo.unload(cb.unload)

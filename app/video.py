@@ -19,6 +19,7 @@ __all__ = [
     "CONTOUR_RGB",
     "caption",
     "draw_contours",
+    "even",
     "loop_to_length",
     "resize_frames",
     "resize_masks",
@@ -100,6 +101,14 @@ def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 4) -> np.ndarra
         raise ValueError(f"side-by-side panels must have the same shape; got {left.shape} and {right.shape}.")
     spacer = np.zeros((left.shape[0], left.shape[1], gap) + left.shape[3:], dtype=np.uint8)
     return np.concatenate([left, spacer, right], axis=2)
+
+
+def even(clip: np.ndarray) -> np.ndarray:
+    """Pad a clip (T, H, W[, 3]) with black at the bottom / right to even sides, as H.264 in yuv420p needs."""
+    pad_h, pad_w = clip.shape[1] % 2, clip.shape[2] % 2
+    if not (pad_h or pad_w):
+        return clip
+    return np.pad(clip, ((0, 0), (0, pad_h), (0, pad_w)) + ((0, 0),) * (clip.ndim - 3))
 
 
 def loop_to_length(frames: np.ndarray, length: int) -> np.ndarray:
