@@ -123,6 +123,15 @@ def _check_modality(ds, frames: int, what: str) -> None:
         )
 
 
+def _declares_image(ds) -> bool:
+    """True when a dataset read to the end of its file still promises pixel data: it is empty (the file ends inside
+    or right after the file meta header), has Rows / Columns, or is of an ultrasound image SOP class (whose pixel
+    data is mandatory, PS3.3 A.6 / A.7)."""
+    meta = getattr(ds, "file_meta", None) or {}
+    classes = {str(ds.get("SOPClassUID", "")), str(meta.get("MediaStorageSOPClassUID", ""))}
+    return len(ds) == 0 or "Rows" in ds or "Columns" in ds or bool(classes & US_SOP_CLASSES)
+
+
 def _grey_frames(ds, arr: np.ndarray, photometric: str, frames: int, what: str) -> np.ndarray:
     """(T, H, W) float32 grey in [0, 1] from decoded pixel data in its ``photometric`` interpretation.
 
@@ -195,6 +204,11 @@ def read_dicom(path: str | Path, limits: LoadLimits | None = None) -> Echo:
 
     if any("End of file reached" in str(w.message) for w in caught):
         raise EchoLoadError(f"{what} is a truncated DICOM file (it ends before its data does); give the complete file.")
+    if not any(k in ds for k in PIXEL_KEYWORDS) and _declares_image(ds):
+        raise EchoLoadError(
+            f"{what} is a truncated DICOM file (its header declares an ultrasound image but the file ends before the "
+            "pixel data); give the complete file."
+        )
     if not any(k in ds for k in PIXEL_KEYWORDS):
         raise EchoLoadError(f"{what} is a DICOM file without pixel data; give a DICOM ultrasound image or cine loop.")
     try:
