@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..cli import CommandError
     from ..data.prepared import PreparedLoops
+    from ..ef import check_requested_ef
     from ..estimators.segmentation import SegmentationEF
     from ..flows import MeanFlow
     from ..models.vae import EchoCodec
@@ -65,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
     gains, efs = _floats(args.gains, "gains"), _floats(args.efs, "efs")
     if min(gains) <= 0:
         raise CommandError("every gain must be > 0.")
+    try:
+        efs = [check_requested_ef(ef, "--efs") for ef in efs]
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     models = Path(args.models) if args.models else default_models_dir()
     gen_dir = models / "generator"
     for name in ("generator", "vae", "segmenter"):

@@ -104,6 +104,13 @@ def create(args: argparse.Namespace) -> int:
         default_models_dir,
     )
 
+    from echolvfm_core.ef import check_requested_ef
+
+    try:
+        for ef in args.ef_range:
+            check_requested_ef(ef, "--ef-range")
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     if (args.data is None) != (args.camus_loops == 0):
         raise CommandError("--data and --camus-loops go together: --data DIR --camus-loops N (N >= 1).")
     if args.camus_loops < 0 or args.reject < 1:
