@@ -77,3 +77,46 @@ def test_evaluate_skips_unreadable_and_unrequestable_patients(odd_camus, tiny_mo
     assert "EF 0.0 %" in skipped[("generation", NO_EF)]
     report = (out / "report.md").read_text()
     assert f"- generation, {NO_EF}: " in report and f"- prepare, {CUT}: " in report
+
+
+@pytest.mark.camus
+def test_calibrate_gain_lists_the_loops_it_could_not_measure(odd_camus, tmp_path, monkeypatch, capsys):
+    """A generated loop the segmenter cannot measure is left out of the gain's MAE and listed with its patient."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    import torch
+
+    from echolvfm_core.estimators.segmentation import SegmentationEF
+    from echolvfm_core.flows import MeanFlowConfig
+    from echolvfm_core.models.segmenter import LVSegmenter, segmenter_preset
+    from echolvfm_core.models.unet import EchoVelocityUNet, unet_preset
+    from echolvfm_core.models.vae import EchoCodec, build_vae
+    from echolvfm_core.pipelines.counterfactual import save_generator
+
+    data = tmp_path / "prep"
+    assert main(["prepare", "--camus", str(odd_camus), "--out", str(data), "--loops-per-patient", "1",
+                 "--workers", "1", "--quiet"]) == 0
+    models = tmp_path / "models"
+    torch.manual_seed(0)
+    net = EchoVelocityUNet(**{**asdict(unet_preset("tiny")), "max_frames": 12, "context_channels": 4,
+                              "displacement_channels": 2})
+    save_generator(net, models / "generator", "meanflow", MeanFlowConfig(residual=True, prediction="warp"))
+    EchoCodec(build_vae("tiny")).save_pretrained(models / "vae")
+    LVSegmenter.from_config(dict(vars(segmenter_preset("tiny")))).save_pretrained(models / "segmenter")
+    calls = []
+
+    def measure(self, frames, spacing_mm=None):  # the second patient's loop has no LV the segmenter can find
+        calls.append(1)
+        if len(calls) % 2 == 0:
+            raise ValueError("no LV cavity in some frames")
+        return SimpleNamespace(ef=42.0)
+
+    monkeypatch.setattr(SegmentationEF, "measure", measure)
+    assert main(["calibrate-gain", "--prepared", str(data), "--models", str(models), "--split", "valid",
+                 "--gains", "1,2", "--efs", "40"]) == 0
+    cal = json.loads((models / "generator" / "calibration.json").read_text())
+    assert [c["mae"] for c in cal["candidates"]] == [2.0, 2.0]
+    assert cal["skipped"] == [{"patient": NO_EF, "gain": g, "ef": 40.0,
+                               "reason": "the segmenter could not measure the generated loop"} for g in (1.0, 2.0)]
+    assert "2 generated loops could not be measured" in capsys.readouterr().out
