@@ -120,3 +120,22 @@ def test_calibrate_gain_lists_the_loops_it_could_not_measure(odd_camus, tmp_path
     assert cal["skipped"] == [{"patient": NO_EF, "gain": g, "ef": 40.0,
                                "reason": "the segmenter could not measure the generated loop"} for g in (1.0, 2.0)]
     assert "2 generated loops could not be measured" in capsys.readouterr().out
+
+
+def test_quiz_create_skips_a_pool_file_it_cannot_show(sample_path, tiny_models, tmp_path, capsys):
+    """Ten copies of the sample cine and one file that is no video: the study is built from the ten, and the
+    unreadable file is named with its reason."""
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i in range(10):
+        shutil.copyfile(sample_path, pool / f"cine{i:02d}.dcm")
+    (pool / "cine05b.avi").write_text("notes, not a video")
+    db = tmp_path / "quiz.sqlite"
+    assert main(["quiz", "create", str(db), "--pool", str(pool), "--cases", "10", "--calibration", "0",
+                 "--models", str(tiny_models), "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "Skipped 1 pool file: 'cine05b.avi' could not be decoded as a video" in out
+    from app.quiz.store import QuizStore
+
+    (study,) = QuizStore(db).studies()
+    assert study.config["real_pool_size"] == 10 and "1 unusable file left out" in study.real_pool_source
