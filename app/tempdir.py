@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["PREFIX", "PID_FILE", "make_server_folder", "sweep_dead_servers"]
+__all__ = ["PID_FILE", "PREFIX", "make_server_folder", "sweep_dead_servers"]
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ def test_next_start_sweeps_the_folders_of_dead_servers(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     for name in ("GRADIO_TEMP_DIR", "GRADIO_ANALYTICS_ENABLED", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
         monkeypatch.delenv(name, raising=False)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     folders = {}
     for name, pid in (("dead", int(dead.stdout)), ("alive", os.getpid()), ("no-pid", None)):
         folders[name] = tmp_path / f"echolvfm-studio-{name}"

@@ -127,12 +127,11 @@ def create(args: argparse.Namespace) -> int:
     from app.quiz.store import QuizStore
     from app.quiz.study import MIN_REAL_POOL, create_study
     from app.quiz.synth import GeneratorSynth, model_version
+    from echolvfm_core.ef import check_requested_ef
     from echolvfm_core.pipelines.counterfactual import (
         CounterfactualPipeline,
         default_models_dir,
     )
-
-    from echolvfm_core.ef import check_requested_ef
 
     try:
         for ef in args.ef_range:
