@@ -4,14 +4,12 @@ Offline and safe by construction: Gradio analytics off (environment set before G
 locally by the default theme, no SSR / share link / run history / MCP server, a maximum upload size, and a
 controlled temporary folder (``GRADIO_TEMP_DIR``) that holds every upload and generated file: per-session files are
 deleted when the session ends, cached files older than an hour are swept every ten minutes, and the whole folder
-is removed when the server stops.
+is removed when the server stops (or, after a ``kill -9``, by the next start).
 """
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,11 +52,13 @@ class StudioConfig:
 def prepare_environment() -> Path:
     """Create the controlled temporary folder and set the environment Gradio reads at import time.
 
-    Call before ``import gradio``. Returns the folder, made by ``tempfile.mkdtemp`` (under ``TMPDIR`` when set)
-    and removed at interpreter exit.
+    Call before ``import gradio``. Returns the folder, made by :func:`app.tempdir.make_server_folder` (under
+    ``TMPDIR`` when set, removed at interpreter exit; the folders of servers killed before they could remove theirs
+    are removed first).
     """
-    root = Path(tempfile.mkdtemp(prefix="echolvfm-studio-"))
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    from .tempdir import make_server_folder
+
+    root = make_server_folder()
     os.environ["GRADIO_TEMP_DIR"] = str(root)
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

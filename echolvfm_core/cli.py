@@ -12,13 +12,10 @@ import pkgutil
 import sys
 
 from . import commands
+from .commands import CommandError
 from .echo import EchoLoadError
 
 __all__ = ["main", "build_parser", "CommandError"]
-
-
-class CommandError(ValueError):
-    """A user-facing error from a subcommand: printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

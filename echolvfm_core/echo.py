@@ -37,11 +37,16 @@ class LoadLimits:
 
     Defaults can be overridden per call (``load_echo(..., limits=LoadLimits(max_frames=...))``) or globally through
     the environment variables ``ECHOLVFM_MAX_FRAMES``, ``ECHOLVFM_MAX_SIDE`` and ``ECHOLVFM_MAX_BYTES``.
+
+    ``max_bytes`` bounds the float32 (T, H, W) stack a reader returns, computed from the declared shape before any
+    pixel data is read (a compressed file can declare far more than its size: 489 kB of gzip NIfTI declare
+    1024 x 1024 x 480 voxels). Loading and preprocessing such a 1.9 GiB stack peaked at 4.6 GB (about 2.4 times), so
+    the default of 1 GiB (e.g. 340 frames of 1024 x 768) keeps one load near 2.5 GB.
     """
 
     max_frames: int = 2000
     max_side: int = 2048
-    max_bytes: int = 2 * 1024**3
+    max_bytes: int = 1024**3
 
     @classmethod
     def from_env(cls) -> "LoadLimits":
@@ -70,7 +75,8 @@ class LoadLimits:
             )
         if frames * height * width * 4 > self.max_bytes:
             raise EchoLoadError(
-                f"{what} would need {frames * height * width * 4 / 2**30:.1f} GiB as float32, more than the "
+                f"{what} declares {frames} frames of {width} x {height} pixels, which would need "
+                f"{frames * height * width * 4 / 2**30:.1f} GiB as float32, more than the "
                 f"limit of {self.max_bytes / 2**30:.1f} GiB (set ECHOLVFM_MAX_BYTES to raise it)."
             )
 

@@ -28,11 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "EF_REQUEST_RANGE",
     "METHODS",
     "CyclePhases",
     "EFResult",
     "LVGeometry",
     "area_length_volume",
+    "check_requested_ef",
     "detect_ed_es",
     "ef_from_loop",
     "ef_from_pair",
@@ -42,6 +44,11 @@ __all__ = [
     "lv_volumes",
     "simpson_volume",
 ]
+
+#: EFs (%) the generator may be asked for, by the ``echolvfm`` commands and the app alike (the app's slider): the
+#: range of the Gen condition of the evaluation (:data:`echolvfm_core.pipelines.evaluation.GEN_EF_RANGE`), inside
+#: the EFs of the training loops (about 1 to 95 %, 98 % of them in 10-83 %).
+EF_REQUEST_RANGE = (10.0, 90.0)
 
 #: Volume methods accepted by :func:`lv_volumes` and the ``method`` arguments below.
 METHODS = ("area_length", "simpson")
@@ -290,6 +297,22 @@ def ejection_fraction(edv: float | np.ndarray, esv: float | np.ndarray) -> float
         raise ValueError(f"end-diastolic volume must be positive; got {edv}.")
     ef = 100.0 * (edv_a - np.asarray(esv, dtype=np.float64)) / edv_a
     return float(ef) if ef.ndim == 0 else ef
+
+
+def check_requested_ef(ef: float | str, what: str = "The requested EF") -> float:
+    """``ef`` as a float when it is an EF in % within :data:`EF_REQUEST_RANGE`.
+
+    Raises:
+        ValueError: one sentence naming ``what`` (e.g. ``"--ef"``), the range and the value, for anything else.
+    """
+    lo, hi = EF_REQUEST_RANGE
+    try:
+        value = float(ef)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not lo <= value <= hi:  # also false for NaN
+        raise ValueError(f"{what} must be an ejection fraction in % between {lo:g} and {hi:g}; got {ef}.")
+    return value
 
 
 def ef_from_pair(

@@ -53,3 +53,18 @@ def test_installed_script(tmp_path, sample_path):
     (tmp_path / "photo.avi").write_text("not a video")
     bad = subprocess.run([exe, "info", str(tmp_path / "photo.avi")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def test_python_m_cli_maps_command_errors_to_one_line_exit_2(tmp_path):
+    """``python -m echolvfm_core.cli`` runs cli.py as ``__main__``: a CommandError raised by a command module must
+    still be the class main() catches (one line, exit 2), as with the ``echolvfm`` script."""
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    bad = subprocess.run([sys.executable, "-m", "echolvfm_core.cli", "evaluate", "--prepared", str(tmp_path),
+                          "--out", str(tmp_path / "o"), "--sections", "nope"],
+                         capture_output=True, text=True, timeout=120, cwd=repo)
+    assert bad.returncode == 2, bad.stderr
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("echolvfm evaluate: error: unknown sections")

@@ -212,6 +212,18 @@ def test_truncated_dicom(tmp_path, sample_path):
         load_echo(p)
 
 
+@pytest.mark.parametrize("keep", [140, 300, 1003, -10])
+def test_dicom_cut_inside_its_header_is_truncated(tmp_path, sample_path, keep):
+    """Cut inside the file meta, right after it, inside a sequence, and just before the pixel data element: the file
+    declares an ultrasound image, so a missing pixel data element means the file was cut off."""
+    data = sample_path.read_bytes()
+    pixel_tag = data.find(b"\xe0\x7f\x10\x00")
+    p = tmp_path / "cut.dcm"
+    p.write_bytes(data[: keep if keep > 0 else pixel_tag + keep])
+    with pytest.raises(EchoLoadError, match="'cut.dcm' is a truncated DICOM file"):
+        load_echo(p)
+
+
 def test_truncated_uncompressed_pixel_data(tmp_path):
     p = make_dicom(tmp_path / "full.dcm", ramp(t=8, h=40, w=40))
     data = p.read_bytes()
@@ -221,8 +233,9 @@ def test_truncated_uncompressed_pixel_data(tmp_path):
 
 
 def test_dicom_without_pixel_data(tmp_path):
+    """A complete DICOM object of a class without pixel data (a Basic Text structured report)."""
     with pytest.raises(EchoLoadError, match="without pixel data"):
-        load_echo(make_dicom(tmp_path / "sr.dcm", None))
+        load_echo(make_dicom(tmp_path / "sr.dcm", None, modality="SR", sop_class="1.2.840.10008.5.1.4.1.1.88.11"))
 
 
 @pytest.mark.parametrize("modality", ["CT", "MR"])

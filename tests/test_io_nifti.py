@@ -228,3 +228,56 @@ def test_camus_clinical_orientation_all_patients(camus_root):
     assert above == n, f"LV above LA in only {above}/{n} frames"
     assert right / n > 0.75 and np.median(x_rel) > 0.5, f"LV on the right in {right}/{n} frames"
     print(f"read_camus, 449 patients (4CH ED+ES + labels): {elapsed:.1f} s; LV right {right}/{n}, above LA {above}/{n}")
+
+
+def _zero_nifti_gz(path, shape) -> None:
+    """A valid gzip NIfTI of uint8 zeros of ``shape`` (x, y, t), streamed: it is small on disk, huge once read (489 kB for 1024 x 1024 x 480)."""
+    import gzip
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.uint8)
+    header["vox_offset"] = 352
+    chunk = bytes(1 << 20)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header.binaryblock + b"\0" * 4)
+        for _ in range(int(np.prod(shape)) // len(chunk)):
+            fh.write(chunk)
+
+
+def test_nifti_declaring_a_huge_loop_is_refused_before_reading(tmp_path):
+    """A few hundred kB that declare 1024 x 1024 x 480 voxels: refused from the header, with default limits, in
+    one sentence, before any large allocation."""
+    import tracemalloc
+
+    path = tmp_path / "bomb.nii.gz"
+    _zero_nifti_gz(path, (1024, 1024, 480))
+    assert path.stat().st_size < 1_000_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(EchoLoadError) as err:
+            load_echo(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20
+    message = str(err.value)
+    assert message.startswith("'bomb.nii.gz' ") and "ECHOLVFM_MAX_BYTES" in message and message.count(". ") == 0
+
+
+@pytest.mark.parametrize("name, content", [
+    ("notgzip.nii.gz", b"\x1f\x8b" + b"junk" * 100),  # nibabel cannot tell the file type
+    ("short.nii", None),  # a valid header whose data ends early
+])
+def test_nifti_errors_name_the_file_never_its_folder(tmp_path, name, content):
+    folder = tmp_path / "uploads-of-jane-doe"
+    folder.mkdir()
+    if content is None:
+        img = nib.Nifti1Image(np.zeros((40, 30), np.uint8), np.eye(4))
+        content = img.header.binaryblock + b"\0" * 4 + bytes(100)
+    (folder / name).write_bytes(content)
+    with pytest.raises(EchoLoadError) as err:
+        load_echo(folder / name)
+    message = str(err.value)
+    assert f"'{name}'" in message and "jane-doe" not in message and str(tmp_path) not in message
+    assert "\n" not in message

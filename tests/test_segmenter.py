@@ -156,6 +156,22 @@ def test_ef_path_averages_beats_of_a_two_cycle_loop(phantom):
     assert len(m.beats) == 2 and m.ef == pytest.approx(phantom.ef, abs=1.0)
 
 
+def test_a_clip_that_starts_in_systole_is_measured_as_a_cycle(phantom):
+    """The pydicom sample's case: the clip starts and ends while the ventricle empties. Read as a clip, its beats
+    end at the clip's ends (ES at the last frame); read as the cycle it is played as, ED -> ES runs around the end
+    and the EF is the phantom's."""
+    shift = phantom.es_index // 2
+    clip = np.roll(phantom.labels, -shift, axis=0)
+    n = len(clip)
+    as_clip = measure_labels(clip)
+    assert as_clip.es_index == n - 1 or as_clip.ed_index == 0
+    assert as_clip.ef < phantom.ef - 5
+    m = measure_labels(clip, cyclic=True)
+    assert m.ed_index == n - shift and abs(m.es_index - (phantom.es_index - shift)) <= 1
+    assert m.ef == pytest.approx(phantom.ef, abs=1.0) and m.beats == ((m.ed_index, m.es_index),)
+    assert np.array_equal(m.labels, clip) and np.array_equal(m.lv_area, as_clip.lv_area)
+
+
 def test_largest_component_cleanup():
     lab = np.zeros((1, 20, 20), np.uint8)
     lab[0, 2:10, 2:10] = 1

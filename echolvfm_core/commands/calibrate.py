@@ -6,14 +6,18 @@ generates loops from the ED frames of the chosen split's patients (alpha = 1 loo
 ``max_frames`` frames, as in the evaluation) at each requested EF and each candidate gain, measures them with the
 bundled segmenter (one pass), keeps the gain whose measured EFs are closest to the requests (mean absolute error)
 and writes it into the generator's ``flow.json`` (``motion_gain``), with every candidate's numbers in
-``calibration.json`` beside it (read by the model card). Calibrate on the training split: the valid split is the
+``calibration.json`` beside it (read by the model card). A generated loop the segmenter cannot measure is left out
+of its gain's MAE and listed under ``skipped`` there, with its patient. Calibrate on the training split: the valid split is the
 evaluation's.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 #: written beside the generator: the candidates' numbers and the chosen gain
 CALIBRATION_FILE = "calibration.json"
@@ -51,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..cli import CommandError
     from ..data.prepared import PreparedLoops
+    from ..ef import check_requested_ef
     from ..estimators.segmentation import SegmentationEF
     from ..flows import MeanFlow
     from ..models.vae import EchoCodec
@@ -65,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
     gains, efs = _floats(args.gains, "gains"), _floats(args.efs, "efs")
     if min(gains) <= 0:
         raise CommandError("every gain must be > 0.")
+    try:
+        efs = [check_requested_ef(ef, "--efs") for ef in efs]
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     models = Path(args.models) if args.models else default_models_dir()
     gen_dir = models / "generator"
     for name in ("generator", "vae", "segmenter"):
@@ -80,8 +89,9 @@ def run(args: argparse.Namespace) -> int:
     codec = EchoCodec.from_pretrained(models / "vae")
     seg = SegmentationEF.from_pretrained(models / "segmenter", tta=False)
     videos = [_video(loops[i], flow.net.config.max_frames)[0] for i in index]
+    patients = [loops.manifest[i]["patient"] for i in index]
 
-    results = []
+    results, skipped = [], []
     for gain in tqdm(gains, desc="gains", dynamic_ncols=True):
         config = dataclasses.replace(flow.config, motion_gain=gain)
         pipe = CounterfactualPipeline(MeanFlow(flow.net, config), codec,
@@ -89,6 +99,11 @@ def run(args: argparse.Namespace) -> int:
         errors, measured = [], {}
         for ef in efs:
             got = [pipe.generate(v, ef=ef, observed=[0], seed=args.seed).measured_ef[0] for v in videos]
+            for patient, g in zip(patients, got, strict=True):
+                if g is None:  # left out of this gain's MAE, and listed
+                    skipped.append({"patient": patient, "gain": gain, "ef": ef,
+                                    "reason": "the segmenter could not measure the generated loop"})
+                    log.warning("gain %g, EF %g: skipped %s: %s", gain, ef, patient, skipped[-1]["reason"])
             ok = [g for g in got if g is not None]
             measured[f"{ef:g}"] = float(np.mean(ok)) if ok else None
             errors += [abs(g - ef) for g in ok]
@@ -101,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     spec["config"] = {**spec["config"], "motion_gain": best["gain"]}
     (gen_dir / FLOW_FILE).write_text(json.dumps(spec, indent=2))
     report = {"chosen_gain": best["gain"], "split": args.split, "patients": len(index), "efs": efs,
-              "seed": args.seed, "data": str(args.prepared), "candidates": results,
+              "seed": args.seed, "data": str(args.prepared), "candidates": results, "skipped": skipped,
               "command": f"echolvfm calibrate-gain --prepared {args.prepared} --split {args.split} "
                          f"--patients {args.patients} --gains {args.gains} --efs {args.efs} --seed {args.seed}"}
     (gen_dir / CALIBRATION_FILE).write_text(json.dumps(report, indent=2))
@@ -113,5 +128,8 @@ def run(args: argparse.Namespace) -> int:
         means = ", ".join(f"{k}: {'-' if v is None else f'{v:.1f}'}" for k, v in r["mean_measured"].items())
         mae = "-" if r["mae"] is None else f"{r['mae']:.1f}"
         print(f"gain {r['gain']:g}: MAE {mae} (mean measured EF at each request {means})")
+    if skipped:
+        print(f"{len(skipped)} generated loops could not be measured and were left out (listed in "
+              f"{gen_dir / CALIBRATION_FILE})")
     print(f"chosen motion gain {best['gain']:g}, written to {gen_dir / FLOW_FILE}")
     return 0

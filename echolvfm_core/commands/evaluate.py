@@ -55,15 +55,19 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"no CAMUS loops of split '{args.split}' in {data}.")
 
     metrics: dict = {"split": args.split, "data": str(data), "models": str(models), "seed": args.seed}
+    skipped = _prepare_skips(data)
     missing = []
     for name in sections:
         folder = models / SECTIONS[name]
         if not (folder / "config.json").exists() and not any(folder.glob("*/config.json")):
             missing.append(name)
             continue
-        metrics[name] = _SECTION_FUNCS[name](folder, loops, args)
+        result = _SECTION_FUNCS[name](folder, loops, args)
+        skipped += [{"section": name, **skip} for skip in result.pop("skipped", [])]
+        metrics[name] = result
         log.info("%s: %s", name, metrics[name])
     metrics["not_evaluated"] = missing
+    metrics["skipped"] = skipped
     if args.card and "generation" in metrics:
         from ..training.generator import EVALUATION_FILE, write_model_card
 
@@ -81,9 +85,9 @@ def run(args: argparse.Namespace) -> int:
 def _prepare_split(camus: Path, dest: Path, args: argparse.Namespace) -> Path:
     """Build the split's loops with the same code and settings as ``echolvfm prepare``."""
     from ..data.prepared import PrepareConfig, prepare
-    from ..io import read_camus
+    from ..io.camus import camus_splits
 
-    ids = [p.patient_id for p in read_camus(camus, views=("4CH",), half_sequences=False) if p.split == args.split]
+    ids = [p for p, split in camus_splits(camus).items() if split == args.split]
     ids = ids[: args.max_patients] if args.max_patients else ids
     if not ids:
         from ..cli import CommandError
@@ -91,6 +95,15 @@ def _prepare_split(camus: Path, dest: Path, args: argparse.Namespace) -> Path:
         raise CommandError(f"no patients of split '{args.split}' in {camus} (splits.csv missing?).")
     prepare(camus, dest, PrepareConfig(loops_per_patient=args.loops_per_patient, seed=args.seed, patients=tuple(ids)))
     return dest
+
+
+def _prepare_skips(data: Path) -> list[dict]:
+    """The patients ``echolvfm prepare`` left out of ``data`` (from its prepare_report.json), as skipped cases."""
+    report = data / "prepare_report.json"
+    if not report.is_file():
+        return []
+    skips = json.loads(report.read_text())["counts"]["skipped"]
+    return [{"section": "prepare", "patient": s["patient"], "reason": s["reason"]} for s in skips]
 
 
 def _vae(folder: Path, loops, args) -> dict:
@@ -116,6 +129,7 @@ def _ef_regression(folder: Path, loops, args) -> dict:
 
 
 def _generation(folder: Path, loops, args) -> dict:
+    from ..ef import EF_REQUEST_RANGE
     from ..pipelines.counterfactual import CounterfactualPipeline
     from ..pipelines.evaluation import evaluate_generation
 
@@ -131,8 +145,20 @@ def _generation(folder: Path, loops, args) -> dict:
     # slower for a gain within the noise (assets/segmenter/MODEL_CARD.md).
     seg = SegmentationEF.from_pretrained(seg_dir, device=args.device, tta=False)
     pipe.measure_ef = lambda frames: float(seg.measure(frames).ef)
-    alpha1 = (loops[i] for i, row in enumerate(loops.manifest) if abs(float(row["alpha"]) - 1.0) < 1e-6)
-    return {**evaluate_generation(pipe, alpha1, seed=args.seed), "segmenter_tta": False}
+    # Rec asks for each video's true EF: a video whose EF cannot be requested (labels giving about 0 %, say) is
+    # skipped with its reason rather than stopping the evaluation.
+    lo, hi = EF_REQUEST_RANGE
+    alpha1 = [i for i, row in enumerate(loops.manifest) if abs(float(row["alpha"]) - 1.0) < 1e-6]
+    usable = [i for i in alpha1 if lo <= float(loops.manifest[i]["ef"]) <= hi]
+    skipped = [{"patient": loops.manifest[i]["patient"],
+                "reason": f"its true EF {float(loops.manifest[i]['ef']):.1f} % is outside the {lo:g}-{hi:g} % an EF "
+                          "may be requested in, and Rec requests it"} for i in alpha1 if i not in usable]
+    for skip in skipped:
+        log.warning("generation: skipped %s: %s", skip["patient"], skip["reason"])
+    if not usable:
+        return {"n": 0, "skipped": skipped}
+    result = evaluate_generation(pipe, (loops[i] for i in usable), seed=args.seed)
+    return {**result, "segmenter_tta": False, "skipped": skipped}
 
 
 def _jepa(folder: Path, loops, args) -> dict:
@@ -160,6 +186,10 @@ def _report(metrics: dict) -> str:
             lines.append(f"## {name}")
             lines += [f"- {k}: {_fmt(v)}" for k, v in metrics[name].items()]
             lines.append("")
+    if metrics["skipped"]:
+        lines.append("## Skipped cases")
+        lines += [f"- {s['section']}, {s['patient']}: {s['reason']}" for s in metrics["skipped"]]
+        lines.append("")
     if metrics["not_evaluated"]:
         lines.append("Not evaluated (model absent): " + ", ".join(metrics["not_evaluated"]) + ".")
     return "\n".join(lines) + "\n"

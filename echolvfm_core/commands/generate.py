@@ -59,8 +59,13 @@ def run(args: argparse.Namespace) -> int:
     from echolvfm_core.cli import CommandError
     from echolvfm_core.io import load_echo, write_gif, write_mp4
     from echolvfm_core.pipelines.counterfactual import CounterfactualPipeline, default_models_dir
+    from echolvfm_core.ef import check_requested_ef
     from echolvfm_core.preprocess import preprocess, resample_time
 
+    try:
+        check_requested_ef(args.ef, "--ef")
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     out = Path(args.out)
     if out.suffix.lower() not in (".mp4", ".gif"):
         raise CommandError(f"--out must end in .mp4 or .gif; got {out.name}.")

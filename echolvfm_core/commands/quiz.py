@@ -2,7 +2,8 @@
 
     echolvfm quiz create DB --pool DIR_OR_FILE... [--data DIR --camus-loops N] --cases N [--calibration K]
         [--ef-range 20,75] [--reject K] [--models DIR] [--seed S] [--pool-label TEXT]
-                                                    a blinded study; prints its ID
+                                                    a blinded study; prints its ID (pool files it cannot
+                                                    show are skipped, each with its reason)
     echolvfm quiz report DB [--study ID] [--json]   statistics of the scored answers (text table or JSON)
     echolvfm quiz export DB OUT.csv [--study ID]    raw answers, one row per answer, every block
 """
@@ -94,21 +95,54 @@ def _pick_study(store, study_id: str | None):
     return studies[0]
 
 
+def _showable(files):
+    """The pool without the files a study cannot show (unreadable, a still, no frame rate, no ultrasound fan), each
+    left out with its reason printed, so that one bad file does not stop the study's setup.
+
+    Every file is read and conformed once here, before any model loads; the study reads the ones it draws again.
+    """
+    from app.quiz.pool import RealPool
+    from app.quiz.study import VideoSpec, conform_case
+    from echolvfm_core.echo import EchoLoadError
+    from echolvfm_core.io import load_echo
+
+    kept, skipped = [], []
+    for path in files.items:
+        try:
+            conform_case(load_echo(path), VideoSpec())
+        except EchoLoadError as exc:
+            skipped.append(str(exc))
+            continue
+        kept.append(path)
+    if not skipped:
+        return files
+    plural = "s" if len(skipped) > 1 else ""
+    print(f"Skipped {len(skipped)} pool file{plural}: " + " ".join(skipped))
+    source = f"{files.source} ({len(skipped)} unusable file{plural} left out)"
+    return RealPool(items=tuple(kept), source=source)
+
+
 def create(args: argparse.Namespace) -> int:
     from app.quiz.pool import camus_pool, combine_pools, file_pool
     from app.quiz.store import QuizStore
     from app.quiz.study import MIN_REAL_POOL, create_study
     from app.quiz.synth import GeneratorSynth, model_version
+    from echolvfm_core.ef import check_requested_ef
     from echolvfm_core.pipelines.counterfactual import (
         CounterfactualPipeline,
         default_models_dir,
     )
 
+    try:
+        for ef in args.ef_range:
+            check_requested_ef(ef, "--ef-range")
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     if (args.data is None) != (args.camus_loops == 0):
         raise CommandError("--data and --camus-loops go together: --data DIR --camus-loops N (N >= 1).")
     if args.camus_loops < 0 or args.reject < 1:
         raise CommandError("--camus-loops must be >= 0 and --reject >= 1.")
-    files = file_pool(args.pool, args.pool_label)
+    files = _showable(file_pool(args.pool, args.pool_label))
     n_pool = len(files) + args.camus_loops
     if n_pool < MIN_REAL_POOL:
         raise CommandError(f"The real pool holds {n_pool} case(s); a realism study needs at least {MIN_REAL_POOL} "

@@ -466,11 +466,20 @@ def _u8(frames: np.ndarray) -> np.ndarray:
 
 def _load_patients(root: str, patient_ids: list[str], size: int, fine: int | None) -> list[_Loaded | tuple[str, str]]:
     """Read and preprocess patients (one worker task): a _Loaded per patient, or (patient, reason) when skipped."""
+    from ..echo import EchoLoadError
     from ..io import read_camus
     from ..preprocess import find_sector, preprocess
 
     out: list[_Loaded | tuple[str, str]] = []
-    for p in read_camus(root, views=("4CH",), patients=patient_ids, half_sequences=False):
+    for patient_id in patient_ids:
+        try:  # one patient at a time, so that an unreadable file skips its patient only
+            p = next(read_camus(root, views=("4CH",), patients=[patient_id], half_sequences=False), None)
+        except EchoLoadError as exc:
+            out.append((patient_id, str(exc)))
+            continue
+        if p is None:
+            out.append((patient_id, "no 4CH ED and ES images"))
+            continue
         view = p.views["4CH"]
         ed, es = view.ed, view.es
         if ed.labels is None or es.labels is None:
@@ -883,12 +892,10 @@ def _write_manifest(path: Path, rows: list[dict]) -> None:
 def _camus_ids(root: str | Path, patients: Iterable[str | int] | None) -> list[str]:
     """Patient ids under a CAMUS root, optionally restricted, without reading their files."""
     from ..io import read_camus
-    from ..io.camus import (
-        _find_patients,  # folder listing only; the files are read by read_camus in the workers
-    )
+    from ..io.camus import camus_splits
 
     read_camus(root, views=("4CH",), patients=patients, half_sequences=False)  # validates the folder and ids now
-    ids = [folder.name.lower() for folder, _ in _find_patients(Path(root))]
+    ids = list(camus_splits(root))
     if patients is not None:
         wanted = {f"patient{int(p):04d}" if str(p).isdigit() else str(p).lower() for p in patients}
         ids = [p for p in ids if p in wanted]

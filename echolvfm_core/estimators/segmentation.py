@@ -11,7 +11,7 @@ expert or phantom labels, which checks the EF path without a network.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -166,16 +166,26 @@ def _beats(area: np.ndarray, present: np.ndarray) -> tuple[list[tuple[int, int]]
     return [(int(idx[np.argmax(curve)]), int(idx[np.argmin(curve)]))], False
 
 
-def measure_labels(labels: np.ndarray, spacing_mm: tuple[float, float] | None = None) -> EFMeasurement:
+def measure_labels(labels: np.ndarray, spacing_mm: tuple[float, float] | None = None,
+                   cyclic: bool = False) -> EFMeasurement:
     """EF of a labelled loop: LV area curve -> ED / ES (:func:`echolvfm_core.ef.detect_ed_es`) -> volumes -> EF.
 
     Each ED frame followed by an ES frame is one beat; ``ef`` is the mean over beats. Frames without an LV cavity
     are left out of the curve (their area is reported as 0). A curve without a detectable cycle falls back to the
     frames of largest and smallest area.
 
+    The ends of a clip count as phase candidates, so a clip that stops while the ventricle is still emptying gives a
+    beat whose ES is its last frame, not the end of systole. A loop played as a cycle (the Studio plays and
+    generates it so) is measured as one with ``cyclic``: the pydicom sample, resampled to 16 frames, gives ED 11 ->
+    ES 15 (the last frame) and 50.5 % as a clip, ED 11 -> ES 2 (around the end, the smallest cavity) and 63.7 % as
+    a cycle (docs/models.md, "On the pydicom sample").
+
     Args:
         labels: integer (T, H, W) label maps, T >= 2, CAMUS labels, apical view in clinical orientation.
         spacing_mm: (row, col) pixel size in mm, or None to measure in pixels (EF is the same for square pixels).
+        cyclic: the last frame is followed by the first: the curve is read from its largest cavity on, around the
+            end. Indices stay those of ``labels``, so the ES of a beat that runs around the end is smaller than its
+            ED.
 
     Raises:
         EchoLoadError: fewer than 2 frames (a still cannot give an EF).
@@ -188,6 +198,12 @@ def measure_labels(labels: np.ndarray, spacing_mm: tuple[float, float] | None = 
         raise EchoLoadError("EF measurement needs a loop of at least 2 frames, but the input is a single still frame.")
     lab = lab.astype(np.uint8, copy=False)
     area = efm.lv_areas(lab, spacing_mm)
+    if cyclic:
+        start = int(np.argmax(area))
+        m = measure_labels(np.roll(lab, -start, axis=0), spacing_mm)
+        back = lambda i: (i + start) % len(lab)
+        return replace(m, labels=lab, lv_area=area, ed_index=back(m.ed_index), es_index=back(m.es_index),
+                       beats=tuple((back(e), back(s)) for e, s in m.beats))
     present = area > 0
     if present.sum() < 2:
         raise SegmentationError(
@@ -294,17 +310,19 @@ class SegmentationEF:
         ).numpy().astype(np.uint8)
         return keep_largest_components(labels) if self.cleanup else labels
 
-    def measure(self, frames: np.ndarray, spacing_mm: tuple[float, float] | None = None) -> EFMeasurement:
+    def measure(self, frames: np.ndarray, spacing_mm: tuple[float, float] | None = None,
+                cyclic: bool = False) -> EFMeasurement:
         """Segment a loop and measure its EF (see :func:`measure_labels`).
 
         Args:
             frames: float (T, S, S) grey levels in [0, 1] on the model grid (``preprocess(echo).echo.frames``), T >= 2.
             spacing_mm: (row, col) pixel size in mm on that grid, or None (areas in pixels).
+            cyclic: measure the loop as a cycle (its last frame followed by its first), as it is played.
         """
         f = self._check_frames(frames)
         if f.shape[0] < 2:
             raise EchoLoadError("EF measurement needs a loop of at least 2 frames, but the input is a single still frame.")
-        return measure_labels(self.segment(f), spacing_mm)
+        return measure_labels(self.segment(f), spacing_mm, cyclic)
 
     #: Alias of :meth:`measure`.
     measure_ef = measure

@@ -23,6 +23,16 @@ def display_name(path: str | Path) -> str:
     return f"'{Path(path).name}'"
 
 
+def reason(exc: BaseException, path: str | Path) -> str:
+    """A library's error text for a message about ``path``: one line, with the file's folder left out wherever the
+    path appears (nibabel and others quote the full path, which may name a patient or the server's folders)."""
+    text = " ".join(str(exc).split())
+    path = Path(path)
+    for full in sorted({str(path), str(path.absolute()), str(path.resolve())}, key=len, reverse=True):
+        text = text.replace(full, path.name)
+    return text
+
+
 def luma(rgb: np.ndarray, scale: float) -> np.ndarray:
     """Grey levels in [0, 1] from an (..., 3) RGB array whose full-scale value is ``scale``; float32 (...)."""
     grey = np.tensordot(rgb.astype(np.float32, copy=False), LUMA, axes=([-1], [0]))

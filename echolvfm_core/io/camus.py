@@ -29,7 +29,7 @@ from ..echo import LABELS, ClinicalInfo, Echo, EchoLoadError, LoadLimits
 from ._common import display_name, unit_grey
 from .nifti import read_nifti_stack
 
-__all__ = ["CamusPatient", "CamusView", "read_camus", "load_camus_file", "parse_info_cfg", "CAMUS_FILE"]
+__all__ = ["CamusPatient", "CamusView", "read_camus", "camus_splits", "load_camus_file", "parse_info_cfg", "CAMUS_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +255,32 @@ def _find_patients(root: Path) -> list[tuple[Path, str | None]]:
     return sorted(found, key=lambda item: item[0].name.lower())
 
 
+def _patient_folders(root: Path) -> list[tuple[Path, str | None]]:
+    """:func:`_find_patients` of a folder that must exist and hold patient folders (EchoLoadError otherwise)."""
+    if not root.is_dir():
+        raise EchoLoadError(f"No folder at {display_name(root)}; give a CAMUS data folder of patientNNNN folders.")
+    found = _find_patients(root)
+    if not found:
+        raise EchoLoadError(
+            f"{display_name(root)} holds no CAMUS patient folders (patientNNNN/ with patientNNNN_4CH_ED.nii.gz, ...)."
+        )
+    return found
+
+
+def camus_splits(root: str | Path) -> dict[str, str | None]:
+    """Patient id ("patient0001") -> split ("train", "valid", ... or None) of every patient folder under a CAMUS
+    folder, in patient order, from the folder names and split files alone: no image is read, so an unreadable
+    patient cannot stop a listing (:func:`read_camus` raises when it reaches one).
+
+    Raises:
+        EchoLoadError: ``root`` is not a folder or holds no CAMUS patient folder.
+    """
+    root = Path(root)
+    found = _patient_folders(root)
+    splits = _read_splits(root)
+    return {folder.name.lower(): splits.get(folder.name.lower(), implied) for folder, implied in found}
+
+
 def _read_splits(root: Path) -> dict[str, str]:
     splits: dict[str, str] = {}
     csv_path = root / "splits.csv"
@@ -300,18 +326,12 @@ def read_camus(
             of the requested patients; while iterating, when a patient's file is unreadable.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise EchoLoadError(f"No folder at {display_name(root)}; give a CAMUS data folder of patientNNNN folders.")
     limits = limits or LoadLimits.from_env()
     wanted_views = tuple(v.upper() for v in views)
     bad = [v for v in wanted_views if v not in ("2CH", "4CH")]
     if bad:
         raise EchoLoadError(f"Unknown CAMUS view(s) {bad}; CAMUS views are '4CH' and '2CH'.")
-    found = _find_patients(root)
-    if not found:
-        raise EchoLoadError(
-            f"{display_name(root)} holds no CAMUS patient folders (patientNNNN/ with patientNNNN_4CH_ED.nii.gz, ...)."
-        )
+    found = _patient_folders(root)
     if patients is not None:
         wanted = {_patient_id(p) for p in patients}
         found = [item for item in found if item[0].name.lower() in wanted]

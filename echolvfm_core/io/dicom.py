@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..echo import Echo, EchoLoadError, LoadLimits
-from ._common import check_not_photo, display_name, luma
+from ._common import check_not_photo, display_name, luma, reason
 
 __all__ = ["read_dicom", "is_dicom_file", "dicom_fps", "dicom_spacing_mm"]
 
@@ -123,6 +123,15 @@ def _check_modality(ds, frames: int, what: str) -> None:
         )
 
 
+def _declares_image(ds) -> bool:
+    """True when a dataset read to the end of its file still promises pixel data: it is empty (the file ends inside
+    or right after the file meta header), has Rows / Columns, or is of an ultrasound image SOP class (whose pixel
+    data is mandatory, PS3.3 A.6 / A.7)."""
+    meta = getattr(ds, "file_meta", None) or {}
+    classes = {str(ds.get("SOPClassUID", "")), str(meta.get("MediaStorageSOPClassUID", ""))}
+    return len(ds) == 0 or "Rows" in ds or "Columns" in ds or bool(classes & US_SOP_CLASSES)
+
+
 def _grey_frames(ds, arr: np.ndarray, photometric: str, frames: int, what: str) -> np.ndarray:
     """(T, H, W) float32 grey in [0, 1] from decoded pixel data in its ``photometric`` interpretation.
 
@@ -191,10 +200,15 @@ def read_dicom(path: str | Path, limits: LoadLimits | None = None) -> Echo:
             f"{what} is not a DICOM file (no DICOM header found); give a DICOM, NIfTI or video file."
         ) from exc
     except (OSError, EOFError, ValueError, KeyError, TypeError, struct.error) as exc:
-        raise EchoLoadError(f"{what} is a corrupt or truncated DICOM file and could not be read ({exc}).") from exc
+        raise EchoLoadError(f"{what} is a corrupt or truncated DICOM file and could not be read ({reason(exc, path)}).") from exc
 
     if any("End of file reached" in str(w.message) for w in caught):
         raise EchoLoadError(f"{what} is a truncated DICOM file (it ends before its data does); give the complete file.")
+    if not any(k in ds for k in PIXEL_KEYWORDS) and _declares_image(ds):
+        raise EchoLoadError(
+            f"{what} is a truncated DICOM file (its header declares an ultrasound image but the file ends before the "
+            "pixel data); give the complete file."
+        )
     if not any(k in ds for k in PIXEL_KEYWORDS):
         raise EchoLoadError(f"{what} is a DICOM file without pixel data; give a DICOM ultrasound image or cine loop.")
     try:
@@ -217,7 +231,7 @@ def read_dicom(path: str | Path, limits: LoadLimits | None = None) -> Echo:
         arr, meta = get_decoder(syntax).as_array(ds, as_rgb=False)
     except Exception as exc:  # NotImplementedError (no decoder), ValueError, RuntimeError, plugin-specific errors
         raise EchoLoadError(
-            f"{what} has pixel data that could not be decoded ({type(exc).__name__}: {exc}); the file may be "
+            f"{what} has pixel data that could not be decoded ({type(exc).__name__}: {reason(exc, path)}); the file may be "
             "truncated or use an unsupported compression."
         ) from exc
     photometric = str(meta.get("photometric_interpretation") or ds.get("PhotometricInterpretation", "")).upper()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..echo import Echo, EchoLoadError, LoadLimits
-from ._common import display_name, unit_grey
+from ._common import display_name, reason, unit_grey
 
 __all__ = ["read_nifti", "read_nifti_stack", "is_nifti_file"]
 
@@ -56,7 +56,7 @@ def read_nifti_stack(
     try:
         img = nib.load(str(path))
     except (ImageFileError, OSError, EOFError, ValueError) as exc:
-        raise EchoLoadError(f"{what} is not a readable NIfTI file ({exc}); give a .nii or .nii.gz image.") from exc
+        raise EchoLoadError(f"{what} is not a readable NIfTI file ({reason(exc, path)}); give a .nii or .nii.gz image.") from exc
     shape = tuple(int(s) for s in img.shape)
     while len(shape) > 2 and shape[-1] == 1:
         shape = shape[:-1]
@@ -73,7 +73,7 @@ def read_nifti_stack(
         data = np.asarray(img.dataobj).reshape(shape)
     except (OSError, EOFError, ValueError, gzip.BadGzipFile) as exc:
         raise EchoLoadError(
-            f"{what} is a corrupt or truncated NIfTI file and its data could not be read ({exc})."
+            f"{what} is a corrupt or truncated NIfTI file and its data could not be read ({reason(exc, path)})."
         ) from exc
     stack = data.T[None] if data.ndim == 2 else data.transpose(2, 1, 0)
     zooms = img.header.get_zooms()

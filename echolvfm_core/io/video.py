@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..echo import Echo, EchoLoadError, LoadLimits
-from ._common import check_not_photo, display_name, luma
+from ._common import check_not_photo, display_name, luma, reason
 
 __all__ = ["read_video", "VIDEO_EXTENSIONS"]
 
@@ -78,7 +78,7 @@ def read_video(path: str | Path, limits: LoadLimits | None = None) -> Echo:
     except EchoLoadError:
         raise
     except errors as exc:
-        raise EchoLoadError(f"{what} could not be decoded as a video ({exc}); give {ACCEPTED}.") from exc
+        raise EchoLoadError(f"{what} could not be decoded as a video ({reason(exc, path)}); give {ACCEPTED}.") from exc
     if not grey:
         limits.check(0, height, width, what)
     frames = np.stack(grey).astype(np.float32, copy=False)
