@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from echolvfm_core.echo import Echo, EchoLoadError
+from echolvfm_core.ef import EF_REQUEST_RANGE
 
 from . import video as vid
 
@@ -56,8 +57,8 @@ MODEL_DESCRIPTIONS = {
     "ef_regressor": "EF posterior model",
 }
 
-#: Requestable EF range in %.
-EF_RANGE = (10.0, 90.0)
+#: Requestable EF range in % (the library's, shared with the CLI).
+EF_RANGE = EF_REQUEST_RANGE
 
 #: Side of each panel of the side-by-side video, in pixels: twice the 112-pixel model grid (even, as H.264 needs).
 PANEL_SIZE = 224
