@@ -163,12 +163,15 @@ class StudioCallbacks:
 
     @user_errors
     def load_cine(self, state: Session | None, request: gr.Request):
-        """The second built-in case: pydicom's 30-frame cut of the sample cine (shorter than two beats)."""
-        from echolvfm_core.io import sample_echo_path
+        """The second built-in case: pydicom-data's 120-frame cine of several beats (the sample's full cine)."""
+        from echolvfm_core.io import sample_cine_path
 
+        path = sample_cine_path()
+        if path is None:
+            raise gr.Error("The 120-frame built-in cine needs the pydicom-data package (pip install pydicom-data).",
+                           print_exception=False)
         session = self._session(state, request)
-        return self._loaded(session, self.engine.load(sample_echo_path(), session.folder,
-                                                      name="Built-in 30-frame cut (pydicom ybr_color)"))
+        return self._loaded(session, self.engine.load(path, session.folder, name="Built-in cine (120 frames)"))
 
     @user_errors
     def load_upload(self, file: str | None, state: Session | None, request: gr.Request):
