@@ -17,7 +17,7 @@ import numpy as np
 
 from . import ef as efm
 
-__all__ = ["Beat", "BeatSet", "find_beats", "image_period", "MIN_CYCLE_S", "MAX_CYCLE_S"]
+__all__ = ["Beat", "BeatSet", "beat_summary", "find_beats", "image_period", "MIN_CYCLE_S", "MAX_CYCLE_S"]
 
 #: Shortest and longest cardiac cycle accepted, in seconds (200 and 30 beats per minute).
 MIN_CYCLE_S, MAX_CYCLE_S = 0.3, 2.0
@@ -181,3 +181,18 @@ def _es(area: np.ndarray, start: int, stop: int) -> int | None:
     if not (seg > 0).any():
         return None
     return start + int(np.argmin(np.where(seg > 0, seg, np.inf)))
+
+
+def beat_summary(beats: BeatSet, efs: list[float | None]) -> dict:
+    """JSON-ready beat-to-beat report: the beats (with the EF measured on each, in %), the heart rate, and the mean
+    and standard deviation (ddof 1; None for one beat) of the EFs that were measured."""
+    if len(efs) != len(beats.beats):
+        raise ValueError(f"one EF per beat expected ({len(beats.beats)}); got {len(efs)}.")
+    ok = [float(e) for e in efs if e is not None]
+    out = beats.to_dict()
+    out["beats"] = [{**b.to_dict(), "ef": None if e is None else round(float(e), 2)}
+                    for b, e in zip(beats.beats, efs)]
+    out["ef_mean"] = round(float(np.mean(ok)), 2) if ok else None
+    out["ef_sd"] = round(float(np.std(ok, ddof=1)), 2) if len(ok) > 1 else None
+    out["beats_measured"] = len(ok)
+    return out

@@ -126,3 +126,25 @@ def test_rendering_the_built_in_cine_keeps_its_size_rate_texture_and_follows_the
         ratio = rz.hf_share(out.frames, mask) / rz.hf_share(src, mask)
         assert 0.85 <= ratio <= 1.15, ratio
     assert measured[70.0] - measured[30.0] >= 25, measured
+
+
+def test_segment_and_estimate_ef_report_each_beat_of_the_built_in_cine(capsys):
+    import json
+
+    from echolvfm_core.cli import main
+    from echolvfm_core.io import sample_cine_path
+
+    path = sample_cine_path()
+    if path is None:
+        pytest.skip("pydicom-data (color3d_jpeg_baseline.dcm) is not installed")
+    assert main(["segment", str(path), "--json"]) == 0
+    seg = json.loads(capsys.readouterr().out)["beat_to_beat"]
+    assert seg["method"] == "lv_area" and seg["beats_measured"] >= 3 and 55 < seg["heart_rate_bpm"] < 85
+    efs = [b["ef"] for b in seg["beats"]]
+    assert seg["ef_mean"] == pytest.approx(np.mean(efs), abs=0.01) and seg["ef_sd"] == pytest.approx(
+        np.std(efs, ddof=1), abs=0.01)
+    assert all(b["stop"] - b["start"] == b["frames"] for b in seg["beats"])
+    assert main(["estimate-ef", str(path), "--json"]) == 0
+    post = json.loads(capsys.readouterr().out)["beat_to_beat"]
+    assert [b["start"] for b in post["beats"]] == [b["start"] for b in seg["beats"]]
+    assert all(0 < b["ef"] < 100 for b in post["beats"])

@@ -23,6 +23,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _beats(pre, fps: float | None, args: argparse.Namespace):
+    """The loop's beats (LV area curve of the bundled segmenter when there is one, else image periodicity)."""
+    from echolvfm_core.beats import find_beats
+    from echolvfm_core.commands.segment import model_folder
+    from echolvfm_core.estimators.segmentation import SegmentationEF, default_segmenter_dir
+
+    if not fps:
+        return None
+    area = None
+    folder = model_folder(args.models, "segmenter", default_segmenter_dir())
+    if (folder / "config.json").is_file():
+        try:
+            area = SegmentationEF.from_pretrained(folder, device=args.device).measure(pre.echo.frames).lv_area
+        except ValueError:
+            area = None
+    return find_beats(pre.echo.frames, fps, area, pre.mask)
+
+
 def run(args: argparse.Namespace) -> int:
     from echolvfm_core.cli import CommandError
     from echolvfm_core.commands.segment import model_folder
@@ -44,6 +62,13 @@ def run(args: argparse.Namespace) -> int:
     sex = args.sex if args.sex is not None else echo.info.sex
     post = est.posterior(pre.echo.frames, age=age, sex=sex, seed=args.seed)
     record = {"path": str(args.path), "age": age, "sex": sex, **post.to_dict()}
+    beats = _beats(pre, echo.fps, args)
+    if beats is not None and len(beats.beats) > 1:
+        from echolvfm_core.beats import beat_summary
+
+        means = [est.posterior(pre.echo.frames[b.start : b.stop], age=age, sex=sex, seed=args.seed).mean
+                 for b in beats.beats]
+        record["beat_to_beat"] = beat_summary(beats, means)
     if args.json:
         print(json.dumps(record))
         return 0
@@ -51,4 +76,9 @@ def run(args: argparse.Namespace) -> int:
           f"  ({len(post.samples)} samples, {post.steps} DDIM steps, seed {post.seed})")
     if post.clipped:
         print("note: some samples fell outside 0-100 % and were clipped.")
+    b2b = record.get("beat_to_beat")
+    if b2b:
+        print(f"{len(b2b['beats'])} beats (ED to ED), posterior means: "
+              + ", ".join(f"{b['ef']:.1f} %" for b in b2b["beats"])
+              + f"; mean {b2b['ef_mean']:.1f} %, SD {b2b['ef_sd']:.1f}")
     return 0

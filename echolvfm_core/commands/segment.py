@@ -49,6 +49,22 @@ def overlay(frames, labels):
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
+def _beat_to_beat(pre, m, fps: float) -> dict:
+    """Beat-to-beat EF: the loop cut ED to ED (:func:`~echolvfm_core.beats.find_beats`), each beat measured on its
+    own labels."""
+    from echolvfm_core.beats import beat_summary, find_beats
+    from echolvfm_core.estimators.segmentation import measure_labels
+
+    beats = find_beats(pre.echo.frames, fps, m.lv_area, pre.mask)
+    efs = []
+    for b in beats.beats:
+        try:
+            efs.append(measure_labels(m.labels[b.start : b.stop], pre.echo.spacing_mm).ef)
+        except ValueError:
+            efs.append(None)
+    return beat_summary(beats, efs)
+
+
 def run(args: argparse.Namespace) -> int:
     from echolvfm_core.cli import CommandError
     from echolvfm_core.estimators.segmentation import SegmentationEF, SegmentationError, default_segmenter_dir
@@ -73,13 +89,19 @@ def run(args: argparse.Namespace) -> int:
         write_mp4(overlay(pre.display.frames, m.labels), args.overlay, fps=echo.fps or 25.0)
     record = {"path": str(args.path), "n_frames": int(pre.echo.n_frames),
               "fps": echo.fps, **m.to_dict()}
+    if echo.fps:
+        record["beat_to_beat"] = _beat_to_beat(pre, m, echo.fps)
     if args.json:
         print(json.dumps(record))
         return 0
     print(f"EF (area-length): {m.ef:.1f} %   (Simpson, single plane: {m.ef_simpson:.1f} %)")
     print(f"ED frame {m.ed_index}, ES frame {m.es_index}; EDV {m.edv:.1f} {m.volume_unit}, ESV {m.esv:.1f} {m.volume_unit}")
-    if len(m.beats) > 1:
-        print(f"{len(m.beats)} beats: " + ", ".join(f"{e:.1f} %" for e in m.beats_ef))
+    b2b = record.get("beat_to_beat")
+    if b2b and b2b["beats_measured"] > 1:
+        hr = b2b["heart_rate_bpm"]
+        print(f"{b2b['beats_measured']} beats (ED to ED): " + ", ".join(
+            f"{b['ef']:.1f} %" for b in b2b["beats"] if b["ef"] is not None)
+            + f"; mean {b2b['ef_mean']:.1f} %, SD {b2b['ef_sd']:.1f}" + (f"; heart rate {hr:.0f} bpm" if hr else ""))
     if not m.phases_found:
         print("note: no full cardiac cycle was found on the LV area curve; largest and smallest areas were used.")
     if args.overlay is not None:
