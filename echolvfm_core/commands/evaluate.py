@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 #: section name -> model sub-folder it needs under --models
 SECTIONS = {"vae": "vae", "segmentation": "segmenter", "ef_regression": "ef_regressor",
-            "ef_regression_jepa": "ef_regressor_jepa", "generation": "generator", "jepa": "jepa"}
+            "ef_regression_jepa": "ef_regressor_jepa", "generation": "generator", "jepa": "jepa", "realism": "generator"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--card", action="store_true",
                    help="keep the generation section beside the generator (evaluation.json) and rewrite its "
                         "MODEL_CARD.md")
+    p.add_argument("--realism-train-patients", type=int, default=40,
+                   help="training-split patients whose real and rendered images train the realism C2ST (default 40)")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -161,6 +163,68 @@ def _generation(folder: Path, loops, args) -> dict:
     return {**result, "segmenter_tta": False, "skipped": skipped}
 
 
+def _realism(folder: Path, loops, args) -> dict:
+    """Realism of counterfactuals rendered on acquired frames (:mod:`echolvfm_core.pipelines.realism_eval`): the
+    split's CAMUS patients (read from the CAMUS folder of --camus, or the one the prepared folder was made from),
+    C2ST trained on --realism-train-patients training patients, and the built-in acquired cines."""
+    import numpy as np
+
+    from ..ef import EF_REQUEST_RANGE
+    from ..estimators.segmentation import SegmentationEF
+    from ..io import load_echo, read_camus, sample_cine_path, sample_echo_path
+    from ..io.camus import camus_splits
+    from ..models.vae import EchoCodec
+    from ..pipelines.counterfactual import load_generator
+    from ..pipelines.realism_eval import evaluate_camus_realism, evaluate_cine_realism
+    from ..pipelines.render import BeatRenderer
+
+    from ..cli import CommandError
+
+    root = folder.parent
+    if not (root / "segmenter" / "config.json").is_file():
+        raise CommandError(f"the realism section measures EF with a segmenter; none in {root}.")
+    camus = Path(args.camus) if args.camus else _camus_of(Path(args.prepared))
+    renderer = BeatRenderer(load_generator(folder, device=args.device),
+                            EchoCodec.from_pretrained(root / "vae", device=args.device))
+    seg = SegmentationEF.from_pretrained(root / "segmenter", device=args.device, tta=False)
+    lo, hi = EF_REQUEST_RANGE
+    true_ef, grid, skipped = {}, {}, []
+    for i, row in enumerate(loops.manifest):
+        if abs(float(row["alpha"]) - 1.0) > 1e-6:
+            continue
+        if not lo <= float(row["ef"]) <= hi:
+            skipped.append({"patient": row["patient"], "reason": f"its true EF {float(row['ef']):.1f} % cannot be "
+                            f"requested ({lo:g}-{hi:g} %)"})
+            continue
+        true_ef[row["patient"]] = float(row["ef"])
+        frames = loops[i].frames
+        grid[row["patient"]] = frames.astype(np.float32) / 255.0 if frames.dtype == np.uint8 else frames
+    splits = camus_splits(camus)
+    evaluated = [p for p in true_ef if splits.get(p) == args.split]
+    train_ids = sorted(p for p, split in splits.items() if split == "train")[: args.realism_train_patients]
+    patients = read_camus(camus, views=("4CH",), patients=evaluated, half_sequences=False)
+    train = read_camus(camus, views=("4CH",), patients=train_ids, half_sequences=False)
+    out = evaluate_camus_realism(renderer, seg, patients, true_ef, grid, train, seed=args.seed)
+    out["skipped"] = skipped + out["skipped"]
+    cines = {"pydicom ybr_color (30 frames)": load_echo(sample_echo_path())}
+    if sample_cine_path() is not None:
+        cines["pydicom-data color3d_jpeg_baseline (120 frames)"] = load_echo(sample_cine_path())
+    out["acquired_cines"] = evaluate_cine_realism(renderer, seg, cines, seed=args.seed)
+    return out
+
+
+def _camus_of(prepared: Path) -> Path:
+    """The CAMUS folder a prepared folder was made from (its meta.json), resolved as prepare recorded it."""
+    from ..cli import CommandError
+
+    meta = json.loads((prepared / "meta.json").read_text())
+    camus = Path(meta.get("camus", ""))
+    if not camus.is_dir():
+        raise CommandError(f"the realism section reads the CAMUS images; {prepared} was made from {camus}, which is "
+                           "not here: give --camus.")
+    return camus
+
+
 def _jepa(folder: Path, loops, args) -> dict:
     from ..estimators.jepa import evaluate_jepa_section
 
@@ -169,7 +233,7 @@ def _jepa(folder: Path, loops, args) -> dict:
 
 #: ef_regression_jepa: the same posterior metrics for an EF regressor on the EchoJEPA backbone
 #: (`echolvfm train ef-regressor --backbone jepa`), so that the report compares both backbones.
-_SECTION_FUNCS = {"vae": _vae, "segmentation": _segmentation, "ef_regression": _ef_regression,
+_SECTION_FUNCS = {"vae": _vae, "segmentation": _segmentation, "ef_regression": _ef_regression, "realism": _realism,
                   "ef_regression_jepa": _ef_regression, "generation": _generation, "jepa": _jepa}
 
 
