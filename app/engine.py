@@ -670,6 +670,9 @@ class StudioEngine:
     def export(self, case: LoadedCase, result: CounterfactualResult, out_dir: str | Path) -> list[Path]:
         """Write the counterfactual loop alone as MP4, GIF and DICOM, each marked synthetic; returns the three paths.
 
+        A counterfactual rendered on an acquired beat is written at the input's resolution and frame rate: the MP4
+        and the DICOM loop the beat over the input's whole duration, the GIF holds the beat once (GIFs loop).
+
         MP4 and GIF have no standard place for such a mark, so "SYNTHETIC" is burned into their frames (shown at
         twice the model grid); the DICOM keeps the model-grid pixels and is marked by its tags (derived image,
         synthetic series description, see :func:`echolvfm_core.io.write_dicom`).
@@ -679,10 +682,20 @@ class StudioEngine:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         stem = f"counterfactual_ef{result.requested_ef:.0f}_seed{result.seed}_{secrets.token_hex(4)}"
+        label = f"SYNTHETIC  EF {result.requested_ef:.0f} %"
+        if result.display is not None:  # the beat at the input's resolution, looped over the input's duration
+            frames = vid.loop_to_length(result.display, case.cine.display.shape[0])
+            echo = case.echo.replace(frames=frames, fps=result.fps, labels=None, labelled=(), synthetic=True,
+                                     source_format="synthetic", spacing_mm=None)
+            beat = vid.caption(vid.to_uint8(result.display), label)
+            return [
+                Path(write_mp4(vid.loop_to_length(beat, len(frames)), out / f"{stem}.mp4", fps=result.fps)),
+                Path(write_gif(beat, out / f"{stem}.gif", fps=result.fps)),
+                Path(write_dicom(echo, out / f"{stem}.dcm")),
+            ]
         echo = case.echo.replace(frames=result.frames, labels=None, labelled=(), synthetic=True,
                                  source_format="synthetic")
-        marked = vid.caption(vid.resize_frames(vid.to_uint8(result.frames), PANEL_SIZE),
-                             f"SYNTHETIC  EF {result.requested_ef:.0f} %")
+        marked = vid.caption(vid.resize_frames(vid.to_uint8(result.frames), PANEL_SIZE), label)
         return [
             Path(write_mp4(marked, out / f"{stem}.mp4", fps=result.fps)),
             Path(write_gif(marked, out / f"{stem}.gif", fps=result.fps)),
