@@ -123,13 +123,14 @@ def _fetch_video(value) -> int:
     return len(response.content)
 
 
-def _measure(url: str, n: int, warmup: int, efs: list[float], length: int | None, seed: int) -> dict:
+def _measure(url: str, n: int, warmup: int, efs: list[float], length: int | None, seed: int,
+             case: str = "sample") -> dict:
     from gradio_client import Client
 
     # download_files=False: the bench fetches each video itself, into memory, as the browser does.
     client = Client(url, verbose=False, download_files=False)
     t0 = time.perf_counter()
-    loaded = client.predict(api_name="/load_sample")
+    loaded = client.predict(api_name=f"/load_{case}")
     load_ms = (time.perf_counter() - t0) * 1000.0
     info = loaded[2]  # outputs without the session state: video, case text, case numbers, ...
     mode, k, _, _, reject, reject_k, contours = COUNTERFACTUAL_DEFAULTS
@@ -162,12 +163,15 @@ def _measure(url: str, n: int, warmup: int, efs: list[float], length: int | None
         "video_kb": statistics.median(sizes) / 1024,
         "load_sample_ms": load_ms,
         "efs": efs,
+        "case": case,
+        "display_size": summary.get("display_size"),
+        "fps": summary.get("fps"),
     }
 
 
 def benchmark_app(url: str | None = None, models: str | Path = "assets", device: str = "cpu", n: int = 20,
                   warmup: int = 2, efs: list[float] | None = None, length: int | None = None, seed: int = 0,
-                  threads: int | None = None) -> dict:
+                  threads: int | None = None, case: str = "sample") -> dict:
     """Median time from slider release (a ``/counterfactual`` request) to a playable video on the client.
 
     Args:
@@ -177,6 +181,8 @@ def benchmark_app(url: str | None = None, models: str | Path = "assets", device:
         length: output length in frames (default: the sample's).
         seed: generator seed (fixed, as when a user drags the slider).
         threads: when starting the app, limit torch / BLAS threads to this many (OMP_NUM_THREADS etc.).
+        case: "sample" (the 30-frame sample, decoded on the model grid) or "cine" (the 120-frame cine: a beat
+            rendered on its acquired frames at display resolution and 30 fps).
 
     Returns:
         ``{n, warmup, frames, median_ms, p90_ms, min_ms, max_ms, server_median_ms, stage_median_ms, video_kb,
@@ -186,12 +192,14 @@ def benchmark_app(url: str | None = None, models: str | Path = "assets", device:
     """
     if n < 1:
         raise ValueError(f"n must be at least 1; got {n}.")
+    if case not in ("sample", "cine"):
+        raise ValueError(f"case must be 'sample' or 'cine'; got {case!r}.")
     efs = list(efs or [20.0, 35.0, 50.0, 65.0, 80.0])
     meta = {"models": str(models), "device": device, "threads": threads}
     if url is not None:
-        return {**_measure(url, n, warmup, efs, length, seed), "url": url, **meta}
+        return {**_measure(url, n, warmup, efs, length, seed, case), "url": url, **meta}
     env = {}
     if threads is not None:
         env = {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     with LocalServer(models, device, env=env) as server:
-        return {**_measure(server.url, n, warmup, efs, length, seed), "url": server.url, **meta}
+        return {**_measure(server.url, n, warmup, efs, length, seed, case), "url": server.url, **meta}

@@ -214,7 +214,7 @@ def build_demo(engine: StudioEngine, work_root: Path, data_dir: Path | None = No
         # Loading (registered after the public generate/measure endpoints so those keep their plain API names).
         then_generate(demo.load(cb.load_sample, [state], load_out, api_name="load_sample", **model))
         then_generate(sample_btn.click(cb.load_sample, [state], load_out, api_visibility="private", **model))
-        then_generate(cine_btn.click(cb.load_cine, [state], load_out, api_visibility="private", **model))
+        then_generate(cine_btn.click(cb.load_cine, [state], load_out, api_name="load_cine", **model))
         then_generate(upload.upload(cb.load_upload, [upload, state], load_out, api_name="load_upload", **model))
         then_generate(case_dd.input(cb.load_case, [case_dd, state], load_out, api_name="load_case", **model))
         demo.unload(cb.unload)

@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--case", choices=("sample", "cine"), default="sample",
+                   help="app: the 30-frame sample (model grid) or the 120-frame cine (a beat rendered at display "
+                        "resolution; needs pydicom-data)")
     p.add_argument("--out", default=None, help="write the JSON result here as well")
     p.set_defaults(func=run)
 
@@ -96,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         from app.bench import benchmark_app
 
-        result = benchmark_app(models=models, device=args.device, n=args.repeats, threads=args.threads)
+        result = benchmark_app(models=models, device=args.device, n=args.repeats, threads=args.threads,
+                               case=args.case)
     result = {"section": args.section, "machine": machine(args.device), **result}
     text = json.dumps(result, indent=2, default=str)
     if args.out:
