@@ -62,6 +62,12 @@ def about_markdown(engine: StudioEngine) -> str:
         "the latent of the same heart beating at that EF; the decoder turns it back into a loop. The EF of every "
         "generated loop is measured back by two independent instruments: an LV segmenter with the area-length "
         "method, and a diffusion-regression EF estimator that returns a posterior (mean and 90 % interval).",
+        "**How a counterfactual is shown.** On a cine with whole beats (the 120-frame built-in cine, most scanner "
+        "cines), the Studio finds the beats on the LV area curve and works on the beat you pick: the generator's "
+        "displacement field at the requested EF, minus its field at the beat's own measured EF, moves every "
+        "acquired frame of that beat. The speckle, resolution, framing and frame rate are the acquisition's; only "
+        "the wall motion changes. Loops shorter than a whole beat (the 30-frame sample) and the other "
+        "observed-frame modes show the decoded 112-pixel loop instead, which is blurred.",
         "**Generated loops are synthetic.** They are not acquisitions of any patient, must not be used for "
         "diagnosis or treatment decisions, and downloaded files are marked as synthetic (DICOM: a derived, "
         "synthetic image with the reason in its description).",

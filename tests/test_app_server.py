@@ -202,3 +202,49 @@ def test_browser_loads_sample_drags_slider_and_saves_screenshot(browser_server, 
         target = Path(os.environ["ECHOLVFM_SCREENSHOT"])
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, target)
+
+
+@pytest.mark.browser
+def test_browser_loads_the_120_frame_cine_with_its_beats(browser_server, tmp_path):
+    """The second built-in case: beats and heart rate shown, a beat picker, the counterfactual shown; with the
+    bundled models (ECHOLVFM_BROWSER_MODELS=assets) the side-by-side video is at the cine's display resolution."""
+    from echolvfm_core.io import sample_cine_path
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+    if sample_cine_path() is None:
+        pytest.skip("pydicom-data (the 120-frame cine) is not installed")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(browser_server.url, wait_until="domcontentloaded")
+            page.wait_for_selector("#cf-video video", timeout=90_000)  # the sample's counterfactual first
+            before = page.eval_on_selector("#cf-video video", "v => v.currentSrc || v.src")
+            page.click("#cine-btn")
+            page.wait_for_function("() => document.querySelector('#case-md').innerText.includes('Beats')",
+                                   timeout=120_000)
+            text = page.inner_text("#case-md")
+            assert "120 frames" in text and "heart rate" in text, text
+            assert page.locator("#beat-dd").is_visible()
+            page.wait_for_function(
+                "s => { const v = document.querySelector('#cf-video video'); return v && (v.currentSrc || v.src) "
+                "&& (v.currentSrc || v.src) !== s && v.readyState >= 1; }", arg=before, timeout=120_000)
+            width = page.eval_on_selector("#cf-video video", "v => v.videoWidth")
+            if os.environ.get("ECHOLVFM_BROWSER_MODELS"):
+                assert width >= 2 * 512, width  # two panels at the cine's 513-pixel crop
+                assert "acquired frames moved" in page.inner_text("#latency-md")
+            page.wait_for_function("() => document.querySelector('#readout-md').innerText.includes('Requested EF')",
+                                   timeout=120_000)
+            time.sleep(1.0)
+            shot = tmp_path / "app_cine.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    if os.environ.get("ECHOLVFM_CINE_SCREENSHOT"):
+        target = Path(os.environ["ECHOLVFM_CINE_SCREENSHOT"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, target)
