@@ -131,10 +131,13 @@ class StudioCallbacks:
         if case.echo.synthetic:
             notes = ("\n\n> This loop is itself synthetic (real end-diastolic / end-systolic frames with synthesised "
                      "motion), not an acquired cine." + notes)
+        shown = (f"{info['input_frames']} frames at {info['input_fps']:.1f} fps "
+                 f"({info['input_frames'] / info['input_fps']:.1f} s), shown at {info['display_size']} px · "
+                 if info.get("input_frames") else "")
         text = (
-            f"**{case.name}** · {info['frames']} frames at {info['fps']:.1f} fps ({info['duration_s']:.1f} s) · "
-            f"sector {100 * info['sector_fraction']:.0f} % of the image · "
-            f"{info['model_size']} × {info['model_size']} model input\n\n"
+            f"**{case.name}** · {shown}model input {info['frames']} frames at {info['fps']:.1f} fps "
+            f"({info['duration_s']:.1f} s), {info['model_size']} × {info['model_size']} · "
+            f"sector {100 * info['sector_fraction']:.0f} % of the image\n\n"
             + _ef_line("Measured EF of the original", case.measurement) + notes
         )
         ef_fig = ef_figure(_readouts(case, None))

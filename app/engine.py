@@ -196,6 +196,9 @@ class LoadedCase:
             "duration_s": round(self.n_frames / self.fps, 2),
             "model_size": int(self.echo.height),
             "sector_fraction": round(float(self.sector.mean()), 3),
+            "input_frames": None if self.cine is None else int(self.cine.display.shape[0]),
+            "input_fps": None if self.cine is None else round(float(self.cine.fps), 2),
+            "display_size": None if self.cine is None else int(self.cine.display.shape[-1]),
             "source_format": self.echo.source_format,
             **{f"original_{k}": v for k, v in self.measurement.summary().items()},
         }

@@ -143,7 +143,7 @@ def build_demo(engine: StudioEngine, work_root: Path, data_dir: Path | None = No
                     with gr.Column(scale=1, min_width=320):
                         with gr.Accordion("Load an echo", open=True):
                             sample_btn = gr.Button("Built-in sample", elem_id="sample-btn")
-                            cine_btn = gr.Button("Built-in cine, 120 frames, 4 beats", elem_id="cine-btn")
+                            cine_btn = gr.Button("Built-in cine, 120 frames, several beats", elem_id="cine-btn")
                             upload = gr.File(label="Upload DICOM, NIfTI, AVI, MP4, GIF or WebM",
                                              file_types=None, type="filepath", elem_id="upload")
                             case_dd = gr.Dropdown(choices=cases, value=None, label=f"Case from {data_dir}",

@@ -225,10 +225,10 @@ def test_browser_loads_the_120_frame_cine_with_its_beats(browser_server, tmp_pat
             page.wait_for_selector("#cf-video video", timeout=90_000)  # the sample's counterfactual first
             before = page.eval_on_selector("#cf-video video", "v => v.currentSrc || v.src")
             page.click("#cine-btn")
-            page.wait_for_function("() => document.querySelector('#case-md').innerText.includes('Beats')",
+            page.wait_for_function("() => document.querySelector('#case-md').innerText.includes('120 frames')",
                                    timeout=120_000)
             text = page.inner_text("#case-md")
-            assert "120 frames" in text and "heart rate" in text, text
+            assert "30.0 fps" in text and "heart rate" in text and "3 found" in text, text
             assert page.locator("#beat-dd").is_visible()
             page.wait_for_function(
                 "s => { const v = document.querySelector('#cf-video video'); return v && (v.currentSrc || v.src) "
@@ -237,7 +237,9 @@ def test_browser_loads_the_120_frame_cine_with_its_beats(browser_server, tmp_pat
             if os.environ.get("ECHOLVFM_BROWSER_MODELS"):
                 assert width >= 2 * 512, width  # two panels at the cine's 513-pixel crop
                 assert "acquired frames moved" in page.inner_text("#latency-md")
-            page.wait_for_function("() => document.querySelector('#readout-md').innerText.includes('Requested EF')",
+            page.wait_for_function("() => document.querySelector('#readout-md').innerText.includes('this beat')"
+                                   if os.environ.get("ECHOLVFM_BROWSER_MODELS") else
+                                   "() => document.querySelector('#readout-md').innerText.includes('Requested EF')",
                                    timeout=120_000)
             time.sleep(1.0)
             shot = tmp_path / "app_cine.png"
