@@ -64,7 +64,8 @@ def user_errors(fn):
 
 def _readouts(case: LoadedCase | None, result: CounterfactualResult | None) -> list[EFReadout]:
     out = []
-    for label, meas in (("Original", case.measurement if case else None),
+    original = result.original if result is not None and result.original is not None else None
+    for label, meas in (("Original", original or (case.measurement if case else None)),
                         ("Counterfactual", result.measurement if result else None)):
         if meas is None:
             continue
