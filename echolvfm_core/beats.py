@@ -12,12 +12,13 @@ the frames that many frames earlier (autocorrelation of the mean-removed loop in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
 from . import ef as efm
 
-__all__ = ["Beat", "BeatSet", "beat_summary", "find_beats", "image_period", "MIN_CYCLE_S", "MAX_CYCLE_S"]
+__all__ = ["MAX_CYCLE_S", "MIN_CYCLE_S", "Beat", "BeatSet", "beat_summary", "find_beats", "image_period"]
 
 #: Shortest and longest cardiac cycle accepted, in seconds (200 and 30 beats per minute).
 MIN_CYCLE_S, MAX_CYCLE_S = 0.3, 2.0
@@ -144,18 +145,15 @@ def find_beats(frames: np.ndarray, fps: float, lv_area: np.ndarray | None = None
     min_gap = MIN_CYCLE_S * fps
     if area is not None and (area > 0).sum() >= 4:
         phases = efm.detect_ed_es(np.where(area > 0, area, area[area > 0].min()))
-        ed = [e for e in phases.ed]
-        ed = [e for i, e in enumerate(ed) if i == 0 or e - ed[i - 1] >= min_gap]
-        beats = _whole([Beat(a, b, a, _es(area, a, b)) for a, b in zip(ed[:-1], ed[1:]) if b - a <= MAX_CYCLE_S * fps],
-                       t)
+        ed = [e for i, e in enumerate(phases.ed) if i == 0 or e - phases.ed[i - 1] >= min_gap]
+        beats = _whole([Beat(a, b, a, _es(area, a, b)) for a, b in pairwise(ed) if b - a <= MAX_CYCLE_S * fps], t)
         if beats:
             return BeatSet(tuple(beats), float(fps), "lv_area", t)
     period = image_period(frames, fps, mask)
     if period is not None:
-        start = int(np.argmax(area[: int(round(period))])) if area is not None and area.max() > 0 else 0
-        edges = np.arange(start, t + 1e-6, period)
-        stops = [int(round(e)) for e in edges]
-        beats = [Beat(a, b, a, None if area is None else _es(area, a, b)) for a, b in zip(stops[:-1], stops[1:])
+        start = int(np.argmax(area[: round(period)])) if area is not None and area.max() > 0 else 0
+        stops = [round(e) for e in np.arange(start, t + 1e-6, period)]
+        beats = [Beat(a, b, a, None if area is None else _es(area, a, b)) for a, b in pairwise(stops)
                  if b <= t and b > a]
         if beats:
             return BeatSet(tuple(beats), float(fps), "periodicity", t)

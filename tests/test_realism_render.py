@@ -8,7 +8,11 @@ import torch
 
 from echolvfm_core import realism as rz
 from echolvfm_core.beats import find_beats, image_period
-from echolvfm_core.pipelines.render import _fields_per_frame, _phase_positions, loop_frames
+from echolvfm_core.pipelines.render import (
+    _fields_per_frame,
+    _phase_positions,
+    loop_frames,
+)
 
 
 def _speckle(rng: np.random.Generator, n: int = 2, side: int = 64) -> np.ndarray:
@@ -85,8 +89,11 @@ def test_texture_statistics_see_blur_and_c2st_separates_only_what_differs():
 
 @pytest.fixture(scope="module")
 def bundled_renderer():
-    from echolvfm_core.pipelines.counterfactual import default_models_dir, load_generator
     from echolvfm_core.models.vae import EchoCodec
+    from echolvfm_core.pipelines.counterfactual import (
+        default_models_dir,
+        load_generator,
+    )
     from echolvfm_core.pipelines.render import BeatRenderer
 
     root = default_models_dir()

@@ -119,8 +119,8 @@ def evaluate_camus_realism(renderer: BeatRenderer, seg, patients: Iterable, true
         g = _frame_stats(shown, mask)
         real_stats.append(r)
         gen_stats.append(g)
-        for k in paired:
-            paired[k].append(g[k] / r[k] if r[k] > 0 else np.nan)
+        for k, values in paired.items():
+            values.append(g[k] / r[k] if r[k] > 0 else np.nan)
         if loop is not None:  # the same number of frames per cycle, so changes per frame compare
             grid_mask = loop.max(0) > 0
             change_real.append(rz.frame_change(loop, grid_mask))
