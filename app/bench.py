@@ -132,9 +132,10 @@ def _measure(url: str, n: int, warmup: int, efs: list[float], length: int | None
     t0 = time.perf_counter()
     loaded = client.predict(api_name=f"/load_{case}")
     load_ms = (time.perf_counter() - t0) * 1000.0
-    info = loaded[2]  # outputs without the session state: video, case text, case numbers, ...
+    # /load_sample returns the case's outputs (video, case text, case numbers, ...); /load_cine only loads.
+    info = loaded[2] if isinstance(loaded, (list, tuple)) and len(loaded) > 2 else {}
     mode, k, _, _, reject, reject_k, contours = COUNTERFACTUAL_DEFAULTS
-    length = int(length or info["frames"])
+    length = int(length or info.get("frames") or 16)
     wall, server, stages, sizes = [], [], {}, []
     for i in range(warmup + n):
         ef = efs[i % len(efs)]

@@ -5,6 +5,11 @@ Each callback takes the per-session :class:`Session` (held in a ``gr.State``) an
 out-of-range values) become ``gr.Error`` with a one-sentence message and leave the session as it was, so the next
 request still works. Files are written into the session's own folder under the app's temporary folder, named with
 random tokens, and deleted when the session ends.
+
+Loading from the page runs in two steps: ``open_*`` reads the echo into the session and returns only the session,
+then :meth:`StudioCallbacks.show_case` fills the panels. A load that fails thus raises before any panel is an
+output (no panel shows an error), and :meth:`StudioCallbacks.load_failed` says on the case panel what was not loaded
+and that the last good case is still the one in use.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import functools
 import logging
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +47,18 @@ class Session:
     folder: Path
     case: LoadedCase | None = None
     result: CounterfactualResult | None = None
+    failed_load: str | None = None  # why the last load failed, until the next one succeeds
+
+
+def _as_user_error(exc: Exception) -> gr.Error:
+    """The ``gr.Error`` a user sees for ``exc``: its own message for errors a user can cause, else a brief note
+    (and the traceback in the server log)."""
+    if isinstance(exc, gr.Error):
+        return exc
+    if isinstance(exc, (EchoLoadError, ModelUnavailable, ValueError)):
+        return gr.Error(str(exc), print_exception=False)
+    log.exception("request failed")  # the session must survive anything a request triggers
+    return gr.Error(f"The request failed ({type(exc).__name__}); see the server log.", print_exception=False)
 
 
 def user_errors(fn):
@@ -50,14 +68,11 @@ def user_errors(fn):
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except (EchoLoadError, ModelUnavailable, ValueError) as exc:
-            raise gr.Error(str(exc), print_exception=False) from exc
-        except Exception as exc:  # the session must survive anything a request triggers
-            log.exception("request failed")
-            raise gr.Error(f"The request failed ({type(exc).__name__}); see the server log.",
-                           print_exception=False) from exc
+        except Exception as exc:
+            error = _as_user_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
 
     return wrapped
 
@@ -96,6 +111,19 @@ def _ef_line(label: str, meas: Measurement | None) -> str:
     return f"**{label}**: segmentation {_fmt(meas.ef)} · posterior {posterior}"
 
 
+def _kept_motion_note(result: CounterfactualResult) -> str | None:
+    """Why a counterfactual that keeps more than one frame of the original cannot have the EF asked for (None when
+    it keeps only the end-diastolic frame). Keeping a second frame keeps the original's motion: with the bundled
+    models on the built-in sample a request of 30 % measured 53-64 % with the first 4 or 8, every other or all
+    frames kept, against 21 % with end-diastole only."""
+    n = len(result.observed)
+    if n <= 1:
+        return None
+    return (f"**This cannot follow the requested EF**: it keeps {n} frames of the original, and with them the "
+            "original's motion, so its EF stays near the original's; only end-diastole (or the first frame) "
+            "observed follows the request.")
+
+
 class StudioCallbacks:
     """The Explore tab's callbacks, bound to one engine, one work folder and an optional --data folder."""
 
@@ -125,8 +153,62 @@ class StudioCallbacks:
                 shutil.rmtree(folder, ignore_errors=True)
 
     # -------------------------------------------------------------------------------------------- loading
-    def _loaded(self, session: Session, case: LoadedCase):
-        session.case, session.result = case, None
+    def _open(self, state: Session | None, request: gr.Request | None,
+              load: Callable[[Path], LoadedCase]) -> Session:
+        """Step 1 of a load: ``load(session folder)`` becomes the session's case. On failure the session keeps its
+        case, remembers why (for :meth:`load_failed`) and the error is raised as a ``gr.Error``."""
+        session = self._session(state, request)
+        try:
+            case = load(session.folder)
+        except Exception as exc:
+            error = _as_user_error(exc)
+            session.failed_load = error.message
+            if error is exc:
+                raise
+            raise error from exc
+        session.case, session.result, session.failed_load = case, None, None
+        return session
+
+    def open_sample(self, state: Session | None, request: gr.Request | None) -> Session:
+        """The built-in sample (pydicom's 30-frame cine) into the session."""
+        return self._open(state, request, lambda folder: self.engine.load(None, folder))
+
+    def open_cine(self, state: Session | None, request: gr.Request | None) -> Session:
+        """The second built-in case: pydicom-data's 120-frame cine of several beats (the sample's full cine)."""
+        from echolvfm_core.io import sample_cine_path
+
+        def load(folder: Path) -> LoadedCase:
+            path = sample_cine_path()
+            if path is None:
+                raise gr.Error("The 120-frame built-in cine needs the pydicom-data package "
+                               "(pip install pydicom-data).", print_exception=False)
+            return self.engine.load(path, folder, name="Built-in cine (120 frames)")
+
+        return self._open(state, request, load)
+
+    def open_upload(self, file: str | None, state: Session | None, request: gr.Request | None) -> Session:
+        """An uploaded file into the session."""
+        def load(folder: Path) -> LoadedCase:
+            if not file:
+                raise gr.Error("Choose a file to upload first.", print_exception=False)
+            return self.engine.load(file, folder, name=Path(file).name)
+
+        return self._open(state, request, load)
+
+    def open_case(self, choice: str | None, state: Session | None, request: gr.Request | None) -> Session:
+        """A case of the --data folder into the session."""
+        def load(folder: Path) -> LoadedCase:
+            if self.data_dir is None:
+                raise gr.Error("The app was started without --data, so there are no cases to pick from.",
+                               print_exception=False)
+            if not choice or choice not in list_cases(self.data_dir):
+                raise gr.Error("Pick a case from the list.", print_exception=False)
+            return self.engine.load(load_case(self.data_dir, choice), folder, name=choice)
+
+        return self._open(state, request, load)
+
+    def _case_text(self, case: LoadedCase) -> str:
+        """The case panel: what was loaded, its measured EF, notes, and its beats."""
         info = case.summary()
         notes = "".join(f"\n\n> {n}" for n in case.measurement.notes)
         if case.echo.synthetic:
@@ -141,6 +223,20 @@ class StudioCallbacks:
             f"sector {100 * info['sector_fraction']:.0f} % of the image\n\n"
             + _ef_line("Measured EF of the original", case.measurement) + notes
         )
+        beats = case.cine.beats if case.cine is not None else None
+        if beats is not None:
+            hr = beats.heart_rate_bpm
+            text += (f"\n\n**Beats**: {len(beats.beats)} found ({beats.method.replace('_', ' ')})"
+                     + (f" · heart rate {hr:.0f} bpm" if hr else " · no whole cycle: the loop is played as one"))
+        return text
+
+    @user_errors
+    def show_case(self, state: Session | None):
+        """Step 2 of a load: the panels of the session's case (video, case text, raw numbers, EF and area figures,
+        length and k ranges, beat picker) with the previous counterfactual, latency line and downloads cleared."""
+        if state is None or state.case is None:
+            raise gr.Error("Load an echo first.", print_exception=False)
+        case = state.case
         ef_fig = ef_figure(_readouts(case, None))
         area = case.measurement.lv_area
         area_fig = area_figure({} if area is None else {"Original": area}, case.fps, _unit(case.measurement),
@@ -150,49 +246,27 @@ class StudioCallbacks:
         k = gr.update(maximum=case.n_frames)
         missing = [self.engine.missing_message(n) for n in ("vae", "generator") if not self.engine.available(n)]
         gen_note = (" ".join(missing) + " Counterfactuals are off until then.") if missing else ""
-        beats = case.cine.beats if case.cine is not None else None
-        if beats is not None:
-            hr = beats.heart_rate_bpm
-            text += (f"\n\n**Beats**: {len(beats.beats)} found ({beats.method.replace('_', ' ')})"
-                     + (f" · heart rate {hr:.0f} bpm" if hr else " · no whole cycle: the loop is played as one"))
+        if case.cine is not None:
             beat = gr.update(choices=case.cine.beat_choices(), value=0, visible=True)
         else:
             beat = gr.update(choices=[], value=None, visible=False)
-        return session, str(case.video), text, info, ef_fig, area_fig, length, k, None, gen_note, None, beat
+        return (str(case.video), self._case_text(case), case.summary(), ef_fig, area_fig, length, k, None, gen_note,
+                None, beat)
+
+    def load_failed(self, state: Session | None) -> str:
+        """After a failed load, the case panel: what was not loaded and why, and which case counterfactuals still
+        use (with its description)."""
+        why = None if state is None else state.failed_load
+        note = f"> **Not loaded**: {why}" if why else "> **The last load failed**; see its message."
+        if state is None or state.case is None:
+            return note + " Load another echo."
+        return f"{note} Counterfactuals still use **{state.case.name}**.\n\n{self._case_text(state.case)}"
 
     @user_errors
     def load_sample(self, state: Session | None, request: gr.Request):
-        session = self._session(state, request)
-        return self._loaded(session, self.engine.load(None, session.folder))
-
-    @user_errors
-    def load_cine(self, state: Session | None, request: gr.Request):
-        """The second built-in case: pydicom-data's 120-frame cine of several beats (the sample's full cine)."""
-        from echolvfm_core.io import sample_cine_path
-
-        path = sample_cine_path()
-        if path is None:
-            raise gr.Error("The 120-frame built-in cine needs the pydicom-data package (pip install pydicom-data).",
-                           print_exception=False)
-        session = self._session(state, request)
-        return self._loaded(session, self.engine.load(path, session.folder, name="Built-in cine (120 frames)"))
-
-    @user_errors
-    def load_upload(self, file: str | None, state: Session | None, request: gr.Request):
-        if not file:
-            raise gr.Error("Choose a file to upload first.", print_exception=False)
-        session = self._session(state, request)
-        return self._loaded(session, self.engine.load(file, session.folder, name=Path(file).name))
-
-    @user_errors
-    def load_case(self, choice: str | None, state: Session | None, request: gr.Request):
-        if self.data_dir is None:
-            raise gr.Error("The app was started without --data, so there are no cases to pick from.",
-                           print_exception=False)
-        if not choice or choice not in list_cases(self.data_dir):
-            raise gr.Error("Pick a case from the list.", print_exception=False)
-        session = self._session(state, request)
-        return self._loaded(session, self.engine.load(load_case(self.data_dir, choice), session.folder, name=choice))
+        """Both steps for the built-in sample at once (the page load; the public ``/load_sample``)."""
+        session = self.open_sample(state, request)
+        return (session, *self.show_case(session))
 
     # ----------------------------------------------------------------------------------- counterfactuals
     @user_errors
@@ -212,10 +286,13 @@ class StudioCallbacks:
         where = (f"beat {result.beat + 1}, {result.display.shape[0]} frames at {result.fps:.0f} fps, "
                  f"{result.display.shape[-1]} px (acquired frames moved)" if result.display is not None
                  else f"{len(result.observed)} observed frame(s), model grid")
-        line = (f"Requested EF **{result.requested_ef:.0f} %** · generated in **{result.latency_ms:.0f} ms** · "
-                f"seed {result.seed} · {where}"
+        seg = result.segmentation
+        measured = "not measured" if seg is None or seg.ef is None else f"measured **{seg.ef:.0f} %**"
+        line = (f"Requested EF **{result.requested_ef:.0f} %** · {measured} · generated in "
+                f"**{result.latency_ms:.0f} ms** · seed {result.seed} · {state.case.name}, {where}"
                 + (f" · best of {result.candidates}" if result.candidates > 1 else ""))
-        return state, str(result.video), line, result.summary()
+        kept = _kept_motion_note(result)
+        return state, str(result.video), line + (f"\n\n> {kept}" if kept else ""), result.summary()
 
     @user_errors
     def measure(self, state: Session | None):
@@ -229,11 +306,12 @@ class StudioCallbacks:
         for label, m in (("Original", original), ("Counterfactual", meas)):
             if m.lv_area is not None:
                 curves[label], markers[label] = m.lv_area, (m.ed_index, m.es_index)
+        kept = _kept_motion_note(result)
         text = "\n\n".join([
             f"**Requested EF**: {result.requested_ef:.0f} %",
             _ef_line("Counterfactual", meas),
             _ef_line("Original" + (" (this beat)" if result.original is not None else ""), original),
-        ] + [f"> {n}" for n in meas.notes])
+        ] + [f"> {n}" for n in meas.notes + ([kept] if kept else [])])
         ef_fig = ef_figure(_readouts(case, result), result.requested_ef)
         area_fig = area_figure(curves, result.fps, _unit(original), markers=markers)
         return state, ef_fig, area_fig, text, {**case.summary(), **result.summary()}

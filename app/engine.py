@@ -37,6 +37,7 @@ __all__ = [
     "Measurement",
     "ModelUnavailable",
     "StudioEngine",
+    "counterfactual_caption",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,13 @@ EF_RANGE = EF_REQUEST_RANGE
 PANEL_SIZE = 224
 #: Largest side (pixels) of the display copy; inputs whose fan crop is larger are shown at this size.
 MAX_DISPLAY = 640
+
+
+def counterfactual_caption(requested_ef: float, measured_ef: float | None) -> str:
+    """The caption burned into a counterfactual: the synthetic mark, the EF asked for and the EF the segmenter
+    measures on the result (both in %; "unmeasured" without one). Short enough for a 224-pixel panel."""
+    measured = "unmeasured" if measured_ef is None else f"{measured_ef:.0f} measured"
+    return f"SYNTHETIC EF {requested_ef:.0f} asked, {measured}"
 
 
 class ModelUnavailable(RuntimeError):
@@ -217,9 +225,12 @@ class CounterfactualResult:
         observed: frame indices of the original that the generator kept.
         candidates: number of candidates drawn (rejection sampling when > 1).
         latency_ms: wall time of generation, decoding, selection and video writing.
-        measurement: the counterfactual's EF by the instruments (filled by :meth:`StudioEngine.measure_result`).
+        segmentation: the counterfactual's EF (and LV masks) by the segmenter, measured as it is generated; this is
+            the measured EF on the video and in the export's file name (``ef`` None without a segmenter).
+        measurement: its full measurement, the segmentation plus the EF posterior (filled by
+            :meth:`StudioEngine.measure_result`).
         timings_ms: parts of ``latency_ms``: the generator's "encode", "flow", "decode" (and "measure" with
-            rejection sampling), then "contours" (segmenting the result) and "video" (composing and writing the MP4).
+            rejection sampling), then "segment" (segmenting the result) and "video" (composing and writing the MP4).
         candidate_efs: with rejection sampling, the segmentation EF (%) of every candidate (None: unmeasured).
         display: with the "ed" mode on a cine, the counterfactual beat at the input's resolution (N, S, S) (then
             ``frames`` is that beat on the model grid, at the input's frame rate); None otherwise.
@@ -235,6 +246,7 @@ class CounterfactualResult:
     observed: tuple[int, ...]
     candidates: int
     latency_ms: float
+    segmentation: Measurement | None = None
     measurement: Measurement | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     candidate_efs: list[float | None] | None = None
@@ -245,6 +257,8 @@ class CounterfactualResult:
     def summary(self) -> dict:
         out = {
             "requested_ef": round(float(self.requested_ef), 2),
+            "measured_ef": None if self.segmentation is None or self.segmentation.ef is None
+            else round(float(self.segmentation.ef), 2),
             "frames": int(self.frames.shape[0]),
             "seed": int(self.seed),
             "observed_frames": list(self.observed),
@@ -484,14 +498,17 @@ class StudioEngine:
                 m.notes.append(f"{exc} Measured EF by segmentation is unavailable.")
             except SegmentationError as exc:
                 m.notes.append(f"The segmenter could not measure this loop: {exc}")
-            if not masks_only:
-                try:
-                    info = None if like is None else like.info
-                    m.posterior = self.model("ef_regressor").posterior(
-                        frames, age=None if info is None else info.age, sex=None if info is None else info.sex,
-                        seed=seed)
-                except ModelUnavailable as exc:
-                    m.notes.append(f"{exc} The EF posterior is unavailable.")
+        return m if masks_only else self._add_posterior(m, frames, like, seed)
+
+    def _add_posterior(self, m: Measurement, frames: np.ndarray, like: Echo | None, seed: int = 0) -> Measurement:
+        """``m`` with the EF posterior of ``frames`` (or a note saying why there is none); returns ``m``."""
+        with self._run_lock:
+            try:
+                info = None if like is None else like.info
+                m.posterior = self.model("ef_regressor").posterior(
+                    frames, age=None if info is None else info.age, sex=None if info is None else info.sex, seed=seed)
+            except ModelUnavailable as exc:
+                m.notes.append(f"{exc} The EF posterior is unavailable.")
         return m
 
     # -------------------------------------------------------------------------------------- counterfactuals
@@ -585,15 +602,16 @@ class StudioEngine:
         frames = cf.frames[0]  # (L, S, S) float32 in [0, 1]
         timings = dict(cf.timings_ms)
         t1 = time.perf_counter()
-        cf_meas = self.measure(frames, case.echo, masks_only=True) if contours else None
-        timings["contours"] = (time.perf_counter() - t1) * 1000.0
+        cf_meas = self.measure(frames, case.echo, masks_only=True)  # its EF goes on the video
+        timings["segment"] = (time.perf_counter() - t1) * 1000.0
         t1 = time.perf_counter()
-        video = self._side_by_side(case, frames, float(ef), cf_meas, contours, Path(out_dir))
+        video = self._side_by_side(case, frames, counterfactual_caption(ef, cf_meas.ef), cf_meas, contours,
+                                   Path(out_dir))
         timings["video"] = (time.perf_counter() - t1) * 1000.0
         latency = (time.perf_counter() - t0) * 1000.0
         return CounterfactualResult(requested_ef=float(ef), frames=frames, fps=case.fps, video=video, seed=seed,
                                     observed=observed, candidates=reject_k, latency_ms=latency,
-                                    measurement=cf_meas, timings_ms=timings,
+                                    segmentation=cf_meas, timings_ms=timings,
                                     candidate_efs=None if cf.candidate_efs is None else list(cf.candidate_efs[0]))
 
     def renders_acquired(self) -> bool:
@@ -641,33 +659,31 @@ class StudioEngine:
             renders = [renderer.render(prepared, ef, seed=s) for s in seeds]
         timings = {k: sum(r.timings_ms[k] for r in renders) for k in renders[0].timings_ms}
         grids = [to_model_grid(r.frames, renderer.grid) for r in renders]
-        candidate_efs = None
-        chosen = 0
         t1 = time.perf_counter()
-        if reject_k > 1:
-            candidate_efs = [self.measure(g, case.echo, masks_only=True).ef for g in grids]
-            dist = [abs(e - ef) if e is not None else float("inf") for e in candidate_efs]
-            chosen = int(np.argmin(dist))
-            timings["measure"] = (time.perf_counter() - t1) * 1000.0
-        rendered, frames = renders[chosen], grids[chosen]
+        measured = [self.measure(g, case.echo, masks_only=True) for g in grids]  # their EF goes on the video
+        candidate_efs = [m.ef for m in measured] if reject_k > 1 else None
+        dist = [abs(m.ef - ef) if m.ef is not None else float("inf") for m in measured]
+        chosen = int(np.argmin(dist))
+        timings["segment"] = (time.perf_counter() - t1) * 1000.0
+        rendered, frames, cf_meas = renders[chosen], grids[chosen], measured[chosen]
         t1 = time.perf_counter()
-        cf_meas = self.measure(frames, case.echo, masks_only=True) if contours else None
-        timings["contours"] = (time.perf_counter() - t1) * 1000.0
-        t1 = time.perf_counter()
-        video = self._side_by_side_display(display, rendered.frames, ef,
-                                           original if contours else None, cf_meas, cine.fps, out_dir)
+        video = self._side_by_side_display(display, rendered.frames, counterfactual_caption(ef, cf_meas.ef),
+                                           original if contours else None, cf_meas if contours else None,
+                                           cine.fps, out_dir)
         timings["video"] = (time.perf_counter() - t1) * 1000.0
         return CounterfactualResult(requested_ef=ef, frames=frames, fps=cine.fps, video=video, seed=seeds[chosen],
                                     observed=(b.ed,), candidates=reject_k,
-                                    latency_ms=(time.perf_counter() - t0) * 1000.0, measurement=cf_meas,
+                                    latency_ms=(time.perf_counter() - t0) * 1000.0, segmentation=cf_meas,
                                     timings_ms=timings, candidate_efs=candidate_efs, display=rendered.frames,
                                     beat=index, original=original)
 
     def measure_result(self, case: LoadedCase, result: CounterfactualResult) -> Measurement:
-        """Complete the counterfactual's measurement (segmentation EF and posterior) and return it."""
-        full = self.measure(result.frames, case.echo)
-        result.measurement = full
-        return full
+        """The counterfactual's full measurement (the segmentation made with it, plus the posterior), stored in
+        ``result.measurement`` and returned."""
+        seg = result.segmentation
+        result.measurement = (self.measure(result.frames, case.echo) if seg is None
+                              else self._add_posterior(replace(seg, notes=list(seg.notes)), result.frames, case.echo))
+        return result.measurement
 
     # ----------------------------------------------------------------------------------------------- export
     def export(self, case: LoadedCase, result: CounterfactualResult, out_dir: str | Path) -> list[Path]:
@@ -684,8 +700,10 @@ class StudioEngine:
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"counterfactual_ef{result.requested_ef:.0f}_seed{result.seed}_{secrets.token_hex(4)}"
-        label = f"SYNTHETIC  EF {result.requested_ef:.0f} %"
+        measured = None if result.segmentation is None else result.segmentation.ef
+        got = "unmeasured" if measured is None else f"ef{measured:.0f}-measured"
+        stem = f"counterfactual_ef{result.requested_ef:.0f}-asked_{got}_seed{result.seed}_{secrets.token_hex(4)}"
+        label = counterfactual_caption(result.requested_ef, measured)
         if result.display is not None:  # the beat at the input's resolution, looped over the input's duration
             frames = vid.loop_to_length(result.display, case.cine.display.shape[0])
             echo = case.echo.replace(frames=frames, fps=result.fps, labels=None, labelled=(), synthetic=True,
@@ -707,7 +725,7 @@ class StudioEngine:
 
     # ----------------------------------------------------------------------------------------------- video
     @staticmethod
-    def _side_by_side_display(original: np.ndarray, frames: np.ndarray, ef: float, orig_meas: Measurement | None,
+    def _side_by_side_display(original: np.ndarray, frames: np.ndarray, label: str, orig_meas: Measurement | None,
                               cf_meas: Measurement | None, fps: float, out_dir: Path) -> Path:
         """Acquired beat | counterfactual beat at display resolution, at the input's frame rate (the browser loops
         it, so both play in step at real speed)."""
@@ -721,11 +739,11 @@ class StudioEngine:
                     panel[:] = vid.draw_contours(panel, vid.resize_masks(m.lv_masks, side) > 0)
         white = (255, 255, 255) if contours else 255
         vid.caption(left, "Original", white)
-        vid.caption(right, f"SYNTHETIC  EF {ef:.0f} %", white)
+        vid.caption(right, label, white)
         out_dir.mkdir(parents=True, exist_ok=True)
         return vid.write_h264(vid.even(vid.side_by_side(left, right)), out_dir / f"{secrets.token_hex(8)}.mp4", fps)
 
-    def _side_by_side(self, case: LoadedCase, frames: np.ndarray, ef: float, cf_meas: Measurement | None,
+    def _side_by_side(self, case: LoadedCase, frames: np.ndarray, label: str, cf_meas: Measurement | None,
                       contours: bool, out_dir: Path) -> Path:
         """Original (looped to the counterfactual's length) | counterfactual, each PANEL_SIZE square, one MP4."""
         length = frames.shape[0]
@@ -739,6 +757,6 @@ class StudioEngine:
                 right = vid.draw_contours(right, cf_meas.lv_masks)
         white = (255, 255, 255) if contours else 255
         vid.caption(left, "Original", white)
-        vid.caption(right, f"SYNTHETIC  EF {ef:.0f} %", white)
+        vid.caption(right, label, white)
         out_dir.mkdir(parents=True, exist_ok=True)
         return vid.write_h264(vid.side_by_side(left, right), out_dir / f"{secrets.token_hex(8)}.mp4", case.fps)

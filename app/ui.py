@@ -35,9 +35,17 @@ CSS = """
 
 
 #: Passed to ``launch(head=...)``: quiz case videos get no context menu ("Save video as"), no native download
-#: entry in their controls and no picture-in-picture, so a reader cannot take a case out of the quiz.
+#: entry in their controls and no picture-in-picture, so a reader cannot take a case out of the quiz. And a key that
+#: moves a slider releases it when let go: Gradio fires a slider's release event on pointerup only, so without this
+#: the arrow keys would move the EF slider without regenerating.
 HEAD = """<script>
 (() => {
+  const sliderKeys = new Set(["ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown", "PageUp", "PageDown", "Home", "End"]);
+  document.addEventListener("keyup", (e) => {
+    const t = e.target;
+    if (t instanceof HTMLInputElement && t.type === "range" && sliderKeys.has(e.key))
+      t.dispatchEvent(new PointerEvent("pointerup", {bubbles: true}));
+  }, true);
   const lock = (v) => {
     v.setAttribute("controlsList", "nodownload noremoteplayback");
     v.disablePictureInPicture = true;
@@ -155,7 +163,8 @@ def build_demo(engine: StudioEngine, work_root: Path, data_dir: Path | None = No
                     with gr.Column(scale=2, min_width=480):
                         with gr.Row():
                             ef_slider = gr.Slider(lo, hi, value=40, step=1, label="Requested EF (%)",
-                                                  info="Release to generate", scale=4, elem_id="ef-slider")
+                                                  info="Generates on release (mouse or arrow keys)", scale=4,
+                                                  elem_id="ef-slider")
                             ef_box = gr.Number(value=40, minimum=lo, maximum=hi, precision=0,
                                                label="EF (type + Enter)", scale=1, elem_id="ef-box")
                         cf_video = gr.Video(label="Original | counterfactual (synthetic)", autoplay=True,
@@ -166,15 +175,20 @@ def build_demo(engine: StudioEngine, work_root: Path, data_dir: Path | None = No
                                               elem_id="beat-dd")
                         with gr.Row():
                             mode = gr.Radio([(v, k) for k, v in OBSERVED_MODES.items()], value="ed",
-                                            label="Observed frames", scale=3)
-                            k = gr.Slider(1, 64, value=4, step=1, label="k (first k frames)", scale=1)
-                            length = gr.Slider(4, 64, value=32, step=1, label="Output length (frames)", scale=1)
+                                            label="Observed frames", scale=3, elem_id="mode",
+                                            info="Only end-diastole (or first k = 1) follows the requested EF: "
+                                                 "more observed frames keep the original's motion and EF")
+                            k = gr.Slider(1, 64, value=4, step=1, label="k (first k frames)", scale=1,
+                                          info="Regenerates on release", elem_id="k")
+                            length = gr.Slider(4, 64, value=32, step=1, label="Output length (frames)", scale=1,
+                                               info="Regenerates on release", elem_id="length")
                         with gr.Row():
                             seed = gr.Number(value=0, precision=0, label="Seed", scale=1, elem_id="seed")
                             another = gr.Button("Another sample", scale=1, elem_id="another-btn")
-                            contours = gr.Checkbox(value=False, label="LV contour", scale=1)
-                            reject = gr.Checkbox(value=False, label="Rejection sampling", scale=1)
-                            reject_k = gr.Slider(2, 16, value=4, step=1, label="Candidates k", scale=1)
+                            contours = gr.Checkbox(value=False, label="LV contour", scale=1, elem_id="contours")
+                            reject = gr.Checkbox(value=False, label="Rejection sampling", scale=1, elem_id="reject")
+                            reject_k = gr.Slider(2, 16, value=4, step=1, label="Candidates k", scale=1,
+                                                 info="Regenerates on release", elem_id="reject-k")
                         readout_md = gr.Markdown("", elem_classes="readout", elem_id="readout-md")
                         with gr.Row():
                             ef_plot = gr.Plot(label="EF: posterior (violin, mean, 90 % interval) and segmentation")
@@ -190,8 +204,8 @@ def build_demo(engine: StudioEngine, work_root: Path, data_dir: Path | None = No
                 add_tab()
 
         model = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1)
-        load_out = [state, orig_video, case_md, raw, ef_plot, area_plot, length, k, cf_video, latency_md,
-                    downloads, beat_dd]
+        case_out = [orig_video, case_md, raw, ef_plot, area_plot, length, k, cf_video, latency_md, downloads,
+                    beat_dd]
         gen_in = [state, ef_slider, mode, k, length, seed, reject, reject_k, contours, beat_dd]
         gen_out = [state, cf_video, latency_md, raw]
         meas_out = [state, ef_plot, area_plot, readout_md, raw]
@@ -203,10 +217,23 @@ def build_demo(engine: StudioEngine, work_root: Path, data_dir: Path | None = No
             return (event.success(cb.generate, gen_in, gen_out, api_visibility="private", **model)
                     .success(cb.measure, [state], meas_out, api_visibility="private", **model))
 
-        # Slider release (always the last position) and typed EF both generate, then measure.
+        def load(trigger, open_case, inputs, source=None, **api):
+            """A load in two steps (see :mod:`app.callbacks`): only the session is an output of the step that can
+            fail, so a bad file leaves every panel as it was; its progress shows on the case panel, which a failure
+            then rewrites, and the ``source`` it came from (upload box, case list) lets go of what failed."""
+            opened = trigger(open_case, inputs, [state], show_progress_on=[case_md], **api, **model)
+            opened.failure(cb.load_failed, [state], [case_md], api_visibility="private", queue=False)
+            if source is not None:
+                opened.failure(None, None, [source], js="() => null", queue=False)
+            then_generate(opened.success(cb.show_case, [state], case_out, api_visibility="private"))
+
+        # Every control that changes the counterfactual regenerates it (sliders on release, by mouse or keys), then
+        # measures it; the typed EF too.
         ef_slider.change(None, [ef_slider], [ef_box], js="(v) => v", queue=False)
-        ef_slider.release(cb.generate, gen_in, gen_out, api_name="counterfactual", trigger_mode="always_last",
-                          **model).success(cb.measure, [state], meas_out, api_name="measure", **model)
+        gr.on([ef_slider.release, mode.input, k.release, length.release, seed.submit, contours.input, reject.input,
+               reject_k.release, beat_dd.input], cb.generate, gen_in, gen_out, api_name="counterfactual",
+              trigger_mode="always_last", **model).success(cb.measure, [state], meas_out, api_name="measure",
+                                                           **model)
         ef_box.submit(None, [ef_box], [ef_slider], js="(v) => v", queue=False)
         ef_box.submit(cb.generate, [state, ef_box, *gen_in[2:]], gen_out, api_visibility="private",
                       trigger_mode="always_last", **model).success(
@@ -214,14 +241,14 @@ def build_demo(engine: StudioEngine, work_root: Path, data_dir: Path | None = No
         another.click(cb.new_seed, None, [seed], api_visibility="private", queue=False).then(
             cb.generate, gen_in, gen_out, api_visibility="private", **model).success(
             cb.measure, [state], meas_out, api_visibility="private", **model)
-        beat_dd.input(cb.generate, gen_in, gen_out, api_visibility="private", trigger_mode="always_last",
-                      **model).success(cb.measure, [state], meas_out, api_visibility="private", **model)
         export_btn.click(cb.export, [state], [downloads], api_name="export", **model)
         # Loading (registered after the public generate/measure endpoints so those keep their plain API names).
-        then_generate(demo.load(cb.load_sample, [state], load_out, api_name="load_sample", **model))
-        then_generate(sample_btn.click(cb.load_sample, [state], load_out, api_visibility="private", **model))
-        then_generate(cine_btn.click(cb.load_cine, [state], load_out, api_name="load_cine", **model))
-        then_generate(upload.upload(cb.load_upload, [upload, state], load_out, api_name="load_upload", **model))
-        then_generate(case_dd.input(cb.load_case, [case_dd, state], load_out, api_name="load_case", **model))
+        # The page load stays one step: it is the public /load_sample, whose outputs API clients read, and it
+        # reads no user file.
+        then_generate(demo.load(cb.load_sample, [state], [state, *case_out], api_name="load_sample", **model))
+        load(sample_btn.click, cb.open_sample, [state], api_visibility="private")
+        load(cine_btn.click, cb.open_cine, [state], api_name="load_cine")
+        load(upload.upload, cb.open_upload, [upload, state], source=upload, api_name="load_upload")
+        load(case_dd.input, cb.open_case, [case_dd, state], source=case_dd, api_name="load_case")
         demo.unload(cb.unload)
     return demo

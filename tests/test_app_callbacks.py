@@ -40,9 +40,12 @@ def test_bad_upload_is_a_message_and_keeps_the_session(loaded, tmp_path):
     bad = tmp_path / "notes.txt"
     bad.write_text("not an echo")
     with pytest.raises(gr.Error) as err:
-        callbacks.load_upload(str(bad), session, None)
+        callbacks.open_upload(str(bad), session, None)
     assert "notes.txt" in err.value.message and "Traceback" not in err.value.message
-    assert session.case is case  # the loaded case survives
+    assert session.case is case and session.failed_load == err.value.message  # the loaded case survives
+    text = callbacks.load_failed(session)  # the case panel after the failure
+    assert text.startswith(f"> **Not loaded**: {err.value.message} Counterfactuals still use **{case.name}**.")
+    assert f"**{case.name}** · {case.n_frames} frames" in text
     with pytest.raises(gr.Error, match="between 10 and 90"):
         callbacks.generate(session, None, "ed", 4, 30, 0, False, 4, False)
 
@@ -64,10 +67,14 @@ def test_cases_from_a_data_folder(tmp_path, sample_path):
     (data / "echo1").write_bytes(Path(sample_path).read_bytes())  # extensionless DICOM
     assert list_cases(data) == ["echo1"]
     cb = StudioCallbacks(StudioEngine(tmp_path / "models", device="cpu"), tmp_path / "work", data)
-    info = cb.load_case("echo1", None, None)[3]
+    session = cb.open_case("echo1", None, None)
+    info = cb.show_case(session)[2]
     assert info["name"] == "echo1" and info["source_format"] == "dicom"
     with pytest.raises(gr.Error, match="Pick a case"):
-        cb.load_case("../etc/passwd", None, None)
+        cb.open_case("../etc/passwd", session, None)
+    assert session.case.name == "echo1" and session.failed_load == "Pick a case from the list."
+    session = cb.open_case("echo1", session, None)  # a good load clears the failure
+    assert session.failed_load is None
 
 
 def test_about_and_layout_without_models(tmp_path):
@@ -81,6 +88,38 @@ def test_about_and_layout_without_models(tmp_path):
     assert len(model_fns) == 3 and all(f.concurrency_id == "model" and f.concurrency_limit == 1 for f in model_fns)
     release = next(d for d in demo.config["dependencies"] if d.get("api_name") == "counterfactual")
     assert release["trigger_mode"] == "always_last" and release["targets"][0][1] == "release"
+
+
+def test_every_control_of_the_counterfactual_regenerates_it(tmp_path):
+    """Controls and video cannot disagree: each control the counterfactual reads triggers it (sliders on release)."""
+    demo = build_demo(StudioEngine(tmp_path, device="cpu"), tmp_path / "work")
+    types = {c["id"]: c["type"] for c in demo.config["components"]}
+    gen = next(d for d in demo.config["dependencies"] if d.get("api_name") == "counterfactual")
+    event = {"slider": "release", "radio": "input", "checkbox": "input", "dropdown": "input", "number": "submit"}
+    controls = {(i, event[types[i]]) for i in gen["inputs"] if types[i] != "state"}
+    assert len(controls) == 9 and controls == set(gen["targets"])
+
+
+def test_a_load_that_fails_touches_no_panel(tmp_path):
+    """The step of a page load that can fail writes only the session; on failure the case panel (where its progress
+    showed) is rewritten and the upload box or case list lets go of what failed; nothing else gets an error badge."""
+    demo = build_demo(StudioEngine(tmp_path, device="cpu"), tmp_path / "work")
+    comps = {c["id"]: c for c in demo.config["components"]}
+    elem = {i: c["props"].get("elem_id") for i, c in comps.items()}
+    deps = demo.config["dependencies"]
+    opens = [d for d in deps if d["targets"] and elem.get(d["targets"][0][0]) in ("sample-btn", "cine-btn", "upload",
+                                                                             "case-dd")]
+    assert len(opens) == 4
+    for d in opens:
+        source = elem[d["targets"][0][0]]
+        assert [comps[o]["type"] for o in d["outputs"]] == ["state"]
+        assert [elem[o] for o in d["show_progress_on"]] == ["case-md"]
+        after = [f for f in deps if f["trigger_after"] == d["id"]]
+        failed = sorted(elem[o] for f in after if f["trigger_only_on_failure"] for o in f["outputs"])
+        assert failed == sorted(["case-md"] + ([source] if source in ("upload", "case-dd") else []))
+        assert any(f["trigger_only_on_success"] and "orig-video" in [elem[o] for o in f["outputs"]] for f in after)
+    public = {d["api_name"] for d in deps if d["api_visibility"] == "public"}
+    assert public == {"load_sample", "load_upload", "load_case", "counterfactual", "measure", "export"}
 
 
 def test_about_reads_model_cards_and_metrics(tmp_path):

@@ -250,3 +250,57 @@ def test_browser_loads_the_120_frame_cine_with_its_beats(browser_server, tmp_pat
         target = Path(os.environ["ECHOLVFM_CINE_SCREENSHOT"])
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, target)
+
+
+#: Error badges on panels (a failed event marks each of its outputs); the toast of the message is not one of them.
+ERROR_BADGES = "() => document.querySelectorAll('[data-testid=\"status-tracker\"] .error').length"
+
+
+@pytest.mark.browser
+def test_browser_bad_upload_after_a_good_one_then_keyboard_slider(server, tmp_path, sample_path):
+    """A bad file after a good one leaves the good case, a message and no error badge; the arrow keys then move the
+    EF slider and the good case is regenerated at the new EF."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    good, bad = tmp_path / "good_echo.dcm", tmp_path / "bad_scan.dcm"
+    shutil.copyfile(sample_path, good)
+    bad.write_bytes(b"this is not a DICOM file at all" * 10)
+    src = "() => { const v = document.querySelector('#cf-video video'); return v ? (v.currentSrc || v.src) : ''; }"
+    changed = f"s => ({src})() && ({src})() !== s"
+    text_has = "([sel, t]) => document.querySelector(sel).innerText.includes(t)"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(server.url, wait_until="domcontentloaded")
+            page.wait_for_selector("#cf-video video", timeout=60_000)  # the sample and its counterfactual
+            before = page.evaluate(src)
+            page.set_input_files("#upload input[type=file]", str(good))
+            page.wait_for_function(text_has, arg=["#case-md", "good_echo.dcm"], timeout=60_000)
+            page.wait_for_function(changed, arg=before, timeout=60_000)  # ... and its counterfactual
+            page.wait_for_function(text_has, arg=["#readout-md", "Requested EF"], timeout=60_000)
+            good_video = page.evaluate(src)
+
+            page.click("#upload button[aria-label=Clear]")  # the box holds the good file until cleared
+            page.set_input_files("#upload input[type=file]", str(bad))
+            page.wait_for_function(text_has, arg=["#case-md", "Not loaded"], timeout=60_000)
+            toast = page.inner_text("[data-testid=toast-text]")
+            assert "bad_scan.dcm" in toast and "Traceback" not in toast
+            case = page.inner_text("#case-md")
+            assert "Counterfactuals still use good_echo.dcm" in case and "bad_scan.dcm" in case
+            assert "bad_scan.dcm" not in page.inner_text("#upload")  # the upload box let go of the bad file
+            assert page.evaluate(ERROR_BADGES) == 0
+            assert page.evaluate(src) == good_video  # the panels still show the good case
+
+            page.focus("#ef-slider input[type=range]")
+            for _ in range(3):
+                page.keyboard.press("ArrowRight")  # 40 -> 43; each key's release regenerates, the last one wins
+            page.wait_for_function("() => document.querySelector('#ef-box input').value === '43'", timeout=10_000)
+            page.wait_for_function(text_has, arg=["#latency-md", "Requested EF 43 %"], timeout=60_000)
+            page.wait_for_function(text_has, arg=["#readout-md", "Requested EF: 43 %"], timeout=60_000)
+            line = page.inner_text("#latency-md")
+            assert "good_echo.dcm" in line and page.evaluate(src) != good_video
+            assert page.evaluate(ERROR_BADGES) == 0
+        finally:
+            browser.close()
