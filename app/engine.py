@@ -482,7 +482,10 @@ class StudioEngine:
             frames: float32 (T, S, S) in [0, 1] at model resolution.
             like: the preprocessed echo these frames show (or were generated from): its pixel spacing (areas in
                 mm² when known) and the patient's age and sex (conditioning of the posterior) are used.
-            masks_only: run only the segmenter (for contours and rejection sampling), not the posterior.
+            masks_only: run only the segmenter, one network pass (the measured EF on each new counterfactual's
+                video, contours, rejection sampling: on every slider release, so without the test-time augmentation
+                that makes a full measurement about 5x slower; EF MAE 6.20 against 5.99 on CAMUS valid), not the
+                posterior.
             seed: seed of the posterior's noise draws.
         """
         from echolvfm_core.estimators.segmentation import SegmentationError
@@ -490,7 +493,13 @@ class StudioEngine:
         m = Measurement()
         with self._run_lock:
             try:
-                seg = self.model("segmenter").measure(frames, None if like is None else like.spacing_mm)
+                segmenter = self.model("segmenter")
+                tta = segmenter.tta
+                segmenter.tta = tta and not masks_only
+                try:
+                    seg = segmenter.measure(frames, None if like is None else like.spacing_mm)
+                finally:
+                    segmenter.tta = tta
                 m.ef, m.lv_area, m.area_unit = float(seg.ef), np.asarray(seg.lv_area, dtype=float), seg.area_unit
                 m.lv_masks = np.asarray(seg.labels) == 1
                 m.ed_index, m.es_index = int(seg.ed_index), int(seg.es_index)
