@@ -119,7 +119,7 @@ def test_a_load_that_fails_touches_no_panel(tmp_path):
         assert failed == sorted(["case-md"] + ([source] if source in ("upload", "case-dd") else []))
         assert any(f["trigger_only_on_success"] and "orig-video" in [elem[o] for o in f["outputs"]] for f in after)
     public = {d["api_name"] for d in deps if d["api_visibility"] == "public"}
-    assert public == {"load_sample", "load_upload", "load_case", "counterfactual", "measure", "export"}
+    assert public == {"load_sample", "load_cine", "load_upload", "load_case", "counterfactual", "measure", "export"}
 
 
 def test_about_reads_model_cards_and_metrics(tmp_path):
