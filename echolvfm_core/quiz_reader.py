@@ -64,7 +64,7 @@ def automatic_reader(real: Sequence[np.ndarray], synthetic: Sequence[np.ndarray]
     """
     from scipy.stats import binomtest
 
-    from .realism import c2st, sample_patches
+    from .realism import PATCH, c2st, sample_patches
 
     if len(real) != len(real_groups) or len(synthetic) != len(synthetic_groups):
         raise ValueError("automatic_reader needs one group per case.")
@@ -75,7 +75,11 @@ def automatic_reader(real: Sequence[np.ndarray], synthetic: Sequence[np.ndarray]
     def patches(frames):
         f = np.asarray(frames, dtype=np.float32)
         f = f / 255.0 if f.max() > 1.0 else f
-        return sample_patches(f, f.max(0) > 8 / 255, _PATCHES, rng)
+        try:
+            return sample_patches(f, f.max(0) > 8 / 255, _PATCHES, rng)
+        except ValueError:
+            raise ValueError(f"The automatic reader needs {PATCH} x {PATCH} patches inside the fan of every case, "
+                             f"and a case of {f.shape[2]} x {f.shape[1]} pixels has none; show larger videos.") from None
 
     xr, xs = [patches(f) for f in real], [patches(f) for f in synthetic]
     n_groups = min(len(set(real_groups)), len(set(synthetic_groups)))

@@ -49,3 +49,6 @@ def test_one_source_per_arm_folds_over_cases_and_says_so():
     assert not r.grouped and r.folds == 4 and r.n == 8
     with pytest.raises(ValueError, match="at least two real and two synthetic"):
         automatic_reader(speckle_cases(1, 6), speckle_cases(4, 7), ["a"], ["b"] * 4)
+    small = [c[:, :24, :24] for c in speckle_cases(2, 8)]
+    with pytest.raises(ValueError, match="needs 32 x 32 patches inside the fan of every case"):
+        automatic_reader(small, small, ["a", "b"], ["c", "d"])

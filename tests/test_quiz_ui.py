@@ -76,7 +76,7 @@ def study(models, tmp_path_factory):
         mp.setattr(SegmentationEF, "measure", fake_measure)
         rc = main(["quiz", "create", str(db), "--pool", "sample", str(pool), "--pool-label", POOL_LABEL,
                    "--cases", "6", "--calibration", "2", "--ef-range", "25,70", "--models", str(models), "--seed",
-                   "5", "--size", "96", "--frames", "12", "--fps", "25", "--max-detectability", "1"])
+                   "5", "--size", "128", "--frames", "12", "--fps", "25", "--max-detectability", "1"])
     torch.set_num_threads(threads)
     assert rc == 0
     out = capture.read_text()
@@ -125,7 +125,7 @@ def test_create_with_camus_loops_says_they_are_not_acquired_cines(camus_root, mo
     db = tmp_path / "quiz.sqlite"
     assert main(["quiz", "create", str(db), "--pool", str(pool), "--pool-label", POOL_LABEL, "--data",
                  str(camus_root), "--camus-loops", "2", "--camus-split", "train", "--cases", "4", "--calibration",
-                 "0", "--models", str(models), "--size", "96", "--frames", "12", "--max-detectability", "1"]) == 0
+                 "0", "--models", str(models), "--size", "128", "--frames", "12", "--max-detectability", "1"]) == 0
     source = QuizStore(db).studies()[0].real_pool_source
     assert source.startswith(f"{POOL_LABEL}: 8 cines cut into 8 whole beats + 2 CAMUS real-anatomy loops with "
                              "synthesised motion")
@@ -314,8 +314,8 @@ def test_browser_answers_the_whole_study_and_opens_the_results(models, study):
             try:
                 page = browser.new_page(viewport={"width": 1200, "height": 1000})
                 page.goto(srv.url, wait_until="domcontentloaded")
-                assert "Readers:" in page.inner_text("body") and "drag the EF slider" not in page.inner_text("body")
                 page.get_by_role("tab", name="Quiz").click()
+                assert "Readers:" in page.inner_text("body") and "drag the EF slider" not in page.inner_text("body")
                 assert "Reader IDs are not passwords" in page.inner_text("#quiz-no-auth")
                 page.fill("#quiz-reader textarea, #quiz-reader input", "browser-reader")
                 page.click("#quiz-start")
