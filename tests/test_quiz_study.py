@@ -198,3 +198,34 @@ def test_setup_errors_are_clear_and_leave_nothing(tmp_path):
         create_study([fan_beat(0), fan_beat(8)], 2, {"g": broken}, out_dir=tmp_path, real_pool_source="x",
                      calibration_n=0, spec=SPEC)
     assert list((tmp_path / "media").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_study_of_the_built_in_cine_shows_nothing_at_file_level(tmp_path):
+    """Acceptance of #28: 20 scored + 4 practice cases cut from the bundled 120-frame cine's whole beats, the
+    synthetic ones rendered by the bundled generator, at the default presentation: no file-level feature has an AUC
+    above 0.65 (all but the names are identical)."""
+    from app.quiz.pool import acquired_pool
+    from app.quiz.synth import BeatSynth
+    from echolvfm_core.estimators.segmentation import SegmentationEF
+    from echolvfm_core.io import sample_cine_path
+    from echolvfm_core.models.vae import EchoCodec
+    from echolvfm_core.pipelines.counterfactual import default_models_dir, load_generator
+    from echolvfm_core.pipelines.render import BeatRenderer
+
+    root = default_models_dir()
+    if sample_cine_path() is None:
+        pytest.skip("pydicom-data (the 120-frame cine) is not installed")
+    if not (root / "generator" / "config.json").is_file():
+        pytest.skip("no bundled generator")
+    pool = acquired_pool(["color3d", "sample"], SegmentationEF.from_pretrained(root / "segmenter"))
+    assert len(pool) == 3 and "first 30 frames of the color3d cine" in pool.skipped[0]
+    synth = BeatSynth(BeatRenderer(load_generator(root / "generator"), EchoCodec.from_pretrained(root / "vae")))
+    study = create_study(pool.beats, 20, {"bundled": synth}, out_dir=tmp_path, real_pool_source=pool.source,
+                         calibration_n=4)
+    assert len(study.cases) == 24
+    features = [file_features(study.video_path(c)) | {"name": int(c.video[:24], 16)} for c in study.cases]
+    truth = np.array([c.truth == "synthetic" for c in study.cases])
+    aucs = {k: auc([f[k] for f in features], truth) for k in features[0]}
+    assert max(aucs.values()) <= 0.65 and all(aucs[k] == 0.5 for k in aucs if k != "name"), aucs
+    assert (features[0]["width"], features[0]["frames"], features[0]["fps"]) == (256, 24, 30.0)
