@@ -75,12 +75,15 @@ def create_demo(config: StudioConfig, extra_tabs: Sequence[Callable[[], None]] =
     if config.data is not None and not Path(config.data).is_dir():
         raise FileNotFoundError(config.data)
     work_root = Path(os.environ.get("GRADIO_TEMP_DIR") or tempfile.gettempdir()) / "studio"
+    header = None
     if config.quiz_db is not None:
-        from .quiz.tabs import quiz_tabs
+        from .quiz.tabs import QUIZ_HEADER, quiz_tabs
 
-        extra_tabs = [*quiz_tabs(config.quiz_db, work_root, config.quiz_study, config.admin_password), *extra_tabs]
+        extra_tabs = [*quiz_tabs(config.quiz_db, work_root, config.quiz_study, config.admin_password,
+                                 signed_in=config.auth is not None), *extra_tabs]
+        header = QUIZ_HEADER
     engine = StudioEngine(config.models, config.device)
-    return build_demo(engine, work_root, config.data, extra_tabs=extra_tabs), engine
+    return build_demo(engine, work_root, config.data, extra_tabs=extra_tabs, header=header), engine
 
 
 def serve(config: StudioConfig, block: bool = True, extra_tabs: Sequence[Callable[[], None]] = ()):

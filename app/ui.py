@@ -125,7 +125,7 @@ def _status_markdown(engine: StudioEngine) -> str:
 
 
 def build_demo(engine: StudioEngine, work_root: Path, data_dir: Path | None = None,
-               extra_tabs: Sequence[Callable[[], None]] = ()) -> gr.Blocks:
+               extra_tabs: Sequence[Callable[[], None]] = (), header: str | None = None) -> gr.Blocks:
     """Lay out the Studio and connect its events.
 
     Args:
@@ -133,6 +133,7 @@ def build_demo(engine: StudioEngine, work_root: Path, data_dir: Path | None = No
         work_root: folder for per-session files (inside the app's controlled temporary folder).
         data_dir: optional folder of cases to pick from (--data).
         extra_tabs: functions that add further ``gr.Tab`` s (quiz, results), called inside the tab set.
+        header: the page's header (Markdown) instead of the Explore tab's (e.g. for quiz readers).
     """
     cb = StudioCallbacks(engine, work_root, data_dir)
     cases = list_cases(data_dir)
@@ -141,7 +142,7 @@ def build_demo(engine: StudioEngine, work_root: Path, data_dir: Path | None = No
         # Per-session state (loaded case with its cached latents, last result); dropped 4 h after its last update
         # or when the session ends, and its files with it.
         state = gr.State(None, time_to_live=4 * 3600, delete_callback=StudioCallbacks.drop_session)
-        gr.Markdown(_HEADER)
+        gr.Markdown(header or _HEADER)
         status = _status_markdown(engine)
         if status:
             gr.Markdown(status, elem_id="model-status")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -38,6 +38,7 @@ __all__ = [
     "fleiss_kappa",
     "accuracy_by_ef",
     "accuracy_by_confidence",
+    "synthetic_share_by_method",
     "summarize",
 ]
 
@@ -201,6 +202,7 @@ class AnswerRecord:
     confidence: int
     ms: int
     ef: float | None = None
+    method: str | None = None
 
     @property
     def correct(self) -> bool:
@@ -269,6 +271,7 @@ class StudyStats:
     fleiss_n_cases: int
     per_ef_bin: list[GroupAccuracy]
     per_confidence: list[GroupAccuracy]
+    per_method: dict[str, BinomialSummary] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-ready dict; top-level keys n, accuracy, ci95, p_value, confusion {rr, rs, sr, ss}, sensitivity,
@@ -282,6 +285,9 @@ class StudyStats:
         ]
         out["per_ef_bin"] = [asdict(g) for g in self.per_ef_bin]
         out["per_confidence"] = [asdict(g) for g in self.per_confidence]
+        out["per_method"] = {m: {"n": b.n, "judged_synthetic": b.k, "share": b.proportion,
+                                 "ci95": None if b.ci95 is None else list(b.ci95)}
+                             for m, b in self.per_method.items()}
         return out
 
 
@@ -331,6 +337,17 @@ def accuracy_by_confidence(records: Sequence[AnswerRecord]) -> list[GroupAccurac
     return [_group(str(level), [r for r in records if r.confidence == level]) for level in range(1, 6)]
 
 
+def synthetic_share_by_method(records: Sequence[AnswerRecord]) -> dict[str, BinomialSummary]:
+    """Per generator (``method`` of the synthetic cases), the answers on its cases judged synthetic: the share the
+    EchoLVFM paper reports per method, with its exact interval (p-value against 50 %)."""
+    methods = sorted({r.method for r in records if r.truth == SYNTHETIC and r.method is not None})
+    out = {}
+    for m in methods:
+        rs = [r for r in records if r.truth == SYNTHETIC and r.method == m]
+        out[m] = binomial_summary(sum(r.answer == SYNTHETIC for r in rs), len(rs))
+    return out
+
+
 def summarize(records: Iterable[AnswerRecord], ef_edges: Sequence[float] = DEFAULT_EF_EDGES) -> StudyStats:
     """All study statistics from scored answers (one per reader and case; duplicates are an error)."""
     records = list(records)
@@ -370,4 +387,5 @@ def summarize(records: Iterable[AnswerRecord], ef_edges: Sequence[float] = DEFAU
         fleiss_n_cases=n_fleiss,
         per_ef_bin=accuracy_by_ef(records, ef_edges),
         per_confidence=accuracy_by_confidence(records),
+        per_method=synthetic_share_by_method(records),
     )

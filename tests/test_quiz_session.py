@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -101,15 +101,26 @@ def test_only_the_case_on_screen_can_be_answered(tmp_path):
         ReaderSession(db, "s1", "  ")
 
 
-def test_server_side_clock(tmp_path):
+def _served_ten_minutes_ago(db: Path, reader: str) -> None:
+    past = (datetime.now(timezone.utc) - timedelta(minutes=10)).isoformat(timespec="milliseconds")
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE readers SET served_at = ? WHERE reader = ?", (past, reader))
+
+
+def test_server_side_clock_restarts_when_the_case_is_served_again(tmp_path):
+    """The case on screen when the server went down for ten minutes: served again on resume, its clock restarts;
+    answered without being served again, the ten minutes count."""
     db = tmp_path / "q.sqlite"
     store = make_study(db)
-    s = ReaderSession(db, "s1", "alice")
-    view = s.next_case()
-    time.sleep(0.05)
-    assert s.next_case().token == view.token  # a reload keeps the clock running from the first serving
-    s.answer(view.token, "real", 3)  # no ms: measured on the server
-    assert 50 <= store.answers("s1")[0].ms < 5000
+    for reader, resumed in (("alice", True), ("bob", False)):
+        s = ReaderSession(db, "s1", reader)
+        view = s.next_case()
+        _served_ten_minutes_ago(db, reader)
+        if resumed:
+            assert ReaderSession(db, "s1", reader).next_case().token == view.token  # after the restart
+        s.answer(view.token, "real", 3)  # no ms: measured on the server
+    ms = {a.reader: a.ms for a in store.answers("s1")}
+    assert ms["alice"] < 60_000 and 600_000 <= ms["bob"] < 700_000
 
 
 def test_payloads_never_carry_the_truth(tmp_path):

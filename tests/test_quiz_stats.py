@@ -19,6 +19,7 @@ from echolvfm_core.quiz_stats import (
     confusion,
     fleiss_kappa,
     summarize,
+    synthetic_share_by_method,
 )
 
 
@@ -189,3 +190,27 @@ def test_bad_input_is_rejected():
     empty = summarize([])
     assert empty.pooled.n == 0 and empty.pooled.accuracy is None and empty.fleiss_kappa is None
     json.dumps(empty.to_dict(), allow_nan=False)
+
+
+def test_share_judged_synthetic_per_generator_and_its_report_lines():
+    """Two generators, 10 answers on each one's cases: 7 and 3 judged synthetic; real cases carry no method."""
+    from app.quiz.results import format_report
+
+    records = [AnswerRecord("r", f"a{i}", "synthetic", "synthetic" if i < 7 else "real", 3, 1000, 40.0, "one-step")
+               for i in range(10)]
+    records += [AnswerRecord("r", f"b{i}", "synthetic", "synthetic" if i < 3 else "real", 3, 1000, 40.0, "linear")
+                for i in range(10)]
+    records += [AnswerRecord("r", f"c{i}", "real", "real", 3, 1000) for i in range(5)]
+    shares = synthetic_share_by_method(records)
+    assert list(shares) == ["linear", "one-step"]
+    assert (shares["one-step"].k, shares["one-step"].n, shares["linear"].proportion) == (7, 10, 0.3)
+    assert shares["one-step"].ci95 == pytest.approx((beta.ppf(0.025, 7, 4), beta.ppf(0.975, 8, 3)))
+    r = summarize(records).to_dict()
+    assert r["per_method"]["linear"] == {"n": 10, "judged_synthetic": 3, "share": 0.3,
+                                         "ci95": list(shares["linear"].ci95)}
+    text = format_report(r | {"n_readers": 1, "automatic_reader": {"accuracy": 0.625, "ci95": [0.43, 0.79], "n": 24,
+                                                                   "folds": 4, "grouped_by_source": True},
+                              "study": {"id": "s", "created": "t", "model_version": "m", "seed": 0,
+                                        "real_pool_source": "x", "config": {}}})
+    assert "one-step: 70.0 % of 10  (95 % CI 34.8-93.3 %)" in text
+    assert "Automatic reader (C2ST over 24 cases, 4 folds): 62.5 %  (95 % CI 43.0-79.0 %)" in text

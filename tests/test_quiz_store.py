@@ -137,3 +137,22 @@ def test_csv_export(tmp_path):
         assert row["truth"] == ans.truth and row["answer"] == ans.answer
         assert row["correct"] == str(int(ans.truth == ans.answer))
     assert float(rows[3]["ef"]) == 33.0
+
+
+def test_a_version_1_database_gains_the_method_and_source_of_each_case(tmp_path):
+    from app.quiz.store import SCHEMA_VERSION
+
+    path = tmp_path / "v1.sqlite"
+    store = QuizStore(path)
+    store.add_study(StudyRecord(id="s", created=utc_now(), model_version="m", seed=0, config={},
+                                real_pool_source="x", media_dir=str(tmp_path)),
+                    [CaseRecord(study="s", case_id="c", truth="real", ef=None, video="v.mp4", position=0,
+                                block="scored")])
+    store.close()
+    with sqlite3.connect(path) as conn:  # the schema as version 1 wrote it
+        conn.execute("ALTER TABLE cases DROP COLUMN method")
+        conn.execute("ALTER TABLE cases DROP COLUMN source")
+        conn.execute("PRAGMA user_version=1")
+    again = QuizStore(path)
+    assert again._connect().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert [(c.case_id, c.method, c.source) for c in again.cases("s")] == [("c", None, None)]

@@ -1,7 +1,7 @@
-"""Study setup: a 10 + 10 study (plus calibration) from small synthetic echoes with a fake generator."""
+"""Study setup: arms split by beat, one presentation for both arms (no file-level feature separates them), the
+automatic reader and the refusal of a detectable study, per-method cases; small fan phantoms, fake generators."""
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -9,11 +9,13 @@ import cv2
 import numpy as np
 import pytest
 
+from app.quiz.pool import PoolBeat
+from app.quiz.present import VideoSpec, file_features
 from app.quiz.store import QuizStore
-from app.quiz.study import ReaderSession, VideoSpec, create_study, load_study
+from app.quiz.study import ReaderSession, StudyTooDetectable, create_study, load_study
 from echolvfm_core.echo import ClinicalInfo, Echo, EchoLoadError
 
-SPEC = VideoSpec(size=32, fps=10.0, n_frames=8)
+SPEC = VideoSpec(size=48, fps=25.0, n_frames=16)
 EF_RANGE = (25.0, 70.0)
 
 
@@ -31,141 +33,199 @@ def fan_echo(i: int, ef: float | None = None) -> Echo:
     return Echo(frames=frames, fps=fps, source_format="synthetic", info=ClinicalInfo(ef=ef))
 
 
+def fan_beat(i: int, side: int = 64) -> PoolBeat:
+    """One beat (20-27 frames at 30 fps) of a square fan phantom; its EF 40 + i identifies it."""
+    rng = np.random.default_rng(100 + i)
+    n = 20 + i % 8
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
+    fan = (np.hypot(yy, xx - side / 2) < 0.95 * side) & (np.abs(np.arctan2(xx - side / 2, yy)) < np.deg2rad(40))
+    speckle = 0.3 + 0.5 * rng.random((side, side), dtype=np.float32)
+    frames = np.zeros((n, side, side), np.float32)
+    for k in range(n):
+        radius = 0.2 * side * (0.8 + 0.2 * np.cos(2 * np.pi * k / n))
+        cavity = ((yy - 0.5 * side) / radius) ** 2 + ((xx - side / 2) / (0.1 * side)) ** 2 < 1
+        frames[k] = np.roll(speckle, k % 3, axis=0) * np.where(cavity, 0.2, 1.0) * fan
+    return PoolBeat(frames=frames, mask=fan, fps=30.0, ef=40.0 + i, es=n // 3, source=f"phantom {i} beat 1")
+
+
 class BlurSynth:
-    """Fake generator: a slightly blurred copy of the source echo, remembering what it was asked for."""
+    """Fake generator: a blurred, darker copy of the beat (what an encoder would see as far fewer bits), remembering
+    which beats it was asked for."""
 
     def __init__(self):
-        self.calls: list[tuple[float | None, float]] = []
+        self.calls: list[tuple[float, float, int]] = []
 
-    def __call__(self, source: Echo, ef: float, rng: np.random.Generator) -> Echo:
-        assert isinstance(rng, np.random.Generator)
-        self.calls.append((source.info.ef, ef))
-        blurred = np.stack([cv2.GaussianBlur(f, (3, 3), 0.8) for f in source.frames])
-        return Echo(frames=blurred, fps=source.fps, source_format="synthetic", synthetic=True,
-                    info=ClinicalInfo(ef=ef))
+    def __call__(self, beat: PoolBeat, ef: float, seed: int) -> np.ndarray:
+        self.calls.append((beat.ef, ef, seed))
+        return np.stack([cv2.GaussianBlur(f, (5, 5), 1.5) * 0.7 for f in beat.frames])
 
 
-def pool(n: int) -> list[Echo]:
-    return [fan_echo(i, ef=40.0 + i) for i in range(n)]  # each pool echo identified by its EF
+def detector_stub(result):
+    calls = []
+
+    def detect(real, synthetic, real_groups, synthetic_groups):
+        calls.append((real, synthetic, real_groups, synthetic_groups))
+        return result
+
+    return detect, calls
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
+    """24 cases (20 scored + 4 practice) from 5 phantom beats, two fake generators."""
     out = tmp_path_factory.mktemp("study")
-    synth = BlurSynth()
-    study = create_study(pool(24), 20, synth, model_version="fake-blur-1", out_dir=out, seed=3,
-                         real_pool_source="unit-test fan phantoms", ef_range=EF_RANGE, calibration_n=4, spec=SPEC)
-    return study, synth, out
+    a, b = BlurSynth(), BlurSynth()
+    detect, calls = detector_stub({"accuracy": 0.5, "ci95": [0.3, 0.7]})
+    study = create_study([fan_beat(i) for i in range(5)], 20, {"gen-a": a, "gen-b": b}, out_dir=out, seed=3,
+                         real_pool_source="unit-test fan phantoms", ef_range=EF_RANGE, calibration_n=4, spec=SPEC,
+                         detector=detect, max_detectability=0.75)
+    return study, (a, b), calls, out
 
 
-def test_balanced_cases_and_provenance(built):
-    study, synth, out = built
+def test_arms_split_by_beat_balanced_and_provenance(built):
+    study, (a, b), _, out = built
     cases = study.cases
     assert len(cases) == 24
     for block, n in (("scored", 10), ("calibration", 2)):
         for truth in ("real", "synthetic"):
             assert sum(c.block == block and c.truth == truth for c in cases) == n
     rec = load_study(out / "quiz.sqlite", study.id).record
-    assert (rec.model_version, rec.seed, rec.real_pool_source) == ("fake-blur-1", 3, "unit-test fan phantoms")
-    assert rec.config["video"]["n_frames"] == 8 and rec.config["synthetic_from_shown_real"] == 0
-    # synthetic cases carry the requested EF, real cases their own; the generator never saw a case shown as real
-    synth_efs = sorted(c.ef for c in cases if c.truth == "synthetic")
-    assert synth_efs == sorted(ef for _, ef in synth.calls)
-    assert all(EF_RANGE[0] <= ef <= EF_RANGE[1] for ef in synth_efs)
-    real_sources = {c.ef for c in cases if c.truth == "real"}
-    assert real_sources <= {40.0 + i for i in range(24)}
-    assert not real_sources & {src for src, _ in synth.calls}
+    assert (rec.model_version, rec.seed, rec.real_pool_source) == ("gen-a + gen-b", 3, "unit-test fan phantoms")
+    assert rec.config["methods"] == ["gen-a", "gen-b"] and rec.config["pool_beats"] == 5
+    real_beats, synth_beats = set(rec.config["beats"]["real"]), set(rec.config["beats"]["synthetic"])
+    assert (len(real_beats), len(synth_beats)) == (3, 2) and not real_beats & synth_beats
+    # every case says where it came from; no beat is shown in both arms
+    assert {re.match(r"(phantom \d+ beat 1)", c.source).group(1) for c in cases if c.truth == "real"} == real_beats
+    assert {re.match(r"(phantom \d+ beat 1)", c.source).group(1) for c in cases if c.truth == "synthetic"} == synth_beats
+    # synthetic cases: requested EF in range, dealt evenly over the two generators, each rendered once
+    synth = [c for c in cases if c.truth == "synthetic"]
+    assert sorted(c.ef for c in synth) == sorted(ef for _, ef, _ in a.calls + b.calls)
+    assert all(EF_RANGE[0] <= c.ef <= EF_RANGE[1] for c in synth)
+    assert sorted(c.method for c in synth) == ["gen-a"] * 6 + ["gen-b"] * 6
+    assert all(c.method is None and c.ef in {40.0 + i for i in range(5)} for c in cases if c.truth == "real")
+    assert all("rendered at EF" in c.source for c in synth)
 
 
-def test_videos_share_format_and_carry_nothing(built):
-    import av
-
-    study, _, _ = built
-    containers, streams, mtimes = set(), set(), set()
-    for case in study.cases:
-        path = study.video_path(case)
-        assert re.fullmatch(r"[0-9a-f]{24}\.mp4", path.name)
-        assert b"synthetic" not in path.read_bytes().lower()
-        mtimes.add(os.stat(path).st_mtime)
-        with av.open(str(path)) as c:
-            s = c.streams.video[0]
-            frames = sum(1 for _ in c.decode(video=0))
-            fmt = (s.codec_context.name, s.codec_context.pix_fmt, s.width, s.height, float(s.average_rate), frames)
-            assert fmt == ("h264", "yuv420p", 32, 32, 10.0, 8), fmt
-            containers.add(json.dumps(dict(c.metadata), sort_keys=True))
-            streams.add(json.dumps(dict(s.metadata), sort_keys=True))
-    assert len(containers) == len(streams) == 1  # identical metadata for every case
-    assert len(mtimes) == 1  # one modification time for all files
+def test_no_file_level_feature_separates_the_arms(built):
+    """Bytes, bitrates, duration, frames, largest frame, rate, size, codec fields, metadata and names: none has an
+    AUC above 0.65 (most are identical for every case), although the synthetic content is blurred and darker."""
+    study, _, _, _ = built
+    features = [file_features(study.video_path(c)) | {"name": int(c.video[:24], 16)} for c in study.cases]
+    truth = np.array([c.truth == "synthetic" for c in study.cases])
+    aucs = {k: auc([f[k] for f in features], truth) for k in features[0]}
+    assert max(aucs.values()) <= 0.65, aucs
+    assert all(aucs[k] == 0.5 for k in aucs if k != "name"), aucs  # identical in every file
+    f = features[0]
+    assert (f["width"], f["height"], f["frames"], f["fps"]) == (48, 48, 16, 25.0)
+    assert f["codec"].startswith("h264/") and f["duration_s"] == pytest.approx(16 / 25)
+    assert {os.stat(study.video_path(c)).st_mtime for c in study.cases}.__len__() == 1
+    assert all(b"synthetic" not in study.video_path(c).read_bytes().lower() for c in study.cases)
     assert not [p for p in study.media_dir.iterdir() if p.name not in {c.video for c in study.cases}]
 
 
+def auc(values, positive) -> float:
+    """max(AUC, 1 - AUC) of one feature as a detector of ``positive`` (strings are ranked in sorted order)."""
+    values = list(values)
+    if isinstance(values[0], str):
+        order = sorted(set(values))
+        values = [order.index(v) for v in values]
+    x = np.asarray(values, dtype=float)
+    pos, neg = x[positive], x[~positive]
+    a = float(np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg]))
+    return max(a, 1 - a)
+
+
+def test_auc_helper_sees_a_separating_feature():
+    truth = np.array([True, True, False, False])
+    assert auc([2, 3, 0, 1], truth) == 1.0 and auc([0, 3, 1, 2], truth) == 0.5 and auc(["b", "b", "a", "a"], truth) == 1
+
+
+def test_the_automatic_reader_sees_the_served_files_and_is_stored(built):
+    study, _, calls, _ = built
+    (real, synthetic, real_groups, synthetic_groups), = calls
+    assert len(real) == len(synthetic) == 12 and len(set(real_groups)) == 3 and len(set(synthetic_groups)) == 2
+    assert all(f.dtype == np.uint8 and f.shape == (16, 48, 48) for f in real + synthetic)
+    # the served synthetic cases are the blurred ones (the darkening is normalised away): the reader got the frames
+    # as decoded from the files
+    def sharpness(cases):
+        return np.mean([np.abs(np.diff(f.astype(float), axis=-1)).mean() for f in cases])
+
+    assert sharpness(synthetic) < 0.8 * sharpness(real)
+    assert study.record.config["automatic_reader"] == {"accuracy": 0.5, "ci95": [0.3, 0.7]}
+
+
+def test_a_detectable_study_is_refused_and_leaves_nothing(tmp_path):
+    detect, _ = detector_stub({"accuracy": 0.9, "ci95": [0.7, 0.97]})
+    with pytest.raises(StudyTooDetectable, match=r"accuracy 0\.90, 95 % CI 0\.70-0\.97, above the maximum "
+                                                 r"detectability 0\.75"):
+        create_study([fan_beat(i) for i in range(4)], 4, {"g": BlurSynth()}, out_dir=tmp_path, calibration_n=0,
+                     real_pool_source="x", spec=SPEC, detector=detect, max_detectability=0.75)
+    assert QuizStore(tmp_path / "quiz.sqlite").studies() == []
+    assert list((tmp_path / "media").iterdir()) == []
+
+
 def test_same_seed_same_composition(built, tmp_path):
-    study, _, _ = built
-    again = create_study(pool(24), 20, BlurSynth(), model_version="fake-blur-1", out_dir=tmp_path, seed=3,
-                         real_pool_source="x", ef_range=EF_RANGE, calibration_n=4, spec=SPEC)
-    key = sorted((c.truth, c.block, c.ef) for c in study.cases)
-    assert sorted((c.truth, c.block, c.ef) for c in again.cases) == key
+    study, _, _, _ = built
+    again = create_study([fan_beat(i) for i in range(5)], 20, {"gen-a": BlurSynth(), "gen-b": BlurSynth()},
+                         out_dir=tmp_path, seed=3, real_pool_source="x", ef_range=EF_RANGE, calibration_n=4, spec=SPEC)
+    key = sorted((c.truth, c.block, c.ef, c.method, c.source) for c in study.cases)
+    assert sorted((c.truth, c.block, c.ef, c.method, c.source) for c in again.cases) == key
     assert {c.case_id for c in again.cases}.isdisjoint(c.case_id for c in study.cases)  # tokens are random
+    assert again.record.config["automatic_reader"] is None
 
 
 def test_a_reader_takes_the_built_study(built):
-    study, _, _ = built
+    study, _, _, _ = built
     s = ReaderSession(study.db, study.id, "reader-1")
     view = s.next_case()
     assert view.block == "calibration" and os.path.isfile(view.video)
     assert s.answer(view.token, "real", 3, ms=900).truth in ("real", "synthetic")
 
 
-def test_too_small_pool_is_a_clear_error(tmp_path):
-    with pytest.raises(EchoLoadError, match=r"holds 9 cases; a realism study needs at least 10 real echoes"):
-        create_study(pool(9), 4, BlurSynth(), model_version="m", out_dir=tmp_path, real_pool_source="x")
-    with pytest.raises(EchoLoadError, match=r"shows 12 distinct real cases"):
-        create_study(pool(10), 20, BlurSynth(), model_version="m", out_dir=tmp_path, real_pool_source="x")
+def test_setup_errors_are_clear_and_leave_nothing(tmp_path):
+    with pytest.raises(EchoLoadError, match=r"holds 1 whole beat; a realism study needs at least 2"):
+        create_study([fan_beat(0)], 4, {"g": BlurSynth()}, out_dir=tmp_path, real_pool_source="x")
     with pytest.raises(ValueError, match="even number"):
-        create_study(pool(10), 5, BlurSynth(), model_version="m", out_dir=tmp_path, real_pool_source="x")
+        create_study([fan_beat(i) for i in range(3)], 5, {"g": BlurSynth()}, out_dir=tmp_path, real_pool_source="x")
+    with pytest.raises(ValueError, match="at least one generator"):
+        create_study([fan_beat(i) for i in range(3)], 4, {}, out_dir=tmp_path, real_pool_source="x")
     assert list(tmp_path.iterdir()) == []  # nothing written
 
+    def broken(beat, ef, seed):
+        return beat.frames[:3]
 
-def test_small_pool_reuses_sources_and_failures_leave_nothing(tmp_path, sample_path):
-    # 7 + 7 cases from a pool of 10 (one is the pydicom sample cine, given as a path): 4 synthetic cases have to
-    # start from echoes also shown as real, and the study says so.
-    echoes = [sample_path] + pool(9)
-    study = create_study(echoes, 14, BlurSynth(), model_version="m", out_dir=tmp_path, real_pool_source="x",
-                         calibration_n=0, spec=SPEC)
-    assert study.record.config["synthetic_from_shown_real"] == 4
-
-    def broken(source, ef, rng):
-        return source.frames
-
-    with pytest.raises(ValueError, match="must return an Echo"):
-        create_study(pool(10), 4, broken, model_version="m", out_dir=tmp_path, real_pool_source="x", spec=SPEC)
-    assert [s.id for s in QuizStore(tmp_path / "quiz.sqlite").studies()] == [study.id]
-    assert [p.name for p in (tmp_path / "media").iterdir()] == [study.id]
-    still = Echo(frames=np.zeros((1, 32, 32), np.float32), fps=10.0)
-    with pytest.raises(EchoLoadError, match="single still frame"):
-        create_study([still] * 10, 2, BlurSynth(), model_version="m", out_dir=tmp_path, real_pool_source="x",
+    with pytest.raises(ValueError, match=r"must return the beat's frames \(20, 64, 64\)"):
+        create_study([fan_beat(0), fan_beat(8)], 2, {"g": broken}, out_dir=tmp_path, real_pool_source="x",
                      calibration_n=0, spec=SPEC)
-    assert [p.name for p in (tmp_path / "media").iterdir()] == [study.id]
+    assert list((tmp_path / "media").iterdir()) == []
 
 
-def test_generator_synth_keeps_the_duration_in_the_generator_frames():
-    """A 16-frame loop at 50 fps through a generator of at most 8 frames: 8 frames at 25 fps (the same 0.32 s, so
-    the synthetic heart beats at the real one's pace), blank outside the fan, marked synthetic."""
-    from dataclasses import asdict
+@pytest.mark.slow
+def test_a_study_of_the_built_in_cine_shows_nothing_at_file_level(tmp_path):
+    """Acceptance of #28: 20 scored + 4 practice cases cut from the bundled 120-frame cine's whole beats, the
+    synthetic ones rendered by the bundled generator, at the default presentation: no file-level feature has an AUC
+    above 0.65 (all but the names are identical)."""
+    from app.quiz.pool import acquired_pool
+    from app.quiz.synth import BeatSynth
+    from echolvfm_core.estimators.segmentation import SegmentationEF
+    from echolvfm_core.io import sample_cine_path
+    from echolvfm_core.models.vae import EchoCodec
+    from echolvfm_core.pipelines.counterfactual import default_models_dir, load_generator
+    from echolvfm_core.pipelines.render import BeatRenderer
 
-    import torch
-
-    from app.quiz.synth import GeneratorSynth
-    from echolvfm_core.flows import MeanFlow
-    from echolvfm_core.models.unet import EchoVelocityUNet, unet_preset
-    from echolvfm_core.models.vae import EchoCodec, build_vae
-    from echolvfm_core.pipelines.counterfactual import CounterfactualPipeline
-
-    torch.manual_seed(0)
-    net = EchoVelocityUNet(**{**asdict(unet_preset("tiny")), "max_frames": 8})
-    synth = GeneratorSynth(CounterfactualPipeline(MeanFlow(net), EchoCodec(build_vae("tiny"))))
-    source = fan_echo(0)
-    assert (source.n_frames, source.fps) == (16, 50.0)
-    out = synth(source, 40.0, np.random.default_rng(0))
-    assert out.synthetic and out.n_frames == 8 and out.fps == pytest.approx(25.0)
-    assert out.frames[:, 0, 0].max() == 0.0  # the corner lies outside the fan
+    root = default_models_dir()
+    if sample_cine_path() is None:
+        pytest.skip("pydicom-data (the 120-frame cine) is not installed")
+    if not (root / "generator" / "config.json").is_file():
+        pytest.skip("no bundled generator")
+    pool = acquired_pool(["color3d", "sample"], SegmentationEF.from_pretrained(root / "segmenter"))
+    assert len(pool) == 3 and "first 30 frames of the color3d cine" in pool.skipped[0]
+    synth = BeatSynth(BeatRenderer(load_generator(root / "generator"), EchoCodec.from_pretrained(root / "vae")))
+    study = create_study(pool.beats, 20, {"bundled": synth}, out_dir=tmp_path, real_pool_source=pool.source,
+                         calibration_n=4)
+    assert len(study.cases) == 24
+    features = [file_features(study.video_path(c)) | {"name": int(c.video[:24], 16)} for c in study.cases]
+    truth = np.array([c.truth == "synthetic" for c in study.cases])
+    aucs = {k: auc([f[k] for f in features], truth) for k in features[0]}
+    assert max(aucs.values()) <= 0.65 and all(aucs[k] == 0.5 for k in aucs if k != "name"), aucs
+    assert (features[0]["width"], features[0]["frames"], features[0]["fps"]) == (256, 24, 30.0)

@@ -24,6 +24,7 @@ import gradio as gr
 from ..callbacks import user_errors
 from .results import (
     accuracy_figure,
+    automatic_reader_text,
     confusion_figure,
     format_report,
     readers_confusion_figure,
@@ -37,6 +38,10 @@ __all__ = ["ReaderState", "QuizCallbacks", "ResultsCallbacks", "drop_folder"]
 
 #: Seconds a wrong admin password costs (slows guessing).
 WRONG_PASSWORD_DELAY = 1.0
+#: Shown, with the case kept on screen, when Real or Synthetic is pressed without a confidence.
+ASK_CONFIDENCE = "**Choose how confident you are (1-5), then press Real or Synthetic again.**"
+#: Shown under the password box after a wrong admin password.
+WRONG_PASSWORD = "**Wrong admin password.** Try again."
 
 
 @dataclass
@@ -106,8 +111,8 @@ class QuizCallbacks:
     def _answer(self, state: ReaderState | None, answer: str, confidence: int | None):
         if state is None or state.token is None:
             raise gr.Error("Enter your reader ID and press Start first.", print_exception=False)
-        if confidence is None:
-            raise gr.Error("Choose how confident you are (1-5) before answering.", print_exception=False)
+        if confidence is None:  # keep the case on screen and ask (an error would cover the video and the radio)
+            return (state, gr.update(), gr.update(), ASK_CONFIDENCE, gr.update(), gr.update())
         session = ReaderSession(self.store, state.study, state.reader)
         feedback = session.answer(state.token, answer, int(confidence))  # time from the server's clock
         return self._show(state, session, _feedback_text(feedback))
@@ -165,15 +170,22 @@ class ResultsCallbacks:
         return admin
 
     def unlock(self, password: str, admin: Path | None):
-        """Outputs: admin state (a folder for exports), login box, results panel, study dropdown."""
+        """Outputs: admin state (a folder for exports), login box, results panel, study dropdown, login message.
+        A wrong password leaves the login box usable and says so under it (no error overlay on the box)."""
         ok = self._password is not None and hmac.compare_digest((password or "").encode(), self._password.encode())
         if not ok:
             time.sleep(WRONG_PASSWORD_DELAY)
-            raise gr.Error("Wrong admin password.", print_exception=False)
+            return admin, gr.update(visible=True), gr.update(), gr.update(), WRONG_PASSWORD
         admin = admin or self.work_root / "results" / secrets.token_hex(8)
         ids = [s.id for s in self.store.studies()]
         return (admin, gr.update(visible=False), gr.update(visible=True),
-                gr.update(choices=ids, value=ids[-1] if ids else None))
+                gr.update(choices=ids, value=ids[-1] if ids else None), "")
+
+    def open(self, admin: Path | None, study_id: str | None):
+        """After :meth:`unlock`: the study's results when unlocked, nothing (no error) when the password was wrong."""
+        if admin is None:
+            return (gr.update(),) * 6
+        return self.show(admin, study_id)
 
     @user_errors
     def show(self, admin: Path | None, study_id: str | None):
@@ -206,9 +218,12 @@ class ResultsCallbacks:
 def _provenance(study: dict) -> str:
     c = study["config"]
     lo, hi = c.get("ef_range", [None, None])
+    beats = c.get("beats", {})
     return (
         f"**Real pool:** {study['real_pool_source']}\n\n"
+        f"**{automatic_reader_text(c.get('automatic_reader'))}**, beside the human readers below\n\n"
         f"**Study** {study['id']} · created {study['created']} · generator {study['model_version']} · seed "
         f"{study['seed']} · {c.get('n_cases')} scored + {c.get('calibration_n')} practice cases · synthetic EFs "
-        f"{lo}-{hi} % · {c.get('synthetic_from_shown_real', 0)} synthetic case(s) made from echoes also shown as real"
+        f"{lo}-{hi} % · {len(beats.get('real', []))} real and {len(beats.get('synthetic', []))} synthetic beat(s), "
+        "none shown in both arms"
     )

@@ -15,7 +15,7 @@ from echolvfm_core.quiz_stats import summarize
 
 from .store import QuizStore
 
-__all__ = ["study_report", "format_report", "confusion_figure", "readers_confusion_figure", "accuracy_figure",
+__all__ = ["study_report", "format_report", "automatic_reader_text", "confusion_figure", "readers_confusion_figure", "accuracy_figure",
            "save_pngs"]
 
 # A light look without plotly's template (as in app/figures.py).
@@ -27,12 +27,13 @@ def study_report(store: QuizStore, study_id: str) -> dict:
 
     Keys: those of :meth:`echolvfm_core.quiz_stats.StudyStats.to_dict` (n, accuracy, ci95, p_value,
     confusion {rr, rs, sr, ss}, sensitivity, specificity, fleiss_kappa, per_reader, mean_seconds, fleiss_n_cases,
-    cohen_kappa, per_ef_bin, per_confidence) plus ``n_readers`` and ``study`` (id, created, model_version, seed,
-    real_pool_source, config).
+    cohen_kappa, per_ef_bin, per_confidence, per_method) plus ``n_readers``, ``automatic_reader`` (the C2ST run when
+    the study was created, or None) and ``study`` (id, created, model_version, seed, real_pool_source, config).
     """
     study = store.study(study_id)
     out = summarize(store.answer_records(study.id)).to_dict()
     out["n_readers"] = len(out["per_reader"])
+    out["automatic_reader"] = study.config.get("automatic_reader")
     out["study"] = {
         "id": study.id,
         "created": study.created,
@@ -52,8 +53,20 @@ def _num(x: float | None, fmt: str = ".3f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def automatic_reader_text(a: dict | None) -> str:
+    """One line on the automatic reader of a study (None: it was not run)."""
+    if not a:
+        return "Automatic reader: not run for this study"
+    ci = f"{100 * a['ci95'][0]:.1f}-{100 * a['ci95'][1]:.1f} %"
+    how = f" over {a['n']} cases, {a['folds']} folds" if "n" in a else ""
+    if a.get("grouped_by_source") is False:
+        how += ", not grouped by beat"
+    return f"Automatic reader (C2ST{how}): {_pct(a['accuracy']).strip()}  (95 % CI {ci})"
+
+
 def format_report(r: dict) -> str:
-    """Readable text of a :func:`study_report` dict: summary, confusion matrix, per-reader table, kappas, groups."""
+    """Readable text of a :func:`study_report` dict: summary, automatic reader, confusion matrix, per-reader table,
+    per-method shares, kappas, groups."""
     s, c, ci = r["study"], r["confusion"], r["ci95"]
     accuracy = f"Accuracy:       {_pct(r['accuracy'])}"
     if ci is not None:
@@ -61,6 +74,8 @@ def format_report(r: dict) -> str:
     lines = [
         f"Study {s['id']}  (created {s['created']}, model {s['model_version']}, seed {s['seed']})",
         f"Real pool: {s['real_pool_source']}",
+        "",
+        automatic_reader_text(r.get("automatic_reader")),
         "",
         f"Scored answers: {r['n']} from {r['n_readers']} reader(s)",
         accuracy,
@@ -82,6 +97,11 @@ def format_report(r: dict) -> str:
             f"{name[:20]:<20}{p['n']:>5}{_pct(p['accuracy']):>10}{ci_txt:>18}{_num(p['p_value'], '.3g'):>9}"
             f"{_pct(p['sensitivity']):>9}{_pct(p['specificity']):>9}{_num(p['mean_seconds'], '.1f'):>8}"
         )
+    if len(r.get("per_method") or {}) > 1:
+        lines += ["", "Synthetic cases judged synthetic, per generator:"]
+        for name, m in r["per_method"].items():
+            ci_txt = "" if m["ci95"] is None else f"  (95 % CI {100 * m['ci95'][0]:.1f}-{100 * m['ci95'][1]:.1f} %)"
+            lines.append(f"  {name}: {_pct(m['share']).strip()} of {m['n']}{ci_txt}")
     if r["cohen_kappa"]:
         lines += ["", "Cohen's kappa (cases both answered):"]
         lines += [f"  {k['readers'][0]} / {k['readers'][1]}: {_num(k['kappa'])}  (n = {k['n']})"

@@ -49,7 +49,7 @@ __all__ = [
     "utc_now",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BLOCKS = ("calibration", "scored")
 
 _SCHEMA = """
@@ -70,6 +70,8 @@ CREATE TABLE IF NOT EXISTS cases (
     video     TEXT NOT NULL,                   -- random file name inside studies.media_dir
     position  INTEGER NOT NULL,
     block     TEXT NOT NULL CHECK (block IN ('calibration', 'scored')),
+    method    TEXT,                            -- the generator of a synthetic case (its model version)
+    source    TEXT,                            -- provenance: cine, beat, window, kind, EF rendered at
     PRIMARY KEY (study, case_id),
     UNIQUE (study, video)
 );
@@ -132,6 +134,8 @@ class CaseRecord:
     video: str
     position: int
     block: str
+    method: str | None = None
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,12 @@ class QuizStore:
                 "put it on a local file system."
             )
         version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 1:  # version 2 added the generator and the provenance of each case
+            with self._write() as conn:
+                conn.execute("ALTER TABLE cases ADD COLUMN method TEXT")
+                conn.execute("ALTER TABLE cases ADD COLUMN source TEXT")
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            version = SCHEMA_VERSION
         if version not in (0, SCHEMA_VERSION):
             raise ValueError(
                 f"Quiz database {self.path} has schema version {version}; this code reads version {SCHEMA_VERSION}."
@@ -260,8 +270,10 @@ class QuizStore:
                  study.real_pool_source, study.media_dir),
             )
             conn.executemany(
-                "INSERT INTO cases (study, case_id, truth, ef, video, position, block) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(c.study, c.case_id, c.truth, c.ef, c.video, c.position, c.block) for c in cases],
+                "INSERT INTO cases (study, case_id, truth, ef, video, position, block, method, source) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(c.study, c.case_id, c.truth, c.ef, c.video, c.position, c.block, c.method, c.source)
+                 for c in cases],
             )
 
     @staticmethod
@@ -316,13 +328,13 @@ class QuizStore:
         return [self._reader(r) for r in rows]
 
     def mark_served(self, study_id: str, reader: str, case_id: str) -> str:
-        """Record that ``case_id`` is on the reader's screen; the first serving of a case sets the clock, a reload
-        of the same case keeps it. Returns the served-at timestamp."""
+        """Record that ``case_id`` is on the reader's screen now: every serving (re)starts the case's clock, so a
+        reload or a resume after a server restart does not count the time away as reading time. Returns the
+        served-at timestamp."""
         with self._write() as conn:
             conn.execute(
-                "UPDATE readers SET served_case = ?, served_at = ? "
-                "WHERE study = ? AND reader = ? AND (served_case IS NULL OR served_case != ?)",
-                (case_id, utc_now(), study_id, reader, case_id),
+                "UPDATE readers SET served_case = ?, served_at = ? WHERE study = ? AND reader = ?",
+                (case_id, utc_now(), study_id, reader),
             )
             row = conn.execute(
                 "SELECT served_at FROM readers WHERE study = ? AND reader = ?", (study_id, reader)
@@ -389,14 +401,14 @@ class QuizStore:
     def answer_records(self, study_id: str) -> list[AnswerRecord]:
         """Scored answers of a study joined with their case EF, ready for :func:`echolvfm_core.quiz_stats.summarize`."""
         rows = self._read(
-            "SELECT a.reader, a.case_id, a.truth, a.answer, a.confidence, a.ms, c.ef FROM answers a "
+            "SELECT a.reader, a.case_id, a.truth, a.answer, a.confidence, a.ms, c.ef, c.method FROM answers a "
             "JOIN cases c ON c.study = a.study AND c.case_id = a.case_id "
             "WHERE a.study = ? AND a.block = 'scored' ORDER BY a.id",
             (study_id,),
         )
         return [
             AnswerRecord(reader=r["reader"], case=r["case_id"], truth=r["truth"], answer=r["answer"],
-                         confidence=int(r["confidence"]), ms=int(r["ms"]), ef=r["ef"])
+                         confidence=int(r["confidence"]), ms=int(r["ms"]), ef=r["ef"], method=r["method"])
             for r in rows
         ]
 

@@ -1,9 +1,12 @@
 """Realism-quiz study setup and reader sessions, independent of any UI.
 
-Setup (:func:`create_study`) draws a balanced set of real and synthetic cases from a pool of real echoes, passes
-every case through the same preprocessing (:func:`echolvfm_core.preprocess.preprocess`: fan crop, size, frame
-rate), the same length and the same video writer, writes the videos under random file names and stores the study in
-a :class:`~app.quiz.store.QuizStore`. A reader's progress lives only in the database, so a
+Setup (:func:`create_study`) splits the pool's beats between the arms (a beat, and every window cut from it, is
+shown either as real or as synthetic, never both), cuts the cases (a window of one beat played cyclically, from a
+start phase spread over the beat), renders the synthetic ones (the generator's counterfactual of a synthetic-arm
+beat at an EF drawn from the EF range), passes every case through one presentation
+(:func:`app.quiz.present.present_frames` and :func:`~app.quiz.present.encode_study`: same window length, frame
+rate, size, grey levels, encoder, frame sizes and byte count), runs the automatic reader on the served files and
+stores the study in a :class:`~app.quiz.store.QuizStore`. A reader's progress lives only in the database, so a
 :class:`ReaderSession` can be rebuilt at any time (another request, another worker, after a server restart) and
 continues at the first unanswered case.
 
@@ -14,65 +17,57 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import secrets
 import shutil
 import time
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from echolvfm_core.echo import Echo, EchoLoadError
+from echolvfm_core.echo import EchoLoadError
 from echolvfm_core.quiz_stats import CATEGORIES, REAL, SYNTHETIC
 
+from .pool import PoolBeat
+from .present import ENCODER_OPTIONS, VideoSpec, encode_study, present_frames
 from .store import CaseRecord, QuizStore, StudyRecord, utc_now
 
 __all__ = [
-    "MIN_REAL_POOL",
+    "MIN_POOL_BEATS",
     "VideoSpec",
     "Study",
     "SynthFn",
+    "DetectFn",
+    "StudyTooDetectable",
     "CaseView",
     "AnswerFeedback",
     "Progress",
     "ReaderSession",
     "create_study",
     "load_study",
-    "conform_case",
+    "read_served",
     "reader_order",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: A study needs at least this many real echoes in its pool.
-MIN_REAL_POOL = 10
+#: A study needs at least this many beats in its pool: one for each arm.
+MIN_POOL_BEATS = 2
 
-#: The generator, injected: (real echo whose observed frames condition it, requested EF in %, random generator)
-#: -> a synthetic :class:`Echo` loop with a frame rate.
-SynthFn = Callable[[Echo, float, np.random.Generator], Echo]
+#: A generator, injected: (pool beat, requested EF in %, seed) -> float32 (N, S, S) frames of the beat's heart at
+#: that EF, at the beat's size and frame count.
+SynthFn = Callable[[PoolBeat, float, int], np.ndarray]
+#: The automatic reader, injected: (real cases, synthetic cases as served, uint8 (T, H, W) each; the source of
+#: each real case, of each synthetic case) -> a JSON-able dict with at least "accuracy" and "ci95".
+DetectFn = Callable[[list, list, list, list], dict]
 
 
-@dataclass(frozen=True)
-class VideoSpec:
-    """What every quiz video is made to look like: ``size`` x ``size`` pixels, ``fps`` frames per second and
-    exactly ``n_frames`` frames (shorter loops are repeated cyclically, longer ones cut)."""
-
-    size: int = 112
-    fps: float = 25.0
-    n_frames: int = 50
-
-    def __post_init__(self) -> None:
-        if self.size < 16 or self.size % 2:
-            raise ValueError(f"VideoSpec.size must be an even number of pixels >= 16 (H.264); got {self.size}.")
-        if not (self.fps > 0 and math.isfinite(self.fps)):
-            raise ValueError(f"VideoSpec.fps must be a positive frame rate; got {self.fps}.")
-        if self.n_frames < 2:
-            raise ValueError(f"VideoSpec.n_frames must be at least 2; got {self.n_frames}.")
+class StudyTooDetectable(ValueError):
+    """The automatic reader already separates the study's synthetic cases (``--max-detectability``)."""
 
 
 @dataclass(frozen=True)
@@ -156,38 +151,8 @@ class Progress:
 # ------------------------------------------------------------------------------------------------------ setup
 
 
-def conform_case(echo: Echo, spec: VideoSpec) -> np.ndarray:
-    """Bring one case, real or synthetic, onto the quiz's common video format.
-
-    Args:
-        echo: a loop (T >= 2 frames) with a frame rate; frames float32 (T, H, W) in [0, 1].
-        spec: the study's :class:`VideoSpec`.
-
-    Returns:
-        float32 (spec.n_frames, spec.size, spec.size) in [0, 1]: fan-cropped and resized, resampled to
-        ``spec.fps`` and repeated cyclically or cut to ``spec.n_frames`` frames.
-    """
-    from echolvfm_core.preprocess import preprocess
-
-    from app.video import loop_to_length
-
-    echo.require_loop("A realism-quiz case")
-    if echo.fps is None:
-        raise EchoLoadError("A realism-quiz case needs a frame rate, but this echo has none.")
-    frames = preprocess(echo, size=spec.size, fps=spec.fps).echo.frames
-    return np.ascontiguousarray(loop_to_length(frames, spec.n_frames), dtype=np.float32)
-
-
-def _load(item: Echo | str | os.PathLike) -> Echo:
-    if isinstance(item, Echo):
-        return item
-    from echolvfm_core.io import load_echo
-
-    return load_echo(item)
-
-
-def _check_setup(n_real_pool: int, n_cases: int, calibration_n: int, ef_range: tuple[float, float],
-                 model_version: str, real_pool_source: str) -> tuple[int, int]:
+def _check_setup(n_beats: int, n_cases: int, calibration_n: int, ef_range: tuple[float, float], methods: list[str],
+                 real_pool_source: str) -> tuple[int, int]:
     """Validate the setup; return (real cases needed, synthetic cases needed) over both blocks."""
     if not isinstance(n_cases, int) or n_cases < 2 or n_cases % 2:
         raise ValueError(f"n_cases must be an even number >= 2 (half real, half synthetic); got {n_cases!r}.")
@@ -196,31 +161,42 @@ def _check_setup(n_real_pool: int, n_cases: int, calibration_n: int, ef_range: t
     lo, hi = ef_range
     if not (0.0 <= lo < hi <= 100.0):
         raise ValueError(f"ef_range must be (low, high) in % with 0 <= low < high <= 100; got {ef_range!r}.")
-    if not model_version.strip():
-        raise ValueError("model_version must name the generator that made the synthetic cases.")
+    if not methods or not all(m.strip() for m in methods):
+        raise ValueError("generators must name at least one generator (its model version).")
     if not real_pool_source.strip():
         raise ValueError("real_pool_source must say where the real cases come from (e.g. 'acquired cines, site X').")
-    n_real = n_cases // 2 + calibration_n // 2
-    n_synth = n_cases // 2 + calibration_n - calibration_n // 2
-    if n_real_pool < MIN_REAL_POOL:
+    if n_beats < MIN_POOL_BEATS:
         raise EchoLoadError(
-            f"The real pool holds {n_real_pool} case{'s' if n_real_pool != 1 else ''}; a realism study needs at "
-            f"least {MIN_REAL_POOL} real echoes."
+            f"The pool holds {n_beats} whole beat{'s' if n_beats != 1 else ''}; a realism study needs at least "
+            f"{MIN_POOL_BEATS} (one shown as real, one rendered as synthetic)."
         )
-    if n_real_pool < n_real:
-        raise EchoLoadError(
-            f"The real pool holds {n_real_pool} cases but the study shows {n_real} distinct real cases "
-            f"({n_cases // 2} scored + {calibration_n // 2} calibration); add real echoes or ask for fewer cases."
-        )
-    return n_real, n_synth
+    return n_cases // 2 + calibration_n // 2, n_cases // 2 + calibration_n - calibration_n // 2
+
+
+def _windows(beat_ids: Sequence[int], n: int, rng: np.random.Generator) -> list[tuple[int, float]]:
+    """``n`` (beat, start phase) pairs dealt round-robin over ``beat_ids``; the windows of one beat start at phases
+    spread evenly over it from a random offset."""
+    per_beat = {b: (n // len(beat_ids)) + (k < n % len(beat_ids)) for k, b in enumerate(beat_ids)}
+    out = []
+    for b, m in per_beat.items():
+        offset = float(rng.random())
+        out += [(b, (offset + k / m) % 1.0) for k in range(m)]
+    return out
+
+
+def read_served(path: str | os.PathLike) -> np.ndarray:
+    """The frames of a served case as a browser decodes them: uint8 (T, H, W) grey levels."""
+    import av
+
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24")[..., 0] for f in c.decode(video=0)])
 
 
 def create_study(
-    real_pool: Sequence[Echo | str | os.PathLike],
+    pool: Sequence[PoolBeat],
     n_cases: int,
-    synth_fn: SynthFn,
+    generators: Mapping[str, SynthFn],
     *,
-    model_version: str,
     out_dir: str | os.PathLike,
     real_pool_source: str,
     ef_range: tuple[float, float] = (20.0, 75.0),
@@ -228,103 +204,125 @@ def create_study(
     calibration_n: int = 4,
     spec: VideoSpec = VideoSpec(),
     store: QuizStore | None = None,
+    detector: DetectFn | None = None,
+    max_detectability: float | None = None,
 ) -> Study:
     """Set up a blinded real-vs-synthetic study and store it.
 
     Args:
-        real_pool: real echoes (:class:`Echo` loops with a frame rate, or paths that
-            :func:`echolvfm_core.io.load_echo` reads); at least :data:`MIN_REAL_POOL`.
+        pool: the beats (:class:`~app.quiz.pool.PoolBeat`); at least :data:`MIN_POOL_BEATS`. They are split
+            between the arms at random (half, rounded up, real); cases are dealt round-robin over each arm's beats.
         n_cases: scored cases, even: half real, half synthetic.
-        synth_fn: the generator, ``synth_fn(real_echo, ef, rng) -> Echo``; called once per synthetic case with a
-            pool echo (one not shown as a real case whenever the pool is large enough), an EF in % drawn
-            uniformly from ``ef_range`` and a per-case ``numpy.random.Generator`` derived from ``seed``.
-        model_version: name/version of the generator, stored with the study and with every answer.
+        generators: model version -> generator (:data:`SynthFn`); synthetic cases are dealt round-robin over them,
+            so a study of several generators reports each one's share judged synthetic.
         out_dir: folder for the database (``quiz.sqlite`` unless ``store`` is given) and ``media/<study id>/``.
-        real_pool_source: where the real pool comes from (shown in the results; e.g. "CAMUS ED/ES loops with
-            synthesised motion, not acquired cines").
-        ef_range: (low, high) EF in % for synthetic cases.
-        seed: fixes which pool echoes are used, the EFs, the generator's randomness and, with the reader ID,
-            each reader's case order. Case tokens and file names are random regardless (:mod:`secrets`).
+        real_pool_source: where the pool comes from (shown in the results).
+        ef_range: (low, high) EF in % of the synthetic cases, drawn uniformly.
+        seed: fixes the arms, the windows, the EFs, the generators' noise, the automatic reader and, with the reader
+            ID, each reader's case order. Case tokens and file names are random regardless (:mod:`secrets`).
         calibration_n: extra cases shown first with feedback and not scored (half real, rounded down).
-        spec: size, frame rate and length every video is brought to.
+        spec: window length, frame rate and size of every video.
         store: where to store the study; default ``QuizStore(out_dir / "quiz.sqlite")``.
-
-    Returns:
-        The stored :class:`Study`.
+        detector: the automatic reader (:data:`DetectFn`), run on the served files; its result is stored with the
+            study (``config["automatic_reader"]``). None: not run.
+        max_detectability: refuse the study (:class:`StudyTooDetectable`, nothing stored) when the automatic
+            reader's accuracy is above this.
 
     Raises:
-        EchoLoadError: a real pool smaller than :data:`MIN_REAL_POOL` or than the real cases needed, or an echo
-            that cannot be used (a still, no frame rate, no ultrasound fan).
-        ValueError: bad counts, EF range or descriptions, or a ``synth_fn`` that does not return an :class:`Echo`.
+        EchoLoadError: fewer than :data:`MIN_POOL_BEATS` beats.
+        ValueError: bad counts, EF range, descriptions or generators, or a generator that does not return the
+            beat's frame shape.
     """
-    from echolvfm_core.io.writers import MP4_CRF, write_mp4
-
-    n_real, n_synth = _check_setup(len(real_pool), n_cases, calibration_n, tuple(ef_range), model_version,
-                                   real_pool_source)
+    methods = list(generators)
+    n_real, n_synth = _check_setup(len(pool), n_cases, calibration_n, tuple(ef_range), methods, real_pool_source)
+    if max_detectability is not None and detector is None:
+        raise ValueError("max_detectability needs a detector (the automatic reader).")
     out_dir = Path(out_dir)
     store = store if store is not None else QuizStore(out_dir / "quiz.sqlite")
     study_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
     media_dir = (out_dir / "media" / study_id).resolve()
 
     rng = np.random.default_rng(seed)
-    pool_order = rng.permutation(len(real_pool))
-    real_idx = pool_order[:n_real]
-    rest = pool_order[n_real:]
-    # Synthetic cases start from echoes not shown as real; when the pool is too small, real ones are reused.
-    synth_idx = rest[:n_synth] if len(rest) >= n_synth else np.concatenate(
-        [rest, rng.choice(real_idx, size=n_synth - len(rest), replace=n_synth - len(rest) > len(real_idx))]
-    )
-    n_shared = int(np.isin(synth_idx, real_idx).sum())
-    if n_shared:
-        logger.warning("%d synthetic cases start from echoes that are also shown as real cases.", n_shared)
+    order = [int(i) for i in rng.permutation(len(pool))]
+    n_real_beats = len(pool) - len(pool) // 2
+    real_beats, synth_beats = order[:n_real_beats], order[n_real_beats:]
+    real_windows = _windows(real_beats, n_real, rng)
+    synth_windows = _windows(synth_beats, n_synth, rng)
     efs = rng.uniform(ef_range[0], ef_range[1], size=n_synth).round(1)
-
-    # (truth, pool index, requested EF or None, block); calibration: the first calibration_n // 2 real and the
-    # first calibration_n - calibration_n // 2 synthetic entries.
+    dealt = [int(i) for i in rng.permutation(n_synth)]  # which synthetic case each generator makes
     n_cal_real, n_cal_synth = calibration_n // 2, calibration_n - calibration_n // 2
-    plan = [(REAL, int(i), None, "calibration" if k < n_cal_real else "scored") for k, i in enumerate(real_idx)]
-    plan += [
-        (SYNTHETIC, int(i), float(ef), "calibration" if k < n_cal_synth else "scored")
-        for k, (i, ef) in enumerate(zip(synth_idx, efs))
-    ]
-    # Creation order (and so file times and database positions) must not follow the truth.
+    # (truth, beat, start, EF, method, block); the first calibration entries of each arm are the practice cases
+    plan = [(REAL, b, start, None, None, "calibration" if k < n_cal_real else "scored")
+            for k, (b, start) in enumerate(real_windows)]
+    plan += [(SYNTHETIC, b, start, float(efs[k]), methods[dealt[k] % len(methods)],
+              "calibration" if k < n_cal_synth else "scored") for k, (b, start) in enumerate(synth_windows)]
+    # Creation order (and so file times, names and database positions) must not follow the truth.
     plan = [plan[i] for i in rng.permutation(len(plan))]
-    case_rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(plan))]
+    case_seeds = [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(len(plan))]
 
     media_dir.mkdir(parents=True, exist_ok=False)
-    cases: list[CaseRecord] = []
     try:
-        for position, ((truth, pool_i, ef, block), case_rng) in enumerate(zip(plan, case_rngs)):
-            source = _load(real_pool[pool_i])
-            if truth == REAL:
-                echo = source
-                ef = source.info.ef
-            else:
-                echo = synth_fn(source, ef, case_rng)
-                if not isinstance(echo, Echo):
-                    raise ValueError(f"synth_fn must return an Echo; got {type(echo).__name__}.")
-            video = secrets.token_hex(12) + ".mp4"
-            # the same writer and settings for every case; plain frames, so nothing but pixels reaches the file
-            write_mp4(conform_case(echo, spec), media_dir / video, fps=spec.fps)
-            cases.append(CaseRecord(study=study_id, case_id=secrets.token_urlsafe(12), truth=truth,
-                                    ef=None if ef is None else float(ef), video=video, position=position, block=block))
+        shown, records = [], []
+        for position, ((truth, b, start, ef, method, block), case_seed) in enumerate(zip(plan, case_seeds)):
+            beat = pool[b]
+            frames = beat.frames
+            source = f"{beat.source} [{beat.kind}], window from {start:.2f} of the beat"
+            if truth == SYNTHETIC:
+                frames = np.asarray(generators[method](beat, ef, case_seed), dtype=np.float32)
+                if frames.shape != beat.frames.shape:
+                    raise ValueError(f"A generator must return the beat's frames {beat.frames.shape}; got "
+                                     f"{frames.shape}.")
+                source += f", rendered at EF {ef:g} %"
+            shown.append(present_frames(frames, beat.fps, start, spec))
+            records.append(dict(truth=truth, ef=beat.ef if truth == REAL else ef, position=position, block=block,
+                                method=method, source=source, beat=b))
+        # random names, issued in creation order (a seeded shuffle that does not follow the truth)
+        names = sorted(secrets.token_hex(12) + ".mp4" for _ in records)
+        file_bytes = encode_study(shown, [media_dir / n for n in names], spec.fps)
         stamp = time.time()
-        for c in cases:  # one modification time for all, so HTTP Last-Modified headers say nothing
-            os.utime(media_dir / c.video, (stamp, stamp))
+        for n in names:  # one modification time for all, so HTTP Last-Modified headers say nothing
+            os.utime(media_dir / n, (stamp, stamp))
+        automatic = None
+        if detector is not None:
+            served = [read_served(media_dir / n) for n in names]
+            real = [i for i, r in enumerate(records) if r["truth"] == REAL]
+            synth = [i for i, r in enumerate(records) if r["truth"] == SYNTHETIC]
+            automatic = detector([served[i] for i in real], [served[i] for i in synth],
+                                 [str(records[i]["beat"]) for i in real], [str(records[i]["beat"]) for i in synth])
+            if max_detectability is not None and automatic["accuracy"] > max_detectability:
+                lo, hi = automatic["ci95"]
+                raise StudyTooDetectable(
+                    f"The automatic reader tells this study's cases apart (accuracy {automatic['accuracy']:.2f}, "
+                    f"95 % CI {lo:.2f}-{hi:.2f}, above the maximum detectability {max_detectability:g}); "
+                    "no study was stored.")
+        cases = [CaseRecord(study=study_id, case_id=secrets.token_urlsafe(12), truth=r["truth"],
+                            ef=None if r["ef"] is None else float(r["ef"]), video=n, position=r["position"],
+                            block=r["block"], method=r["method"], source=r["source"])
+                 for r, n in zip(records, names)]
+        arm_sources = {REAL: sorted({pool[b].source for b in real_beats}),
+                       SYNTHETIC: sorted({pool[b].source for b in synth_beats})}
         record = StudyRecord(
             id=study_id,
             created=utc_now(),
-            model_version=model_version,
+            model_version=" + ".join(methods),
             seed=int(seed),
             config={
                 "n_cases": n_cases,
                 "calibration_n": calibration_n,
                 "ef_range": [float(ef_range[0]), float(ef_range[1])],
-                "video": asdict(spec) | {"codec": f"H.264 (libx264, yuv420p, crf {MP4_CRF}), MP4"},
-                "real_pool_size": len(real_pool),
+                "video": asdict(spec) | {"codec": f"H.264 (libx264, yuv420p, {ENCODER_OPTIONS['x264-params']}, crf "
+                                                  f"{ENCODER_OPTIONS['crf']}), frames padded to one size, MP4",
+                                         "file_bytes": int(file_bytes)},
+                "pool_beats": len(pool),
+                "beats": {"real": arm_sources[REAL], "synthetic": arm_sources[SYNTHETIC]},
+                "max_cases_per_beat": max(
+                    max(sum(r["beat"] == b for r in records) for b in real_beats),
+                    max(sum(r["beat"] == b for r in records) for b in synth_beats)),
                 "n_real": n_real,
                 "n_synthetic": n_synth,
-                "synthetic_from_shown_real": n_shared,
+                "methods": methods,
+                "automatic_reader": automatic,
+                "max_detectability": max_detectability,
             },
             real_pool_source=real_pool_source,
             media_dir=str(media_dir),
@@ -409,7 +407,8 @@ class ReaderSession:
 
     def next_case(self) -> CaseView | None:
         """The case to show now (the first unanswered one in this reader's order), or None when the study is done.
-        Starts the server-side clock for the case unless it was already on screen (a reload keeps the clock)."""
+        Starts the server-side clock for the case; serving a case again (a reload, a resume after a server
+        restart) restarts it, so time away from the page does not count as reading time."""
         answered = self._answered()
         i = self._current(answered)
         if i is None:

@@ -1,18 +1,17 @@
-"""The study's synthetic cases from the bundled generator: a :data:`~app.quiz.study.SynthFn` over a
-:class:`~echolvfm_core.pipelines.counterfactual.CounterfactualPipeline`, and the version string that names the
-generator's exact weights in the study record."""
+"""The study's synthetic cases: counterfactuals rendered on the acquired frames of a pool beat
+(:class:`~echolvfm_core.pipelines.render.BeatRenderer`: the generator's displacement field moves the beat's own
+frames, at its resolution and frame rate), and the version string that names a generator's exact weights."""
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from echolvfm_core.echo import Echo
+from .pool import PoolBeat
 
-__all__ = ["GeneratorSynth", "model_version"]
+__all__ = ["BeatSynth", "model_version"]
 
 
 def model_version(generator_dir: str | os.PathLike) -> str:
@@ -30,33 +29,21 @@ def model_version(generator_dir: str | os.PathLike) -> str:
     return f"{folder.resolve()} sha256:{digest.hexdigest()[:12]}"
 
 
-@dataclass
-class GeneratorSynth:
-    """``synth(real_echo, ef, rng) -> Echo``: the heart of ``real_echo`` at EF ``ef`` (%), generated in one step.
-
-    The echo is brought onto the model grid (fan crop, resize), frame 0 is the observed frame, the loop lasts as
-    long as the input (resampled in time to the generator's ``max_frames`` frames when longer), and pixels outside
-    the input's fan are blanked, so a synthetic case has the same sector as the echo it came from. The noise seed is
-    drawn from ``rng``.
+class BeatSynth:
+    """``synth(beat, ef, seed) -> frames``: the heart of a pool beat at EF ``ef`` (%), rendered on its acquired
+    frames (float32 (N, S, S) in [0, 1], the beat's size and frame count).
 
     Args:
-        pipeline: the loaded generator and VAE (and the segmenter when ``reject`` > 1).
-        reject: rejection sampling: keep the best of this many candidates by measured EF.
+        renderer: a :class:`~echolvfm_core.pipelines.render.BeatRenderer` over the generator and its codec.
     """
 
-    pipeline: object
-    reject: int = 1
+    def __init__(self, renderer):
+        self.renderer = renderer
+        self._prepared: dict[int, object] = {}
 
-    def __call__(self, echo: Echo, ef: float, rng: np.random.Generator) -> Echo:
-        from echolvfm_core.preprocess import preprocess, resample_time
-
-        side = int(self.pipeline.net.config.sample_size) * int(self.pipeline.codec.downsample)
-        pre = preprocess(echo, size=side)
-        loop, longest = pre.echo, self.pipeline.max_frames
-        if loop.n_frames > longest:  # the same duration in the generator's frames, so the heart beats at its pace
-            loop = resample_time(loop, loop.fps * longest / loop.n_frames)
-            loop = loop.replace(frames=loop.frames[:longest], labels=None, labelled=())
-        cf = self.pipeline.generate(loop, ef=float(ef), observed=(0,), length=loop.n_frames,
-                                    seed=int(rng.integers(2**31)), reject=self.reject)
-        frames = cf.frames[0] * pre.mask  # (L, side, side) float32 in [0, 1]
-        return Echo(frames=frames.astype(np.float32), fps=loop.fps, source_format="synthetic", synthetic=True)
+    def __call__(self, beat: PoolBeat, ef: float, seed: int) -> np.ndarray:
+        key = id(beat)
+        if key not in self._prepared:  # a beat gives several cases: encode it once
+            self._prepared[key] = (beat, self.renderer.prepare(beat.frames, beat.mask, beat.fps, ed=0,
+                                                               source_ef=beat.ef, es=beat.es))
+        return self.renderer.render(self._prepared[key][1], float(ef), seed=int(seed)).frames
