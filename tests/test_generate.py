@@ -424,3 +424,30 @@ def test_train_generator_reports_a_missing_codec_as_a_one_line_error(tmp_path, c
     assert main(["train", "generator", "--data", str(tmp_path), "--preset", "tiny", "--out", str(tmp_path / "o"),
                  "--vae", str(tmp_path / "no_vae")]) == 2
     assert "No VAE in" in capsys.readouterr().err
+
+
+def test_model_card_shows_the_objective_the_seed_spread_and_the_linear_baseline(tmp_path):
+    from dataclasses import asdict
+
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "training_config.json").write_text(json.dumps(asdict(gen_train.train_preset("cpu_meanflow"))))
+    (final / "metrics.json").write_text(json.dumps({"preset": "cpu_meanflow", "parameters": 1e6, "steps": 1000,
+                                                    "seed": 0, "init": "assets/generator"}))
+    agree = {"r2": 0.7, "mae": 5.5, "rmse": 7.0, "n": 150, "unmeasured": 0}
+    rows = {key: {"rec": agree, "gen": agree, "steps": 25, "guidance": w, "seeds": 1, "ms_per_video": ms}
+            for key, w, ms in (("unguided", 1.0, 1600.0), ("guided", 2.0, 3000.0))}
+    spread = {"ef_sd": 1.2, "es_frame_sd": 0.5, "request_gap": 8.0, "pixel_sd": 0.003, "n": 50, "seeds": 8,
+              "gap": 10.0, "unmeasured": 0}
+    gen = {"rec": agree, "gen": agree, "es_ssim": 0.7, "n": 50, "seeds": 3, "reject": 1, "steps": 1,
+           "ms_per_video": 40.0, "seed_spread": spread,
+           "baseline": {"folder": "runs/lin", "solver": "midpoint", "speed_ratio": 40.0, "speed_ratio_guided": 75.0,
+                        **rows}}
+    (final / gen_train.EVALUATION_FILE).write_text(json.dumps({"split": "valid", "data": "prep", "seed": 0,
+                                                               "generation": gen}))
+    card = gen_train.write_model_card(final).read_text()
+    assert "One-step latent MeanFlow generator" in card and "masked MeanFlow on 50% of the steps" in card
+    assert "Improved Mean Flows" in card and "Warm start: `assets/generator`" in card
+    assert "| Rec | 0.700 | 5.50 |" in card and "best of k |" not in card  # evaluated without rejection
+    assert "standard deviation over seeds is 1.20 points" in card and "40.0x" in card
+    assert "| linear, 25 midpoint steps, guidance 2, Gen | 0.700 | 5.50 | 7.00 | 3000 |" in card

@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--card", action="store_true",
                    help="keep the generation section beside the generator (evaluation.json) and rewrite its "
                         "MODEL_CARD.md")
+    p.add_argument("--reject", type=int, default=4,
+                   help="generation: candidates of the rejection-sampling rows (default 4; 1: no such rows)")
     p.add_argument("--baseline", default=None,
                    help="generation: a linear flow-matching generator folder (`echolvfm train generator --flow "
                         "linear`) to report beside the one-step model, at 25 midpoint steps with and without "
@@ -149,7 +151,7 @@ def _generation(folder: Path, loops, args) -> dict:
     seg = SegmentationEF.from_pretrained(seg_dir, device=args.device, tta=False)
     pipe.measure_ef = lambda frames: float(seg.measure(frames).ef)
     alpha1 = [loops[i] for i, row in enumerate(loops.manifest) if abs(float(row["alpha"]) - 1.0) < 1e-6]
-    result = {**evaluate_generation(pipe, alpha1, seed=args.seed), "segmenter_tta": False}
+    result = {**evaluate_generation(pipe, alpha1, reject=args.reject, seed=args.seed), "segmenter_tta": False}
 
     def ef_and_es(frames):
         m = seg.measure(frames)

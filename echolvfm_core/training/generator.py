@@ -612,6 +612,8 @@ def _agreement_rows(evaluation: dict) -> str:
     rows = []
     labels = (("rec", "Rec"), ("gen", "Gen"), ("rec_reject", "Rec, best of k"), ("gen_reject", "Gen, best of k"))
     for key, label in labels:
+        if key not in evaluation:  # evaluated without rejection sampling
+            continue
         a = evaluation[key]
         rows.append(f"| {label} | {a['r2']:.3f} | {a['mae']:.2f} | {a['rmse']:.2f} | {a['n']} | {a['unmeasured']} |")
     return "\n".join(rows)
@@ -635,7 +637,8 @@ def write_model_card(final: Path) -> Path:
 `{evaluation["split"]}` split of `{evaluation["data"]}`: per patient its alpha = 1 loop (real ED / ES anatomy,
 synthesised motion), end-diastole observed, {gen["seeds"]} noise seeds; Rec asks for the loop's own EF, Gen for an EF
 drawn from [10, 90] at least 5 points away; EF measured back by the bundled segmenter (one pass per frame);
-"best of k": rejection sampling over {gen["reject"]} candidates by the segmenter's EF. {gen["n"]} patients.
+"best of k": rejection sampling over {gen["reject"]} candidates by the segmenter's EF (1: not run).
+{gen["n"]} patients.
 
 | condition | R^2 | MAE | RMSE | n | unmeasured |
 |---|---|---|---|---|---|
