@@ -181,10 +181,11 @@ TRAIN_PRESETS = {
     # regression (`--init assets/generator`; same network, so the motion it learnt is kept). Half of the steps are
     # MeanFlow steps (JVP target with stop-gradient; tangent from the network's own instantaneous velocity, Improved
     # Mean Flows; adaptive weighting p = 0.5; half of their clips at r < t, the intervals growing from short to full
-    # over the first 500 steps), the other half masked linear flow matching (r = t); a quarter of the clips sit at
-    # the one-step interval (0, 1) with the reconstruction regulariser on them, and the displacement field stays
-    # supervised by the registration field. `echolvfm train generator --flow linear` with this preset trains the
-    # linear baseline on the same data and schedule. The demo preset is the GPU schedule.
+    # over the first 500 steps; a quarter of their clips at the one-step interval (0, 1) with the reconstruction
+    # regulariser on them), the other half masked linear flow matching (r = t); the displacement field stays
+    # supervised by the registration field. 26 min with one thread on two shared cores; its numbers (not bundled: it
+    # misses the Rec targets) are in docs/models.md. `echolvfm train generator --flow linear` with this preset trains
+    # the linear baseline on the same data and schedule. The demo preset is the GPU schedule.
     "cpu_meanflow": GeneratorTrainConfig(
         model=dataclasses.replace(unet_preset("demo"), context_channels=4, displacement_channels=2, max_frames=16),
         steps=1000, batch_size=8, lr=2e-4, warmup=100, ema_decay=0.995, whole_cycle_prob=0.9, checkpoint_every=100,
