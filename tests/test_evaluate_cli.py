@@ -73,3 +73,40 @@ def test_calibrate_gain_writes_the_best_candidate_into_flow_json(camus_root, tmp
     # a generator without a displacement field has no gain to calibrate
     save_generator(EchoVelocityUNet(**asdict(unet_preset("tiny"))), models / "generator")
     assert main(["calibrate-gain", "--prepared", str(data), "--models", str(models)]) == 2
+
+
+@pytest.mark.skipif(not (ASSETS / "vae" / "config.json").is_file() or not (ASSETS / "segmenter" / "config.json").is_file(),
+                    reason="bundled VAE and segmenter are needed")
+def test_evaluate_generation_reports_the_seed_spread_and_the_linear_baseline(camus_root, tmp_path):
+    """One valid patient, tiny random generators: the one-step rows, the seed spread and the baseline's rows without
+    and with guidance come from one run, each with its time per video; a MeanFlow folder is refused as baseline."""
+    import shutil
+    from dataclasses import asdict
+
+    import torch
+
+    from echolvfm_core.flows import LinearFlowConfig, MeanFlowConfig
+    from echolvfm_core.models.unet import EchoVelocityUNet, unet_preset
+    from echolvfm_core.pipelines.counterfactual import save_generator
+
+    models = tmp_path / "models"
+    for name in ("vae", "segmenter"):
+        shutil.copytree(ASSETS / name, models / name)
+    torch.manual_seed(0)
+    tiny = {**asdict(unet_preset("tiny")), "max_frames": 16, "context_channels": 4}
+    save_generator(EchoVelocityUNet(**{**tiny, "displacement_channels": 2}), models / "generator", "meanflow",
+                   MeanFlowConfig(residual=True, prediction="warp"))
+    save_generator(EchoVelocityUNet(**tiny), tmp_path / "linear", "linear", LinearFlowConfig(residual=True))
+    base = ["evaluate", "--camus", str(camus_root), "--out", str(tmp_path / "eval"), "--models", str(models),
+            "--sections", "generation", "--max-patients", "1", "--loops-per-patient", "1", "--spread-seeds", "2"]
+    assert main([*base, "--baseline", str(tmp_path / "linear"), "--baseline-guidance", "3", "--baseline-seeds", "1"]) == 0
+    gen = json.loads((tmp_path / "eval" / "metrics.json").read_text())["generation"]
+    assert gen["n"] == 1 and gen["steps"] == 1 and gen["ms_per_video"] > 0
+    assert gen["seed_spread"]["n"] == 1 and gen["seed_spread"]["seeds"] == 2
+    baseline = gen["baseline"]
+    assert baseline["unguided"]["steps"] == baseline["guided"]["steps"] == 25
+    assert baseline["unguided"]["guidance"] == 1.0 and baseline["guided"]["guidance"] == 3.0
+    assert "rec_reject" not in baseline["unguided"] and baseline["unguided"]["rec"]["n"] + \
+        baseline["unguided"]["rec"]["unmeasured"] == 1
+    assert baseline["speed_ratio"] == pytest.approx(baseline["unguided"]["ms_per_video"] / gen["ms_per_video"])
+    assert main([*base, "--baseline", str(models / "generator")]) == 2

@@ -501,3 +501,121 @@ def test_displacement_supervision_reaches_the_network_and_checks_its_inputs():
         VideoBatch(batch.x, batch.cond, motion, None)
     with pytest.raises(ValueError, match="displacement must be"):
         VideoBatch(batch.x, batch.cond, motion[:, :1], torch.ones(b, dtype=torch.bool))
+
+
+class Analytic(nn.Module):
+    """u(z, r, t) = a z t^2 + b (t - r), elementwise, with scalar parameters a and b: its total derivative along the
+    tangent (dz, 0, 1) for (z, r, t) is ``a (dz t^2 + 2 z t) + b`` in closed form."""
+
+    def __init__(self, a: float = 0.7, b: float = 3.0):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a, dtype=torch.float64))
+        self.b = nn.Parameter(torch.tensor(b, dtype=torch.float64))
+
+    def forward(self, z, t, h, ef, cond, frame_mask, ef_drop=None):
+        return self.a * z * t[:, None, None, None, None] ** 2 + self.b * h[:, None, None, None, None]
+
+
+def _draws(batch: VideoBatch, flow: MeanFlow, seed: int):
+    """The noise, r and t that ``flow(batch, generator=Generator().manual_seed(seed))`` draws (noise first)."""
+    g = torch.Generator().manual_seed(seed)
+    pad = batch.cond.frame_mask[:, None, :, None, None].to(batch.x.dtype)
+    eps = torch.randn(batch.x.shape, generator=g, dtype=batch.x.dtype) * pad
+    r, t = flow.sample_times(batch.x.shape[0], "cpu", g, 0)
+    return eps, r.to(batch.x.dtype), t.to(batch.x.dtype)
+
+
+def _closed_form_target(net: Analytic, batch: VideoBatch, eps, r, t, tangent: str):
+    """(u, target) of the MeanFlow loss for :class:`Analytic`, target = v - (t - r) du/dt, written out by hand."""
+    x = batch.x
+    tb, rb = t[:, None, None, None, None], r[:, None, None, None, None]
+    z = (1 - tb) * x + tb * eps
+    v = eps - x
+    a, b = net.a.detach(), net.b.detach()
+    dz = v if tangent == "conditional" else a * z * tb**2  # "predicted": u(z_t, t, t), the instantaneous velocity
+    dudt = a * (dz * tb**2 + 2 * z * tb) + b
+    u = net.a * z * tb**2 + net.b * (tb - rb)
+    return u, v - (tb - rb) * dudt
+
+
+@pytest.mark.parametrize("tangent", ["conditional", "predicted"])
+def test_meanflow_target_is_the_closed_form_jvp_along_the_tangent(tangent):
+    """Known answer: the loss equals |u - (v - (t - r) du/dt)|^2 with du/dt along (v, 0, 1) (MeanFlow Eq. 8), or
+    along (u(z_t, t, t), 0, 1) with the predicted tangent (Improved Mean Flows). A tangent with dr = 1 or dt = 0, or
+    the other z-direction, changes du/dt and the loss."""
+    batch = _batch(dtype=torch.float64)
+    net = Analytic()
+    flow = MeanFlow(net, share_r_neq_t=1.0, adaptive_p=0.0, tangent=tangent)
+    out = flow(batch, generator=torch.Generator().manual_seed(3))
+    eps, r, t = _draws(batch, flow, 3)
+    assert (r < t).all()
+    u, target = _closed_form_target(net, batch, eps, r, t, tangent)
+    expected = per_video_mse(u, target, batch.cond.frame_mask.double()).mean()
+    torch.testing.assert_close(out.parts["mse"], expected.detach())
+    other = "predicted" if tangent == "conditional" else "conditional"
+    _, wrong = _closed_form_target(net, batch, eps, r, t, other)
+    assert abs(float(per_video_mse(u, wrong, batch.cond.frame_mask.double()).mean()) - float(expected)) > 1e-3
+
+
+@pytest.mark.parametrize("tangent", ["conditional", "predicted"])
+def test_meanflow_gradient_treats_the_target_and_du_dt_as_constants(tangent):
+    """Stop-gradient (MeanFlow Eq. 9-10): the parameters' gradient is that of |u - c|^2 with the target c a
+    constant; a target through which gradients flowed (via du/dt) would add (t - r) d(du/dt)/d(a, b) terms."""
+    batch = _batch(dtype=torch.float64)
+    net = Analytic()
+    flow = MeanFlow(net, share_r_neq_t=1.0, adaptive_p=0.0, tangent=tangent)
+    out = flow(batch, generator=torch.Generator().manual_seed(5))
+    got = torch.autograd.grad(out.loss, [net.a, net.b])
+    eps, r, t = _draws(batch, flow, 5)
+    u, target = _closed_form_target(net, batch, eps, r, t, tangent)
+    reference = per_video_mse(u, target.detach(), batch.cond.frame_mask.double()).mean()
+    want = torch.autograd.grad(reference, [net.a, net.b])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_predicted_tangent_is_the_instantaneous_velocity_and_carries_no_gradient():
+    batch = _batch(dtype=torch.float64)
+    net = Analytic()
+    flow = MeanFlow(net, tangent="predicted")
+    z = torch.randn(batch.x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.3, 0.6, 0.9], dtype=torch.float64)
+    dz = flow.jvp_tangent(flow._velocity_fn(batch.cond), z, t, torch.zeros_like(z))
+    assert not dz.requires_grad and dz.grad_fn is None
+    torch.testing.assert_close(dz, 0.7 * z * t[:, None, None, None, None] ** 2)
+    conditional = MeanFlow(net).jvp_tangent(flow._velocity_fn(batch.cond), z, t, z + 1)
+    torch.testing.assert_close(conditional, z + 1)
+    with pytest.raises(ValueError, match="tangent"):
+        MeanFlowConfig(tangent="other")
+
+
+def test_interval_curriculum_grows_from_short_to_full_intervals_and_keeps_one_step_draws():
+    flow = MeanFlow(ConvNet(), share_r_neq_t=1.0, one_step_share=0.25, interval_warmup=100)
+    full = MeanFlow(ConvNet(), flow.config, interval_warmup=0)
+    for step, fraction in ((0, 0.01), (49, 0.5), (99, 1.0), (500, 1.0)):
+        r, t = flow.sample_times(4000, "cpu", torch.Generator().manual_seed(1), step)
+        r0, t0 = full.sample_times(4000, "cpu", torch.Generator().manual_seed(1), step)
+        one = (r0 == 0) & (t0 == 1)
+        assert torch.equal(one, (r == 0) & (t == 1)) and 0.2 < one.float().mean() < 0.3
+        torch.testing.assert_close(t, t0)
+        torch.testing.assert_close((t - r)[~one], fraction * (t0 - r0)[~one])
+    with pytest.raises(ValueError, match="interval_warmup"):
+        MeanFlowConfig(interval_warmup=-1)
+
+
+def test_linear_flow_training_steps_lower_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    net = ConvNet()
+    flow = LinearFlow(net, ef_dropout=0.5)
+    batch = _batch(b=4)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+
+    def loss():  # the same noise, times and EF dropout every time: a fixed problem
+        return flow(batch, generator=torch.Generator().manual_seed(0)).loss
+
+    before = float(loss())
+    for _ in range(25):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    assert 0 < float(loss()) < 0.8 * before  # a squared error, lowered

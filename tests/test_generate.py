@@ -336,3 +336,118 @@ def test_evaluate_generation_protocol_counts(flow, codec):
     assert np.isfinite(out["rec"]["mae"]) and np.isfinite(out["gen_reject"]["mae"])
     with pytest.raises(ValueError, match="segmenter"):
         evaluate_generation(CounterfactualPipeline(flow, codec), loops)
+
+
+def test_evaluate_generation_of_a_linear_baseline_without_rejection_reports_its_steps_and_time(codec):
+    from echolvfm_core.flows import LinearFlow
+    from echolvfm_core.pipelines.evaluation import evaluate_generation
+
+    torch.manual_seed(2)
+    linear = LinearFlow(EchoVelocityUNet.from_preset("tiny", max_frames=12)).eval()
+    pipe = CounterfactualPipeline(linear, codec, measure_ef=brightness_ef)
+    out = evaluate_generation(pipe, [_loop(8, 55.0, 0)], seeds=2, reject=1, steps=3, guidance=2.0, progress=False)
+    assert set(out) >= {"rec", "gen", "ms_per_video", "flow_ms_per_video"} and "rec_reject" not in out
+    assert out["steps"] == 3 and out["guidance"] == 2.0 and out["rec"]["n"] == 2
+    assert out["ms_per_video"] >= out["flow_ms_per_video"] > 0
+
+
+def test_seed_spread_known_answer():
+    """A stub generator whose loops carry their seed index: the measured EF is the request plus 2 x that index, the
+    ES frame the index itself, so the spreads are those of 0, 2, 4 and 0, 1, 2 and the requests' gap comes back."""
+    from types import SimpleNamespace
+
+    from echolvfm_core.pipelines.evaluation import seed_spread
+
+    class Stub:
+        codec, max_frames = object(), 12
+
+        def generate(self, frames, ef, observed, seed, n):
+            loops = np.stack([np.full((8, 4, 4), (k + 1) / 10 + ef / 1000, np.float32) for k in range(n)])
+            return SimpleNamespace(frames=loops)
+
+    def measure(loop):
+        k = int(float(loop[0, 0, 0]) * 10) - 1
+        ef = (float(loop[0, 0, 0]) - (k + 1) / 10) * 1000
+        return ef + 2 * k, k
+
+    out = seed_spread(Stub(), [_loop(8, 55.0, 0), _loop(8, 30.0, 1)], measure, seeds=3, gap=10.0, progress=False)
+    assert out["n"] == 2 and out["seeds"] == 3 and out["unmeasured"] == 0
+    assert out["ef_sd"] == pytest.approx(2.0, abs=1e-3) and out["es_frame_sd"] == pytest.approx(1.0)
+    assert out["request_gap"] == pytest.approx(10.0, abs=1e-3)
+    with pytest.raises(ValueError, match="seeds"):
+        seed_spread(Stub(), [_loop(8, 55.0, 0)], measure, seeds=1)
+
+
+def test_warm_start_copies_every_weight_that_fits(tmp_path):
+    torch.manual_seed(0)
+    warp = EchoVelocityUNet.from_preset("tiny", displacement_channels=2)
+    save_generator(warp, tmp_path / "g")
+    torch.manual_seed(1)
+    plain = EchoVelocityUNet.from_preset("tiny")
+    fresh = gen_train.load_init_weights(plain, tmp_path / "g")
+    assert fresh == ["conv_out.bias", "conv_out.weight"]  # the output has no displacement channels here
+    saved = warp.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in plain.state_dict().items() if k not in fresh)
+    with pytest.raises(gen_train.GeneratorTrainingError, match="No generator weights"):
+        gen_train.load_init_weights(plain, tmp_path / "missing")
+
+
+def test_linear_baseline_trains_with_the_presets_schedule_and_samples_with_guidance(tmp_path, codec):
+    from echolvfm_core.flows import LinearFlow
+
+    data = tmp_path / "prep"
+    assert main(["prepare", "--out", str(data), "--phantom", "3", "--loops-per-patient", "2", "--workers", "1",
+                 "--quiet"]) == 0
+    codec.save_pretrained(tmp_path / "vae")
+    torch.manual_seed(0)
+    save_generator(EchoVelocityUNet.from_preset(gen_train.train_preset("tiny").model), tmp_path / "init")
+    out = tmp_path / "linear"
+    args = ["train", "generator", "--data", str(data), "--preset", "tiny", "--flow", "linear", "--out", str(out),
+            "--device", "cpu", "--vae", str(tmp_path / "vae")]
+    assert main([*args, "--init", str(tmp_path / "init")]) == 0
+    spec = json.loads((out / "final" / FLOW_FILE).read_text())
+    assert spec["flow"] == "linear" and spec["config"]["ef_dropout"] == 0.1
+    loaded = load_generator(out / "final")
+    assert isinstance(loaded, LinearFlow)
+    cf = CounterfactualPipeline(loaded, codec).generate(_frames(t=6), ef=50, seed=0, guidance=2.0)
+    assert cf.steps == 25 and cf.frames.shape == (1, 6, 112, 112)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["objective"] == "linear" and metrics["steps"] == gen_train.train_preset("tiny").steps
+    assert "--flow linear" in metrics["command"] and "--init" in metrics["command"]
+    card = (out / "final" / "MODEL_CARD.md").read_text()
+    assert "Linear flow-matching baseline" in card and "masked linear flow matching" in card
+    with pytest.raises(ValueError, match="displacement"):
+        gen_train.GeneratorTrainConfig(model=gen_train.train_preset("cpu").model, objective="linear")
+
+
+def test_train_generator_reports_a_missing_codec_as_a_one_line_error(tmp_path, capsys):
+    assert main(["train", "generator", "--data", str(tmp_path), "--preset", "tiny", "--out", str(tmp_path / "o"),
+                 "--vae", str(tmp_path / "no_vae")]) == 2
+    assert "No VAE in" in capsys.readouterr().err
+
+
+def test_model_card_shows_the_objective_the_seed_spread_and_the_linear_baseline(tmp_path):
+    from dataclasses import asdict
+
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "training_config.json").write_text(json.dumps(asdict(gen_train.train_preset("cpu_meanflow"))))
+    (final / "metrics.json").write_text(json.dumps({"preset": "cpu_meanflow", "parameters": 1e6, "steps": 1000,
+                                                    "seed": 0, "init": "assets/generator"}))
+    agree = {"r2": 0.7, "mae": 5.5, "rmse": 7.0, "n": 150, "unmeasured": 0}
+    rows = {key: {"rec": agree, "gen": agree, "steps": 25, "guidance": w, "seeds": 1, "ms_per_video": ms}
+            for key, w, ms in (("unguided", 1.0, 1600.0), ("guided", 2.0, 3000.0))}
+    spread = {"ef_sd": 1.2, "es_frame_sd": 0.5, "request_gap": 8.0, "pixel_sd": 0.003, "n": 50, "seeds": 8,
+              "gap": 10.0, "unmeasured": 0}
+    gen = {"rec": agree, "gen": agree, "es_ssim": 0.7, "n": 50, "seeds": 3, "reject": 1, "steps": 1,
+           "ms_per_video": 40.0, "seed_spread": spread,
+           "baseline": {"folder": "runs/lin", "solver": "midpoint", "speed_ratio": 40.0, "speed_ratio_guided": 75.0,
+                        **rows}}
+    (final / gen_train.EVALUATION_FILE).write_text(json.dumps({"split": "valid", "data": "prep", "seed": 0,
+                                                               "generation": gen}))
+    card = gen_train.write_model_card(final).read_text()
+    assert "One-step latent MeanFlow generator" in card and "masked MeanFlow on 50% of the steps" in card
+    assert "Improved Mean Flows" in card and "Warm start: `assets/generator`" in card
+    assert "| Rec | 0.700 | 5.50 |" in card and "best of k |" not in card  # evaluated without rejection
+    assert "standard deviation over seeds is 1.20 points" in card and "40.0x" in card
+    assert "| linear, 25 midpoint steps, guidance 2, Gen | 0.700 | 5.50 | 7.00 | 3000 |" in card

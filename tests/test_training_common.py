@@ -22,3 +22,14 @@ def test_preset_from_args_overrides_only_the_steps():
     assert preset_from_args(train_preset, Namespace(preset="cpu", steps=None)) == base
     cfg = preset_from_args(train_preset, Namespace(preset="cpu", steps=7))
     assert cfg.steps == 7 and cfg.batch_size == base.batch_size and cfg.flow == base.flow
+
+
+def test_cpu_meanflow_preset_trains_the_meanflow_term_on_the_bundled_warp_network():
+    """The MeanFlow term is on for a real share of the steps, and the network is the cpu preset's (so it warm-starts
+    from the bundled generator) with its displacement output, which the warp prediction and its supervision read."""
+    from echolvfm_core.training.generator import train_preset
+
+    cfg = train_preset("cpu_meanflow")
+    assert cfg.flow.mf_weight > 0 and cfg.flow.linear_ratio <= 0.5 and cfg.flow.share_r_neq_t > 0
+    assert cfg.flow.prediction == "warp" and cfg.flow.displacement_weight > 0
+    assert cfg.model == train_preset("cpu").model and cfg.model.displacement_channels == 2

@@ -34,6 +34,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "MODEL_CARD.md")
     p.add_argument("--realism-train-patients", type=int, default=40,
                    help="training-split patients whose real and rendered images train the realism C2ST (default 40)")
+    p.add_argument("--reject", type=int, default=4,
+                   help="generation: candidates of the rejection-sampling rows (default 4; 1: no such rows)")
+    p.add_argument("--baseline", default=None,
+                   help="generation: a linear flow-matching generator folder (`echolvfm train generator --flow "
+                        "linear`) to report beside the one-step model, at 25 midpoint steps with and without "
+                        "guidance, with the time per video of each")
+    p.add_argument("--baseline-guidance", type=float, default=2.0,
+                   help="classifier-free guidance weight of the baseline's guided row (default 2)")
+    p.add_argument("--baseline-seeds", type=int, default=3,
+                   help="noise seeds per video of the baseline's rows (default 3, as the one-step rows; each loop "
+                        "costs 50 network calls, 100 with guidance)")
+    p.add_argument("--spread-seeds", type=int, default=8,
+                   help="generation: noise seeds per request of the seed-spread measurement (default 8)")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -131,17 +144,23 @@ def _ef_regression(folder: Path, loops, args) -> dict:
 
 
 def _generation(folder: Path, loops, args) -> dict:
+    """Table 1 rows of the one-step generator, its seed spread and, with ``--baseline``, the linear baseline's rows at
+    25 midpoint steps without and with guidance (same videos, seeds and segmenter), with the speed ratio."""
+    from ..cli import CommandError
     from ..ef import EF_REQUEST_RANGE
-    from ..pipelines.counterfactual import CounterfactualPipeline
-    from ..pipelines.evaluation import evaluate_generation
-
     from ..estimators.segmentation import SegmentationEF
+    from ..flows import LinearFlow
+    from ..pipelines.counterfactual import CounterfactualPipeline, load_generator
+    from ..pipelines.evaluation import evaluate_generation, seed_spread
 
     seg_dir = folder.parent / "segmenter"
     if not (seg_dir / "config.json").is_file():
-        from ..cli import CommandError
-
         raise CommandError(f"the generation section measures EF with a segmenter; none in {folder.parent}.")
+    baseline = None
+    if args.baseline:
+        baseline = load_generator(args.baseline, device=args.device)
+        if not isinstance(baseline, LinearFlow):
+            raise CommandError(f"--baseline {args.baseline} is not a linear flow (its flow.json says meanflow).")
     pipe = CounterfactualPipeline.from_pretrained(folder.parent, device=args.device, segmenter=False)
     # One network pass per frame: 30 loops per video are measured, and test-time augmentation would make that 5x
     # slower for a gain within the noise (assets/segmenter/MODEL_CARD.md).
@@ -159,8 +178,25 @@ def _generation(folder: Path, loops, args) -> dict:
         log.warning("generation: skipped %s: %s", skip["patient"], skip["reason"])
     if not usable:
         return {"n": 0, "skipped": skipped}
-    result = evaluate_generation(pipe, (loops[i] for i in usable), seed=args.seed)
-    return {**result, "segmenter_tta": False, "skipped": skipped}
+    alpha1 = [loops[i] for i in usable]
+    result = {**evaluate_generation(pipe, alpha1, reject=args.reject, seed=args.seed), "segmenter_tta": False,
+              "skipped": skipped}
+
+    def ef_and_es(frames):
+        m = seg.measure(frames)
+        return float(m.ef), int(m.es_index)
+
+    result["seed_spread"] = seed_spread(CounterfactualPipeline(pipe.flow, pipe.codec), alpha1, ef_and_es,
+                                        seeds=args.spread_seeds, seed=args.seed)
+    if baseline is not None:
+        base = CounterfactualPipeline(baseline, pipe.codec, pipe.measure_ef)
+        rows = {name: evaluate_generation(base, alpha1, seeds=args.baseline_seeds, seed=args.seed, reject=1,
+                                          guidance=w)
+                for name, w in (("unguided", 1.0), ("guided", args.baseline_guidance))}
+        result["baseline"] = {"folder": str(args.baseline), "solver": "midpoint", **rows,
+                              "speed_ratio": rows["unguided"]["ms_per_video"] / result["ms_per_video"],
+                              "speed_ratio_guided": rows["guided"]["ms_per_video"] / result["ms_per_video"]}
+    return result
 
 
 def _realism(folder: Path, loops, args) -> dict:
@@ -223,6 +259,7 @@ def _camus_of(prepared: Path) -> Path:
         raise CommandError(f"the realism section reads the CAMUS images; {prepared} was made from {camus}, which is "
                            "not here: give --camus.")
     return camus
+
 
 
 def _jepa(folder: Path, loops, args) -> dict:

@@ -28,6 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         mp.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")
         if name == "generator":
             mp.add_argument("--vae", default=None, help="codec folder (default: the bundled assets/vae)")
+            mp.add_argument("--flow", default="meanflow", choices=("meanflow", "linear"),
+                            help="objective: the one-step MeanFlow of the preset, or the linear flow-matching baseline "
+                                 "on the same data and schedule (EF dropout for classifier-free guidance)")
+            mp.add_argument("--init", default=None,
+                            help="warm start: a saved generator folder whose matching weights initialise the network")
         if name == "ef-regressor":
             mp.add_argument("--backbone", default="r2plus1d", choices=("r2plus1d", "jepa"),
                             help="video backbone: a (2+1)D CNN trained with the regressor, or the EchoJEPA encoder "
@@ -38,7 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _runner(module: str):
     def run(args: argparse.Namespace) -> int:
+        from ..cli import CommandError
+        from ..training.common import TrainingError
+
         mod = importlib.import_module(f"echolvfm_core.training.{module}")
-        return int(mod.train(args) or 0)
+        try:
+            return int(mod.train(args) or 0)
+        except TrainingError as exc:
+            raise CommandError(str(exc)) from exc
 
     return run

@@ -16,6 +16,14 @@ MeanFlow identity (Eq. 6): ``u = v - (t - r) du/dt`` with the total derivative `
 training target ``u_tgt = v - (t - r) du/dt`` is detached (stop-gradient, Eq. 9-10). With r = t the loss is plain
 flow matching on u(z_t, t, t) = v.
 
+Improved Mean Flows (Geng et al. 2025, arXiv 2512.02012, Sec. 4) read the same loss as a regression of the
+instantaneous velocity ``V = u + (t - r) sg(du/dt)`` onto ``v`` and take the JVP tangent from the network's own
+instantaneous velocity ``u(z_t, t, t)`` (the marginal velocity, a function of z_t alone) instead of the conditional
+``v = eps - x``; ``tangent="predicted"`` does that (the tangent carries no gradient either). "Understanding,
+Accelerating, and Improving MeanFlow Training" (Kim et al. 2025, arXiv 2511.19065) find that the instantaneous and
+short-interval velocities must form before the long intervals can; ``interval_warmup`` grows the drawn intervals
+from short to full length over the first steps.
+
 Masking (EchoLVFM): the network sees the clean latents of the observed frames as extra channels and a not-padding
 indicator; the loss covers every real frame, observed frames included (weight ``observed_weight``, default 1),
 because with counterfactual supervision the target loop differs from the loop the observed frames come from, and
@@ -47,6 +55,7 @@ __all__ = ["MeanFlow", "MeanFlowConfig"]
 
 RECON_ON = ("instantaneous", "all", "one_step")
 PREDICTIONS = ("u", "x", "warp")
+TANGENTS = ("conditional", "predicted")
 #: Smallest t in the "x" prediction's ``u = (z_t - x_hat) / t``.
 PREDICTION_T_MIN = 1e-2
 
@@ -95,6 +104,13 @@ class MeanFlowConfig:
         displacement instead of blurring it. The loss and its JVP target are the same in every case.
     displacement_gain: with "warp", the network's displacement output is multiplied by it (latent pixels), so
         that the optimiser's steps move the anatomy by useful fractions of a pixel from the start.
+    tangent: the JVP tangent for z. "conditional": ``v = eps - x`` (MeanFlow Eq. 8). "predicted": the network's
+        instantaneous velocity ``u(z_t, t, t)``, evaluated without gradient (Improved Mean Flows); one more network
+        call per MeanFlow step.
+    interval_warmup: curriculum over the first ``interval_warmup`` training steps (0: off): every drawn interval
+        t - r is shortened to the fraction ``min(1, (step + 1) / interval_warmup)`` of itself (r moves towards t), so
+        training goes from instantaneous and short intervals to long ones; the ``one_step_share`` draws at
+        (r, t) = (0, 1) are left whole.
     displacement_weight: with "warp", weight of a squared error (latent pixels^2, per clip over its real frames)
         between the network's displacement field and the clip's known motion (``VideoBatch.displacement``, e.g. the
         registration field a synthesised loop was rendered with), for the clips that carry it. The image terms pull
@@ -118,6 +134,8 @@ class MeanFlowConfig:
     mf_weight: float = 1.0
     motion_gain: float = 1.0
     displacement_weight: float = 0.0
+    tangent: str = "conditional"
+    interval_warmup: int = 0
 
     def __post_init__(self) -> None:
         for name in ("share_r_neq_t", "one_step_share"):
@@ -143,6 +161,10 @@ class MeanFlowConfig:
             raise ValueError(f"displacement_weight must be >= 0; got {self.displacement_weight}.")
         if self.displacement_weight > 0 and self.prediction != "warp":
             raise ValueError('displacement_weight supervises the displacement field of prediction="warp" only.')
+        if self.tangent not in TANGENTS:
+            raise ValueError(f"tangent must be one of {TANGENTS}; got {self.tangent!r}.")
+        if self.interval_warmup < 0:
+            raise ValueError(f"interval_warmup must be >= 0; got {self.interval_warmup}.")
         if self.mf_weight == 0 and self.recon_weight == 0:
             raise ValueError("mf_weight = 0 leaves only the reconstruction regulariser: recon_weight must be > 0.")
 
@@ -164,15 +186,20 @@ class MeanFlow(nn.Module):
         ratio = self.config.linear_ratio
         return int((step + 1) * ratio) > int(step * ratio)
 
-    def sample_times(self, n: int, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(r, t), each (n,): two logit-normal draws sorted so that r <= t, then r = t for 1 - share_r_neq_t; then
-        (r, t) = (0, 1) for ``one_step_share`` of the samples (logit-normal draws are never exactly 0 or 1)."""
+    def sample_times(self, n: int, device, generator: torch.Generator | None = None,
+                     step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r, t), each (n,): two logit-normal draws sorted so that r <= t, then r = t for 1 - share_r_neq_t; during
+        the ``interval_warmup`` curriculum (``step`` given) t - r is shortened to (step + 1) / interval_warmup of
+        itself; then (r, t) = (0, 1) for ``one_step_share`` of the samples (logit-normal draws are never exactly 0
+        or 1)."""
         c = self.config
         a = sample_logit_normal(n, c.time_mean, c.time_std, device, generator)
         b = sample_logit_normal(n, c.time_mean, c.time_std, device, generator)
         t, r = torch.maximum(a, b), torch.minimum(a, b)
         keep = torch.rand(n, device=device, generator=generator) < c.share_r_neq_t
         r = torch.where(keep, r, t)
+        if c.interval_warmup and step is not None and step + 1 < c.interval_warmup:
+            r = t - (t - r) * ((step + 1) / c.interval_warmup)
         if c.one_step_share > 0:
             one = torch.rand(n, device=device, generator=generator) < c.one_step_share
             r, t = torch.where(one, 0.0, r), torch.where(one, 1.0, t)
@@ -217,7 +244,7 @@ class MeanFlow(nn.Module):
         pad = cond.frame_mask[:, None, :, None, None].to(x.dtype)
         eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) * pad
         linear = self.is_linear_step(step)
-        r, t = self.sample_times(n, x.device, generator)
+        r, t = self.sample_times(n, x.device, generator, step)
         if linear:
             r = t
         t_, r_ = t.to(x.dtype), r.to(x.dtype)
@@ -237,9 +264,10 @@ class MeanFlow(nn.Module):
             loss = u.new_zeros(())
         else:
             if bool((r < t).any()):
-                # du/dt along (dz, dr, dt) = (v, 0, 1); the fused SDPA kernels have no forward-mode derivative.
+                dz = self.jvp_tangent(lambda *a: split(fn(*a))[0], z, t_, v)
+                # du/dt along (dz, dr, dt) = (dz, 0, 1); the fused SDPA kernels have no forward-mode derivative.
                 with sdpa_kernel([SDPBackend.MATH]):
-                    out, tangent = torch.func.jvp(fn, (z, r_, t_), (v, torch.zeros_like(r_), torch.ones_like(t_)))
+                    out, tangent = torch.func.jvp(fn, (z, r_, t_), (dz, torch.zeros_like(r_), torch.ones_like(t_)))
                 (u, disp), (dudt, _) = split(out), split(tangent)
                 target = (v - (t_ - r_)[:, None, None, None, None] * dudt).detach()
             else:
@@ -269,6 +297,14 @@ class MeanFlow(nn.Module):
             loss = loss + cfg.displacement_weight * loss_disp
             parts["disp"] = loss_disp.detach()
         return FlowLoss(loss, parts)
+
+    def jvp_tangent(self, fn, z: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The z-component (B, C, T, h, w) of the JVP tangent: the conditional velocity ``v`` ("conditional"), or the
+        network's instantaneous velocity ``fn(z, t, t)`` without gradient ("predicted", Improved Mean Flows)."""
+        if self.config.tangent == "conditional":
+            return v
+        with torch.no_grad():
+            return fn(z, t, t)
 
     @torch.no_grad()
     def sample_motion(self, cond: Conditioning, noise: torch.Tensor | None = None,

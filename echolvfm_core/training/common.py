@@ -11,8 +11,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-__all__ = ["make_accelerator", "set_seed", "save_checkpoint", "load_checkpoint", "progress", "ema_update",
-           "warmup_cosine", "preset_from_args"]
+__all__ = ["TrainingError", "make_accelerator", "set_seed", "save_checkpoint", "load_checkpoint", "progress",
+           "ema_update", "warmup_cosine", "preset_from_args"]
+
+
+class TrainingError(ValueError):
+    """A training run cannot start with the given data or models; ``echolvfm train`` prints it as one line."""
 
 
 def make_accelerator(device: str | None = None, mixed_precision: str | None = None) -> Accelerator:

@@ -1,5 +1,5 @@
-"""Train the one-step generator: ``echolvfm train generator --data PREPARED --preset demo|paper|tiny --out DIR
-[--vae DIR]``.
+"""Train the one-step generator: ``echolvfm train generator --data PREPARED --preset demo|paper|cpu|cpu_meanflow|tiny
+--out DIR [--vae DIR] [--init DIR] [--flow meanflow|linear]``.
 
 1. Latents: every prepared loop is encoded once with the codec (``--vae``, default ``assets/vae``) and cached in
    ``DIR/latents_<split>.pt`` (float16; reused while the data folder and the codec are unchanged), so training
@@ -13,14 +13,18 @@
    target and the EF are this loop's; otherwise the clip reconstructs its own loop. Clips of CAMUS loops with one
    observed frame also carry their known motion (``PreparedLoops.deformation``: the registration field at each
    frame's scale, relative to the observed frame's) for the flow's ``displacement_weight``.
-3. Objective: masked MeanFlow (:class:`~echolvfm_core.flows.MeanFlow`) through accelerate (CPU, one GPU, or
-   ``accelerate launch --multi_gpu -m echolvfm_core.cli train generator ...``), bf16 on GPU, AdamW with warm-up
+3. Objective: masked MeanFlow (:class:`~echolvfm_core.flows.MeanFlow`), or with ``--flow linear`` the masked
+   linear flow-matching baseline (:class:`~echolvfm_core.flows.LinearFlow`, EF dropout for classifier-free guidance,
+   same data, schedule and network without the displacement output; :func:`as_linear_baseline`), through
+   accelerate (CPU, one GPU, or ``accelerate launch --multi_gpu -m echolvfm_core.cli train generator ...``), bf16
+   on GPU, AdamW with warm-up
    and cosine decay, gradient clipping, an EMA copy of the weights (what is saved), checkpoint / resume, tqdm with
    the loss parts, and PNG sample grids (observed frame, real loop, generated loop) decoded with the codec.
 
-The final EMA model goes to ``DIR/final`` (``save_pretrained`` + ``flow.json`` + ``training_config.json``), the
-run summary to ``DIR/metrics.json``. :func:`bench_generator` times one-step vs 25-step sampling and the MeanFlow
-(JVP) training step vs plain flow matching.
+``--init DIR`` warm-starts the network from a saved generator (every weight whose name and shape match; the rest
+keeps its initialisation). The final EMA model goes to ``DIR/final`` (``save_pretrained`` + ``flow.json`` ("meanflow"
+or "linear") + ``training_config.json``), the run summary to ``DIR/metrics.json``. :func:`bench_generator` times
+one-step vs 25-step sampling and the MeanFlow (JVP) training step vs plain flow matching.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ from ..data.loops import exp_velocity
 from ..flows import (
     Conditioning,
     LinearFlow,
+    LinearFlowConfig,
     MeanFlow,
     MeanFlowConfig,
     ObservationConfig,
@@ -51,6 +56,7 @@ from ..flows import (
 from ..models.unet import EchoVelocityUNet, UNetConfig, jvp_flash_available, unet_preset
 from ..pipelines.counterfactual import save_generator
 from .common import (
+    TrainingError,
     ema_update,
     load_checkpoint,
     make_accelerator,
@@ -66,6 +72,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GeneratorTrainConfig",
+    "GeneratorTrainingError",
+    "FLOWS",
+    "as_linear_baseline",
+    "load_init_weights",
     "TRAIN_PRESETS",
     "train_preset",
     "LatentLoops",
@@ -79,6 +89,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: The objectives ``echolvfm train generator --flow`` trains: the one-step MeanFlow, or the linear baseline.
+FLOWS = ("meanflow", "linear")
+
+
+class GeneratorTrainingError(TrainingError):
+    """A generator run cannot start (no codec, no training loops, an ``--init`` model that does not fit)."""
+
 
 @dataclass(frozen=True)
 class GeneratorTrainConfig:
@@ -87,6 +104,8 @@ class GeneratorTrainConfig:
     Attributes:
         model: network architecture (:class:`UNetConfig`); flow: MeanFlow hyper-parameters;
         observation: observed-frame patterns and clip lengths.
+        objective: "meanflow" (``flow``) or "linear" (the multi-step baseline, ``linear``; see
+            :func:`as_linear_baseline`). linear: the linear flow's hyper-parameters (used with "linear" only).
         steps, batch_size: optimiser steps and clips per step (over all processes).
         lr, warmup, weight_decay: AdamW with linear warm-up, then cosine decay to 10 % of ``lr``.
         grad_clip: max global gradient norm. ema_decay: EMA of the weights (warm-up ``(1+s)/(10+s)``).
@@ -114,6 +133,24 @@ class GeneratorTrainConfig:
     phantom: bool = False
     checkpoint_every: int = 1000
     sample_every: int = 2000
+    objective: str = "meanflow"
+    linear: LinearFlowConfig = field(default_factory=lambda: LinearFlowConfig(residual=True))
+
+    def __post_init__(self) -> None:
+        if self.objective not in FLOWS:
+            raise ValueError(f"objective must be one of {FLOWS}; got {self.objective!r}.")
+        if self.objective == "linear" and self.model.displacement_channels:
+            raise ValueError("The linear baseline predicts a velocity: its network has no displacement output.")
+
+
+def as_linear_baseline(cfg: GeneratorTrainConfig, ef_dropout: float = 0.1) -> GeneratorTrainConfig:
+    """The linear flow-matching baseline of a MeanFlow run: the same data, clips, schedule and network (without the
+    displacement output, which only MeanFlow's "warp" prediction reads), the same residual flow and observed-frame
+    weight, with the EF dropped for ``ef_dropout`` of clips so that sampling can use classifier-free guidance."""
+    return dataclasses.replace(
+        cfg, objective="linear", model=dataclasses.replace(cfg.model, displacement_channels=0),
+        linear=LinearFlowConfig(residual=cfg.flow.residual, ef_dropout=ef_dropout,
+                                observed_weight=cfg.flow.observed_weight))
 
 
 TRAIN_PRESETS = {
@@ -140,6 +177,23 @@ TRAIN_PRESETS = {
                                 flow=MeanFlowConfig(residual=True, prediction="warp", one_step_share=1.0,
                                                     mf_weight=0.0, recon_weight=1.0, recon_on="one_step",
                                                     displacement_weight=3.0)),
+    # The one-step generator trained with the MeanFlow objective on two CPU cores, warm-started from the cpu preset's
+    # regression (`--init assets/generator`; same network, so the motion it learnt is kept). Half of the steps are
+    # MeanFlow steps (JVP target with stop-gradient; tangent from the network's own instantaneous velocity, Improved
+    # Mean Flows; adaptive weighting p = 0.5; half of their clips at r < t, the intervals growing from short to full
+    # over the first 500 steps; a quarter of their clips at the one-step interval (0, 1) with the reconstruction
+    # regulariser on them), the other half masked linear flow matching (r = t); the displacement field stays
+    # supervised by the registration field. 26 min with one thread on two shared cores; its numbers (not bundled: it
+    # misses the Rec targets) are in docs/models.md. `echolvfm train generator --flow linear` with this preset trains
+    # the linear baseline on the same data and schedule. The demo preset is the GPU schedule.
+    "cpu_meanflow": GeneratorTrainConfig(
+        model=dataclasses.replace(unet_preset("demo"), context_channels=4, displacement_channels=2, max_frames=16),
+        steps=1000, batch_size=8, lr=2e-4, warmup=100, ema_decay=0.995, whole_cycle_prob=0.9, checkpoint_every=100,
+        sample_every=250,
+        observation=ObservationConfig(probs=(0.2, 0.5, 0.1, 0.1, 0.1), min_frames=10, max_frames=16),
+        flow=MeanFlowConfig(residual=True, prediction="warp", displacement_weight=3.0, mf_weight=1.0,
+                            tangent="predicted", adaptive_p=0.5, share_r_neq_t=0.5, interval_warmup=500,
+                            one_step_share=0.25, recon_weight=1.0, recon_on="one_step", linear_ratio=0.5)),
     "tiny": GeneratorTrainConfig(
         model=unet_preset("tiny"), steps=4, batch_size=2, warmup=1, phantom=True, checkpoint_every=2,
         sample_every=3, flow=MeanFlowConfig(share_r_neq_t=0.5, recon_weight=0.1, linear_ratio=0.25),
@@ -149,7 +203,7 @@ TRAIN_PRESETS = {
 
 
 def train_preset(name: str) -> GeneratorTrainConfig:
-    """The :class:`GeneratorTrainConfig` of preset ``name`` ("demo", "cpu", "paper" or "tiny")."""
+    """The :class:`GeneratorTrainConfig` of preset ``name`` ("demo", "cpu", "cpu_meanflow", "paper" or "tiny")."""
     if name not in TRAIN_PRESETS:
         raise ValueError(f"Unknown generator preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}.")
     return TRAIN_PRESETS[name]
@@ -354,14 +408,16 @@ def _preview_batch(loops: LatentLoops, cfg: GeneratorTrainConfig, n: int = 4) ->
     return VideoBatch(torch.stack(xs), Conditioning(torch.stack(conds), torch.stack(obs), torch.stack(fms), torch.tensor(efs)))
 
 
-def save_sample_grid(flow: MeanFlow, batch: VideoBatch, codec, path: Path, seed: int = 0, columns: int = 8) -> Path:
-    """PNG: per preview clip one row of real frames and one row of the one-step sample (``columns`` frames each)."""
+def save_sample_grid(flow: MeanFlow | LinearFlow, batch: VideoBatch, codec, path: Path, seed: int = 0,
+                     columns: int = 8) -> Path:
+    """PNG: per preview clip one row of real frames and one row of the sample (``columns`` frames each): MeanFlow's
+    one step, or 25 midpoint steps of a linear flow."""
     from PIL import Image
 
     dev = next(flow.net.parameters()).device
     b = batch.to(dev)
     gen = torch.Generator(dev).manual_seed(seed)
-    sample = flow.sample(b.cond, steps=1, generator=gen).float()
+    sample = flow.sample(b.cond, steps=25 if isinstance(flow, LinearFlow) else 1, generator=gen).float()
     real = codec.decode(b.x.float()).cpu().numpy()
     fake = codec.decode(sample).cpu().numpy()
     rows = []
@@ -377,9 +433,27 @@ def save_sample_grid(flow: MeanFlow, batch: VideoBatch, codec, path: Path, seed:
     return path
 
 
+def load_init_weights(net: EchoVelocityUNet, folder: str | Path) -> list[str]:
+    """Warm start: copy into ``net`` every weight of the generator saved in ``folder`` whose name and shape match;
+    returns the names of ``net``'s weights left at their initialisation (e.g. the output convolution of a linear
+    baseline started from a warp generator). Raises :class:`GeneratorTrainingError` when nothing matches."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "diffusion_pytorch_model.safetensors"
+    if not path.is_file():
+        raise GeneratorTrainingError(f"No generator weights to warm-start from: {path} does not exist.")
+    saved = load_file(str(path))
+    own = net.state_dict()
+    fits = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
+    if not fits:
+        raise GeneratorTrainingError(f"No weight of {folder} fits this network: another architecture.")
+    net.load_state_dict(fits, strict=False)
+    return sorted(set(own) - set(fits))
+
+
 def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, seed: int = 0, device: str | None = None,
         resume: bool = False, preview: LatentLoops | None = None,
-        deformations: list[LoopDeformation | None] | None = None) -> dict:
+        deformations: list[LoopDeformation | None] | None = None, init: str | Path | None = None) -> dict:
     """Train the generator on encoded loops; writes ``out/final`` and ``out/metrics.json``.
 
     Args:
@@ -391,6 +465,8 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
         preview: loops for the sample grids (default: the training loops).
         deformations: per training loop its :class:`~echolvfm_core.data.prepared.LoopDeformation` (None for
             phantoms), the known motion for ``cfg.flow.displacement_weight``; None: no motion supervision.
+        init: a saved generator folder to warm-start the network from (:func:`load_init_weights`); a resumed run
+            continues from its checkpoint instead.
 
     Returns:
         The metrics dict (also ``out/metrics.json``).
@@ -400,9 +476,14 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
     accelerator = make_accelerator(device)
     set_seed(seed)
     net = EchoVelocityUNet.from_preset(cfg.model)
-    net.null_ef.requires_grad_(False)  # MeanFlow does not drop the EF; frozen so DDP sees no unused parameter
+    if init is not None:
+        fresh = load_init_weights(net, init)
+        log.info("warm start from %s; left at initialisation: %s", init, ", ".join(fresh) or "nothing")
+    linear = cfg.objective == "linear"
+    if not linear:
+        net.null_ef.requires_grad_(False)  # MeanFlow does not drop the EF; frozen so DDP sees no unused parameter
     ema = copy.deepcopy(net).requires_grad_(False).eval()
-    flow = MeanFlow(net, cfg.flow)
+    flow = LinearFlow(net, cfg.linear) if linear else MeanFlow(net, cfg.flow)
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, cfg.steps, 0.1))
@@ -413,11 +494,12 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
     step = start_step = int(state["step"])
     history = list(state.get("history", []))
 
+    supervise_motion = not linear and cfg.flow.displacement_weight > 0
     sampler = ClipSampler(loops, cfg.observation, cfg.counterfactual_prob, cfg.random_start_prob, cfg.whole_cycle_prob,
-                          deformations if cfg.flow.displacement_weight > 0 else None)
+                          deformations if supervise_motion else None)
     per_process = max(1, cfg.batch_size // accelerator.num_processes)
     preview_batch = _preview_batch(preview if preview is not None and len(preview) else loops, cfg)
-    ema_flow = MeanFlow(ema, cfg.flow)
+    ema_flow = LinearFlow(ema, cfg.linear) if linear else MeanFlow(ema, cfg.flow)
     parts_log: list[dict[str, float]] = []
     bar = progress(accelerator, cfg.steps, step, desc="generator")
     t0 = time.perf_counter()
@@ -458,12 +540,14 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
         "processes": accelerator.num_processes,
         "seed": seed,
         "n_loops": len(loops),
+        "objective": cfg.objective,
+        "init": None if init is None else str(init),
         "parameters": sum(p.numel() for p in ema.parameters()),
         "history": history,
     }
     if accelerator.is_main_process:
         final = out / "final"
-        save_generator(copy.deepcopy(ema).float().cpu(), final, "meanflow", cfg.flow)
+        save_generator(copy.deepcopy(ema).float().cpu(), final, cfg.objective, cfg.linear if linear else cfg.flow)
         (final / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
         if codec is not None:
@@ -474,16 +558,17 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
 
 def train(args: argparse.Namespace) -> int:
     """Entry point of ``echolvfm train generator``."""
-    from ..cli import CommandError
     from ..data.prepared import PreparedLoops
     from ..models.vae import EchoCodec
     from ..pipelines.counterfactual import default_models_dir
 
     cfg = preset_from_args(train_preset, args)
+    if args.flow == "linear":
+        cfg = as_linear_baseline(cfg)
     vae = Path(args.vae or default_models_dir() / "vae")
     if not (vae / "config.json").is_file():
-        raise CommandError(f"No VAE in {vae}: the generator trains on latents; train one with `echolvfm train vae` "
-                           "or pass --vae DIR.")
+        raise GeneratorTrainingError(f"No VAE in {vae}: the generator trains on latents; train one with "
+                                     "`echolvfm train vae` or pass --vae DIR.")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     codec = EchoCodec.from_pretrained(vae, device=device)
     out = Path(args.out)
@@ -493,26 +578,29 @@ def train(args: argparse.Namespace) -> int:
     if len(train_ds) == 0 and source == "camus":
         train_ds = PreparedLoops(args.data, split="train")
     if len(train_ds) == 0:
-        raise CommandError(f"{args.data} has no training loops; run `echolvfm prepare` with loops per patient > 0.")
+        raise GeneratorTrainingError(f"{args.data} has no training loops; run `echolvfm prepare` with loops per "
+                                     "patient > 0.")
     loops = encode_loops(train_ds, codec, out / "latents_train.pt", desc="encode train loops")
     valid_ds = PreparedLoops(args.data, split="valid", source=source)
     preview = encode_loops(valid_ds, codec, out / "latents_valid.pt", desc="encode valid loops") if len(valid_ds) else None
-    print(f"training loops: {len(loops)} ({len(set(loops.patient))} patients); preview loops: "
-          f"{len(preview) if preview is not None else 0}")
-    deformations = [train_ds.deformation(k) for k in range(len(train_ds))] if cfg.flow.displacement_weight > 0 else None
+    log.info("training loops: %d (%d patients); preview loops: %d", len(loops), len(set(loops.patient)),
+             len(preview) if preview is not None else 0)
+    supervise_motion = cfg.objective == "meanflow" and cfg.flow.displacement_weight > 0
+    deformations = [train_ds.deformation(k) for k in range(len(train_ds))] if supervise_motion else None
     metrics = fit(loops, cfg, out, codec=codec, seed=args.seed, device=args.device, resume=args.resume, preview=preview,
-                  deformations=deformations)
-    steps = f" --steps {args.steps}" if args.steps is not None else ""
-    vae_flag = f" --vae {args.vae}" if args.vae else ""
+                  deformations=deformations, init=args.init)
+    flags = "".join(f" --{name} {value}" for name, value in (("steps", args.steps), ("vae", args.vae),
+                                                              ("init", args.init)) if value is not None)
+    flags += " --flow linear" if args.flow == "linear" else ""
     run = {"data": str(args.data), "preset": args.preset, "train_patients": len(set(loops.patient)),
            "command": f"echolvfm train generator --data {args.data} --preset {args.preset} --seed {args.seed}"
-                      f"{steps}{vae_flag} --out {args.out}"}
+                      f"{flags} --out {args.out}"}
     metrics.update(run)
     for folder in (out, out / "final"):
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     write_model_card(out / "final")
-    print(f"final loss {metrics['final_loss']}; {metrics['steps_per_second']} steps/s on {metrics['device']}")
-    print(f"generator written to {out / 'final'}")
+    log.info("final loss %s; %s steps/s on %s; generator written to %s", metrics["final_loss"],
+             metrics["steps_per_second"], metrics["device"], out / "final")
     return 0
 
 
@@ -525,6 +613,8 @@ def _agreement_rows(evaluation: dict) -> str:
     rows = []
     labels = (("rec", "Rec"), ("gen", "Gen"), ("rec_reject", "Rec, best of k"), ("gen_reject", "Gen, best of k"))
     for key, label in labels:
+        if key not in evaluation:  # evaluated without rejection sampling
+            continue
         a = evaluation[key]
         rows.append(f"| {label} | {a['r2']:.3f} | {a['mae']:.2f} | {a['rmse']:.2f} | {a['n']} | {a['unmeasured']} |")
     return "\n".join(rows)
@@ -548,25 +638,42 @@ def write_model_card(final: Path) -> Path:
 `{evaluation["split"]}` split of `{evaluation["data"]}`: per patient its alpha = 1 loop (real ED / ES anatomy,
 synthesised motion), end-diastole observed, {gen["seeds"]} noise seeds; Rec asks for the loop's own EF, Gen for an EF
 drawn from [10, 90] at least 5 points away; EF measured back by the bundled segmenter (one pass per frame);
-"best of k": rejection sampling over {gen["reject"]} candidates by the segmenter's EF. {gen["n"]} patients.
+"best of k": rejection sampling over {gen["reject"]} candidates by the segmenter's EF (1: not run).
+{gen["n"]} patients.
 
 | condition | R^2 | MAE | RMSE | n | unmeasured |
 |---|---|---|---|---|---|
 {_agreement_rows(gen)}
 
 ES SSIM (Rec, generated frame at the real ES index vs the real ES frame): {gen["es_ssim"]:.3f}.
-Paper targets (GPU-trained, EchoNet-Dynamic): Rec R^2 >= 0.6 and MAE <= 7, Gen MAE <= 12."""
+Paper targets (GPU-trained, EchoNet-Dynamic): Rec R^2 >= 0.6 and MAE <= 7, Gen MAE <= 12.{_spread_and_baseline(gen)}"""
     final_loss = metrics.get("final_loss") or {}
-    text = f"""# EchoLVFM generator ({metrics.get("preset", "?")} preset)
+    linear = cfg.get("objective", "meanflow") == "linear"
+    if linear:
+        flow = cfg["linear"]
+        what = (f"Linear flow-matching baseline of the one-step generator (the paper's 25-step comparison): given the "
+                f"codec latents of the observed frames (any subset, at least one), the clip length (padding mask, up "
+                f"to {model['max_frames']} frames) and a requested EF, 25 midpoint steps (50 network evaluations, "
+                f"twice that with classifier-free guidance) return the latents of the whole loop")
+        options = f'residual {flow["residual"]} (the flow carries each frame\'s difference from the observed frames ' \
+                  f'interpolated in time), EF dropout {flow["ef_dropout"]:g}'
+    else:
+        kind = ("One-step generator trained by regression (it runs the MeanFlow sampler, but its objective has no "
+                "MeanFlow term)" if flow.get("mf_weight", 1.0) == 0 else "One-step latent MeanFlow generator")
+        what = (f"{kind} of apical four-chamber loops: given the codec latents of the observed frames (any subset, at "
+                f"least one), the clip length (padding mask, up to {model['max_frames']} frames) and a requested EF, "
+                f"one network evaluation returns the latents of the whole loop (`echolvfm generate`, the Studio's EF "
+                f"slider)")
+        options = f'residual {flow["residual"]} (the flow carries each frame\'s difference from the observed frames ' \
+                  f'interpolated in time), prediction "{flow["prediction"]}"'
+    init = f" Warm start: `{metrics['init']}`." if metrics.get("init") else ""
+    text = f"""# EchoLVFM generator ({metrics.get("preset", "?")} preset{", linear baseline" if linear else ""})
 
-One-step latent MeanFlow generator of apical four-chamber loops: given the codec latents of the observed frames
-(any subset, at least one), the clip length (padding mask, up to {model["max_frames"]} frames) and a requested EF,
-one network evaluation returns the latents of the whole loop (`echolvfm generate`, the Studio's EF slider).
+{what}.
 Spatio-temporal U-Net (`EchoVelocityUNet`, diffusers blocks), {metrics.get("parameters", 0) / 1e6:.2f} M parameters;
-flow options: residual {flow["residual"]} (the flow carries each frame's difference from the observed frames
-interpolated in time), prediction "{flow["prediction"]}".
+flow options: {options}.
 
-Objective: {_objective(flow)}
+Objective: {_linear_objective(flow) if linear else _objective(flow)}{init}
 {_calibration(final)}
 
 ## Data
@@ -611,6 +718,48 @@ can sit far from the request (docs/models.md reports the built-in DICOM sample).
     return path
 
 
+def _spread_and_baseline(gen: dict) -> str:
+    """The card's seed-spread sentence and linear-baseline rows of an ``evaluate --sections generation`` result ("" for
+    parts it does not hold)."""
+    text = ""
+    if "ms_per_video" in gen:
+        text += f"\nTime per video (encode, {gen.get('steps', 1)} step(s), decode; CPU): {gen['ms_per_video']:.0f} ms."
+    spread = gen.get("seed_spread")
+    if spread:
+        text += (f"\n\nSeed spread ({spread['n']} patients, {spread['seeds']} seeds at each of two requests "
+                 f"{spread['gap']:g} points apart): the measured EF's standard deviation over seeds is "
+                 f"{spread['ef_sd']:.2f} points (ES frame {spread['es_frame_sd']:.2f} frames, pixels "
+                 f"{spread['pixel_sd']:.4f}), against {spread['request_gap']:.2f} points between the two requests' "
+                 f"mean measured EFs.")
+    base = gen.get("baseline")
+    if base:
+        rows = []
+        for key in ("unguided", "guided"):
+            b = base[key]
+            for cond in ("rec", "gen"):
+                a = b[cond]
+                rows.append(f"| linear, {b['steps']} {base['solver']} steps, guidance {b['guidance']:g}, "
+                            f"{cond.capitalize()} | {a['r2']:.3f} | {a['mae']:.2f} | {a['rmse']:.2f} | "
+                            f"{b['ms_per_video']:.0f} |")
+        for cond in ("rec", "gen"):
+            a = gen[cond]
+            rows.append(f"| this model, one step, {cond.capitalize()} | {a['r2']:.3f} | {a['mae']:.2f} | "
+                        f"{a['rmse']:.2f} | {gen['ms_per_video']:.0f} |")
+        text += (f"\n\nLinear flow-matching baseline (`{base['folder']}`), same videos and segmenter, "
+                 f"{base['unguided']['seeds']} seed(s) per video, without rejection:\n\n"
+                 f"| generator, condition | R^2 | MAE | RMSE | ms per video |\n|---|---|---|---|---|\n"
+                 + "\n".join(rows)
+                 + f"\n\nThe baseline takes {base['speed_ratio']:.1f}x the time of the one-step model per video "
+                   f"({base['speed_ratio_guided']:.1f}x with guidance).")
+    return text
+
+
+def _linear_objective(flow: dict) -> str:
+    """The training objective of a saved linear flow configuration, for the model card."""
+    return (f"masked linear flow matching (the instantaneous velocity, time logit-normal mean {flow['time_mean']:g}), "
+            f"the EF replaced by the learned null embedding in {flow['ef_dropout']:.0%} of clips.")
+
+
 def _objective(flow: dict) -> str:
     """One or two sentences on the training objective of a saved flow configuration, for the model card."""
     one_step = flow.get("one_step_share", 0.0)
@@ -624,8 +773,15 @@ def _objective(flow: dict) -> str:
                 f"one-step interval (r, t) = (0, 1): regression of the one-step sample onto the data, so the model "
                 f"returns close to the expected loop for the observed frames and the EF, and different noise seeds "
                 f"give nearly the same loop.{motion}")
-    text = (f"masked MeanFlow, adaptive weighting p = {flow['adaptive_p']:g}, share of r < t samples "
-            f"{flow['share_r_neq_t']:g}, time logit-normal mean {flow['time_mean']:g}")
+    linear_ratio = flow.get("linear_ratio", 0.0)
+    text = (f"masked MeanFlow on {1 - linear_ratio:.0%} of the steps (masked linear flow matching, r = t, on the "
+            f"others), JVP tangent from "
+            + ("the network's own instantaneous velocity (Improved Mean Flows)" if flow.get("tangent") == "predicted"
+               else "the conditional velocity eps - x")
+            + f", adaptive weighting p = {flow['adaptive_p']:g}, share of r < t samples {flow['share_r_neq_t']:g}"
+            + (f" with intervals growing from short to full over the first {flow['interval_warmup']} steps"
+               if flow.get("interval_warmup") else "")
+            + f", time logit-normal mean {flow['time_mean']:g}")
     if one_step:
         text += f", {one_step:.0%} of clips at the one-step interval (r, t) = (0, 1)"
     if flow.get("recon_weight", 0):

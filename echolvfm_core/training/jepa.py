@@ -56,6 +56,7 @@ from ..estimators.ef_posterior import clip_indices
 from ..models.jepa import AttentiveProbe, EchoJEPA, JEPAConfig, LinearProbe, VideoViT, jepa_preset
 from .augment import AugmentConfig, augment_batch
 from .common import (
+    TrainingError,
     ema_update,
     load_checkpoint,
     make_accelerator,
@@ -467,7 +468,6 @@ data set; EchoJEPA-scale pretraining (millions of videos) is out of reach here. 
 
 def train(args: argparse.Namespace) -> int:
     """Entry point of ``echolvfm train jepa``."""
-    from ..cli import CommandError
     from ..data.prepared import PreparedLoops
 
     cfg = preset_from_args(train_preset, args)
@@ -476,12 +476,12 @@ def train(args: argparse.Namespace) -> int:
     valid_ds = PreparedLoops(args.data, split="valid", source="camus", cache_size=0)
     camus_idx = [i for i, row in enumerate(train_ds.manifest) if row["source"] == "camus"]  # the probes' labels
     if not len(valid_ds) or not camus_idx:
-        raise CommandError(f"{args.data} has no CAMUS loops in its train and valid splits, which the EF probes need; "
-                           "prepare it with --camus.")
+        raise TrainingError(f"{args.data} has no CAMUS loops in its train and valid splits, which the EF probes "
+                            "need; prepare it with --camus.")
     phantom_ds = PreparedLoops(args.data, split="valid", source="phantom", cache_size=0)
     if not len(phantom_ds):
-        raise CommandError(f"{args.data} has no phantom loops in its valid split, the far end of the fvd_jepa ranking; "
-                           "prepare it with more --phantom loops.")
+        raise TrainingError(f"{args.data} has no phantom loops in its valid split, the far end of the fvd_jepa "
+                            "ranking; prepare it with more --phantom loops.")
     used = [i for p in train_ds.patients for i in train_ds.loops_of(p)[: cfg.loops_per_patient]]
     sampler = LoopClipSampler(train_ds, cfg, used)
     model, train_metrics = fit(sampler, cfg, out, seed=args.seed, device=args.device, resume=args.resume)
