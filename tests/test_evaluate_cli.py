@@ -15,7 +15,7 @@ def test_evaluate_without_models_writes_no_numbers(camus_root, tmp_path):
                "--max-patients", "2", "--loops-per-patient", "1"])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    sections = ["ef_regression", "ef_regression_jepa", "generation", "jepa", "segmentation", "vae"]
+    sections = ["ef_regression", "ef_regression_jepa", "generation", "jepa", "realism", "segmentation", "vae"]
     assert sorted(metrics["not_evaluated"]) == sections
     assert not set(sections) & set(metrics)
     assert "Not evaluated (model absent)" in (out / "report.md").read_text()
