@@ -62,6 +62,7 @@ def automatic_reader(real: Sequence[np.ndarray], synthetic: Sequence[np.ndarray]
         seed: folds, patches and the classifiers' training.
         steps: training steps of each fold's classifier.
     """
+    from scipy import ndimage as ndi
     from scipy.stats import binomtest
 
     from .realism import PATCH, c2st, sample_patches
@@ -75,8 +76,9 @@ def automatic_reader(real: Sequence[np.ndarray], synthetic: Sequence[np.ndarray]
     def patches(frames):
         f = np.asarray(frames, dtype=np.float32)
         f = f / 255.0 if f.max() > 1.0 else f
+        fan = ndi.binary_fill_holes(f.max(0) > 8 / 255)  # the fan, with its dark cavities
         try:
-            return sample_patches(f, f.max(0) > 8 / 255, _PATCHES, rng)
+            return sample_patches(f, fan, _PATCHES, rng)
         except ValueError:
             raise ValueError(f"The automatic reader needs {PATCH} x {PATCH} patches inside the fan of every case, "
                              f"and a case of {f.shape[2]} x {f.shape[1]} pixels has none; show larger videos.") from None

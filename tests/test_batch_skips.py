@@ -122,20 +122,35 @@ def test_calibrate_gain_lists_the_loops_it_could_not_measure(odd_camus, tmp_path
     assert "2 generated loops could not be measured" in capsys.readouterr().out
 
 
-def test_quiz_create_skips_a_pool_file_it_cannot_show(sample_path, tiny_models, tmp_path, capsys):
-    """Ten copies of the sample cine and one file that is no video: the study is built from the ten, and the
-    unreadable file is named with its reason."""
+def test_quiz_create_skips_a_pool_file_it_cannot_show(sample_path, tmp_path, capsys, monkeypatch):
+    """Two copies of the sample cine and one file that is no video: the study is built from the two cines' beats,
+    and the unreadable file is named with its reason."""
+    import torch
+    from test_quiz_ui import build_quiz_models, fake_measure
+
+    from echolvfm_core.estimators.segmentation import SegmentationEF
+
+    monkeypatch.setattr(SegmentationEF, "measure", fake_measure)  # the tiny random segmenter finds no LV
+    models = build_quiz_models(tmp_path / "models")
     pool = tmp_path / "pool"
     pool.mkdir()
-    for i in range(10):
+    for i in range(2):
         shutil.copyfile(sample_path, pool / f"cine{i:02d}.dcm")
     (pool / "cine05b.avi").write_text("notes, not a video")
     db = tmp_path / "quiz.sqlite"
-    assert main(["quiz", "create", str(db), "--pool", str(pool), "--cases", "10", "--calibration", "0",
-                 "--models", str(tiny_models), "--seed", "0"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the automatic reader's classifier
+    try:
+        assert main(["quiz", "create", str(db), "--pool", str(pool), "--cases", "4", "--calibration", "0",
+                     "--models", str(models), "--seed", "0", "--size", "128", "--frames", "12",
+                     "--max-detectability", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    assert "Skipped 1 pool file: 'cine05b.avi' could not be decoded as a video" in out
+    assert "Left out 1: 'cine05b.avi' could not be decoded as a video" in out
     from app.quiz.store import QuizStore
 
     (study,) = QuizStore(db).studies()
-    assert study.config["real_pool_size"] == 10 and "1 unusable file left out" in study.real_pool_source
+    assert study.config["pool_beats"] == 2 and study.real_pool_source.endswith("3 cine files from "
+                                                                               f"{pool}: 3 cines cut into 2 whole "
+                                                                               "beats (1 left out)")
