@@ -65,7 +65,8 @@ def about_markdown(engine: StudioEngine) -> str:
     parts = [
         "## About EchoLVFM Studio",
         "**What the model is.** EchoLVFM is a latent video generative model: a video autoencoder compresses the "
-        "echo loop into a small latent video, and a one-step MeanFlow generator, conditioned on a target ejection "
+        "echo loop into a small latent video, and a one-step generator (it runs the MeanFlow sampler; the bundled one "
+        "was trained by regression of the one-step sample, as its card below says), conditioned on a target ejection "
         "fraction and on the frames of the original that you choose to keep (end-diastole by default), produces "
         "the latent of the same heart beating at that EF; the decoder turns it back into a loop. The EF of every "
         "generated loop is measured back by two independent instruments: an LV segmenter with the area-length "
