@@ -94,11 +94,12 @@ class LocalServer:
         raise TimeoutError(f"The app did not answer on {self.url} within {self.startup_timeout:.0f} s: {self.log()}")
 
     def stop(self) -> None:
-        """Stop the app (SIGTERM, then SIGKILL after 10 s)."""
+        """Stop the app (SIGTERM, then SIGKILL after 30 s: a busy server on a loaded machine takes a while to clean
+        up its temporary folder)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)

@@ -58,7 +58,7 @@ def server(tmp_path_factory):
     yield srv
     srv.stop()
     # Stopping the app (SIGTERM) removes its temporary folder, uploads and generated videos included.
-    temp = re.search(r"temporary files in (\S+), removed on exit", srv.log())
+    temp = re.search(r"temporary files in (\S+), removed on exit", srv.log(tail=10**8))  # the whole log
     assert temp and not Path(temp.group(1)).exists(), srv.log()
     srv.log_path.unlink()
 
@@ -228,7 +228,9 @@ def test_browser_loads_the_120_frame_cine_with_its_beats(browser_server, tmp_pat
             page.wait_for_function("() => document.querySelector('#case-md').innerText.includes('120 frames')",
                                    timeout=120_000)
             text = page.inner_text("#case-md")
-            assert "30.0 fps" in text and "heart rate" in text and "3 found" in text, text
+            assert "30.0 fps" in text and "heart rate" in text, text
+            if os.environ.get("ECHOLVFM_BROWSER_MODELS"):  # the bundled segmenter finds the three whole beats
+                assert "3 found (lv area)" in text, text
             assert page.locator("#beat-dd").is_visible()
             page.wait_for_function(
                 "s => { const v = document.querySelector('#cf-video video'); return v && (v.currentSrc || v.src) "
