@@ -35,7 +35,7 @@ import torch
 
 from ..flows import Conditioning, MeanFlow
 
-__all__ = ["BeatRenderer", "PreparedBeat", "RenderedBeat", "loop_frames", "to_model_grid"]
+__all__ = ["BeatRenderer", "PreparedBeat", "RenderedBeat", "to_model_grid"]
 
 
 @dataclass
@@ -107,13 +107,6 @@ def to_model_grid(frames: np.ndarray, size: int) -> np.ndarray:
     interp = cv2.INTER_AREA if frames.shape[-1] > size else cv2.INTER_LINEAR
     out = np.stack([cv2.resize(f, (size, size), interpolation=interp) for f in frames]).astype(np.float32)
     return np.clip(out, 0.0, 1.0, out=out)
-
-
-def loop_frames(frames: np.ndarray, n: int) -> np.ndarray:
-    """Repeat a beat cyclically to exactly ``n`` frames (frame i -> i mod N)."""
-    if n < 1:
-        raise ValueError(f"n must be at least 1; got {n}.")
-    return frames[np.arange(n) % frames.shape[0]]
 
 
 class BeatRenderer:
