@@ -103,7 +103,7 @@ def bundled_renderer():
 def test_rendering_the_built_in_cine_keeps_its_size_rate_texture_and_follows_the_ef(bundled_renderer):
     from echolvfm_core.estimators.segmentation import SegmentationEF
     from echolvfm_core.io import load_echo, sample_cine_path
-    from echolvfm_core.pipelines.render import to_model_grid
+    from echolvfm_core.pipelines.render import beat_ef, key_frames, to_model_grid
     from echolvfm_core.preprocess import preprocess
 
     path = sample_cine_path()
@@ -121,13 +121,18 @@ def test_rendering_the_built_in_cine_keeps_its_size_rate_texture_and_follows_the
     mask = pre.display.frames.max(0) > 0
     source = seg.measure(pre.echo.frames[b.start : b.stop])
     beat = bundled_renderer.prepare(src, mask, echo.fps, source_ef=source.ef, es=source.es_index)
+    key = key_frames(len(src), beat.es, echo.fps)
+    assert key is not None and len(key) < len(src) // 2 and beat.es in key
+    errors = bundled_renderer.calibrate(beat, lambda g: beat_ef(seg, g, key))
+    assert beat.gain in errors and errors[beat.gain] == min(errors.values())
     same = bundled_renderer.render(beat, source.ef, seed=0)
     np.testing.assert_allclose(same.frames, src * mask, atol=1e-6)  # at its own EF the beat is itself
     measured = {}
     for ef in (30.0, 70.0):
         out = bundled_renderer.render(beat, ef, seed=0)
         assert out.frames.shape == src.shape and out.fps == echo.fps
-        measured[ef] = seg.measure(to_model_grid(out.frames, 112)).ef
+        measured[ef] = beat_ef(seg, to_model_grid(out.frames, 112), key)
+        assert abs(measured[ef] - ef) <= 8, measured
         ratio = rz.hf_share(out.frames, mask) / rz.hf_share(src, mask)
         assert 0.85 <= ratio <= 1.15, ratio
     assert measured[70.0] - measured[30.0] >= 25, measured

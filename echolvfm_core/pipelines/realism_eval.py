@@ -13,6 +13,8 @@ Two kinds of data, reported apart:
   scored on this split's patients.
 * **Acquired cines** (the built-in ones): every beat rendered at requests 30, 50 and 70 % and compared with its own
   source beat (paired: same heart, same framing), all statistics on loops at the cine's resolution and frame rate.
+  Each beat's motion gain is calibrated first, and EFs are read on its key frames, as in the app
+  (:meth:`BeatRenderer.calibrate`, :func:`~echolvfm_core.pipelines.render.key_frames`).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from ..beats import find_beats
 from ..echo import Echo
 from ..preprocess import find_sector, preprocess
 from .evaluation import agreement, draw_gen_ef
-from .render import BeatRenderer, to_model_grid
+from .render import BeatRenderer, beat_ef, key_frames, to_model_grid
 
 __all__ = ["CINE_REQUESTS", "camus_case", "evaluate_camus_realism", "evaluate_cine_realism"]
 
@@ -197,16 +199,18 @@ def evaluate_cine_realism(renderer: BeatRenderer, seg, cines: dict[str, Echo], s
             es = src_m.es_index if b.ed == b.start and src_m.es_index > 0 else None
             beat = renderer.prepare(src, mask, echo.fps, ed=b.ed - b.start, source_ef=src_ef,
                                     periodic=beats.method != "whole_loop", es=es)
+            key = key_frames(len(src), beat.es, echo.fps)
+            renderer.calibrate(beat, lambda g: beat_ef(seg, g, key))  # as the app does
             real = rz.loop_stats(src, mask, echo.fps)
             for ef in requests:
                 gen = renderer.render(beat, ef, seed=seed).frames
                 g = rz.loop_stats(gen, mask, echo.fps)
                 try:
-                    measured = float(seg.measure(to_model_grid(gen, seg.size)).ef)
+                    measured = beat_ef(seg, to_model_grid(gen, seg.size), key)
                 except ValueError:
                     measured = None
-                rows.append({"beat": [b.start, b.stop], "source_ef": src_ef, "requested": ef, "measured": measured,
-                             "ratios": {k: getattr(g, k) / getattr(real, k) for k in rz.STATS
+                rows.append({"beat": [b.start, b.stop], "source_ef": src_ef, "gain": beat.gain, "requested": ef,
+                             "measured": measured, "ratios": {k: getattr(g, k) / getattr(real, k) for k in rz.STATS
                                         if getattr(real, k) > 0}})
         out[name] = {
             "frames": echo.n_frames, "fps": echo.fps, "side": int(display.shape[-1]), **beats.to_dict(),
