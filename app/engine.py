@@ -90,6 +90,8 @@ class Measurement:
         posterior: the EF posterior of the diffusion-regression estimator (``samples``, ``mean``, ``sd``, ``p05``,
             ``p95``, EF in %).
         notes: why an instrument gave nothing.
+        key_frames: the frames the segmentation EF was read on, when not all (see
+            :meth:`StudioEngine.measure_frames`); ``ed_index`` and ``es_index`` are among them.
     """
 
     ef: float | None = None
@@ -100,6 +102,7 @@ class Measurement:
     es_index: int | None = None
     posterior: Any | None = None
     notes: list[str] = field(default_factory=list)
+    key_frames: tuple[int, ...] | None = None
 
     def summary(self) -> dict:
         """JSON-ready numbers (EF in %)."""
@@ -645,7 +648,7 @@ class StudioEngine:
 
     def _render(self, case: LoadedCase, ef: float, out_dir: Path, index: int, seed: int, reject_k: int,
                 contours: bool, t0: float) -> CounterfactualResult:
-        from echolvfm_core.pipelines.render import to_model_grid
+        from echolvfm_core.pipelines.render import key_frames, to_model_grid
 
         cine = case.cine
         if not 0 <= index < len(cine.beats.beats):
@@ -661,15 +664,18 @@ class StudioEngine:
             if index not in cine.prepared:
                 whole = cine.beats.method != "whole_loop"  # a rotated loop's LV area minimum is no beat's ES
                 es = original.es_index if whole and original.es_index and original.es_index > 0 else None
-                cine.prepared[index] = renderer.prepare(display, cine.mask, cine.fps, ed=0, source_ef=original.ef,
-                                                        es=es)
+                beat = renderer.prepare(display, cine.mask, cine.fps, ed=0, source_ef=original.ef, es=es)
+                key = key_frames(len(display), beat.es, cine.fps)
+                renderer.calibrate(beat, lambda g: self._measured_ef(g, case.echo, key))
+                cine.prepared[index] = beat
             prepared = cine.prepared[index]
             seeds = [seed + i for i in range(reject_k)]
             renders = [renderer.render(prepared, ef, seed=s) for s in seeds]
         timings = {k: sum(r.timings_ms[k] for r in renders) for k in renders[0].timings_ms}
         grids = [to_model_grid(r.frames, renderer.grid) for r in renders]
         t1 = time.perf_counter()
-        measured = [self.measure(g, case.echo, masks_only=True) for g in grids]  # their EF goes on the video
+        key = None if contours else key_frames(len(display), prepared.es, cine.fps)
+        measured = [self.measure_frames(g, case.echo, key) for g in grids]  # their EF goes on the video
         candidate_efs = [m.ef for m in measured] if reject_k > 1 else None
         dist = [abs(m.ef - ef) if m.ef is not None else float("inf") for m in measured]
         chosen = int(np.argmin(dist))
@@ -686,12 +692,40 @@ class StudioEngine:
                                     timings_ms=timings, candidate_efs=candidate_efs, display=rendered.frames,
                                     beat=index, original=original)
 
+    def measure_frames(self, frames: np.ndarray, like: Echo | None, key: tuple[int, ...] | None) -> Measurement:
+        """The segmenter's EF of a loop read on the frames ``key`` only (all frames when None), one network pass
+        without test-time augmentation (:func:`echolvfm_core.pipelines.render.key_frames`: a sixth of the work on a
+        30 fps beat, and one beat read as one). ED / ES indices are those of
+        ``frames``; per-frame areas and masks are left out (``lv_area`` None) for a subset: see
+        :meth:`measure_result`."""
+        if key is None:
+            return self.measure(frames, like, masks_only=True)
+        m = self.measure(frames[list(key)], like, masks_only=True)
+        at = lambda i: None if i is None else int(key[i])
+        return replace(m, lv_area=None, lv_masks=None, ed_index=at(m.ed_index), es_index=at(m.es_index),
+                       key_frames=key)
+
+    def _measured_ef(self, frames: np.ndarray, like: Echo | None, key: tuple[int, ...] | None) -> float:
+        """The segmentation EF of :meth:`measure_frames`; ValueError when the segmenter could not measure."""
+        ef = self.measure_frames(frames, like, key).ef
+        if ef is None:
+            raise ValueError("The segmenter could not measure this loop.")
+        return ef
+
     def measure_result(self, case: LoadedCase, result: CounterfactualResult) -> Measurement:
         """The counterfactual's full measurement (the segmentation made with it, plus the posterior), stored in
-        ``result.measurement`` and returned."""
+        ``result.measurement`` and returned. When the EF on the video was read on key frames
+        (:meth:`measure_frames`), every frame is segmented now for the area curve and the masks, and the EF with its
+        ED / ES stays the one on the video (the same network on the same frames gives the same areas there)."""
         seg = result.segmentation
-        result.measurement = (self.measure(result.frames, case.echo) if seg is None
-                              else self._add_posterior(replace(seg, notes=list(seg.notes)), result.frames, case.echo))
+        if seg is None:
+            result.measurement = self.measure(result.frames, case.echo)
+            return result.measurement
+        m = replace(seg, notes=list(seg.notes))
+        if seg.key_frames is not None:
+            whole = self.measure(result.frames, case.echo, masks_only=True)
+            m = replace(m, lv_area=whole.lv_area, lv_masks=whole.lv_masks, area_unit=whole.area_unit)
+        result.measurement = self._add_posterior(m, result.frames, case.echo)
         return result.measurement
 
     # ----------------------------------------------------------------------------------------------- export
