@@ -50,15 +50,19 @@ class Session:
     failed_load: str | None = None  # why the last load failed, until the next one succeeds
 
 
-def _as_user_error(exc: Exception) -> gr.Error:
-    """The ``gr.Error`` a user sees for ``exc``: its own message for errors a user can cause, else a brief note
-    (and the traceback in the server log)."""
-    if isinstance(exc, gr.Error):
-        return exc
+def _user_message(exc: Exception) -> str:
+    """What a user is told of ``exc`` (not a ``gr.Error``): its own message for errors a user can cause, else a
+    brief note (and the traceback in the server log)."""
     if isinstance(exc, (EchoLoadError, ModelUnavailable, ValueError)):
-        return gr.Error(str(exc), print_exception=False)
+        return str(exc)
     log.exception("request failed")  # the session must survive anything a request triggers
-    return gr.Error(f"The request failed ({type(exc).__name__}); see the server log.", print_exception=False)
+    return f"The request failed ({type(exc).__name__}); see the server log."
+
+
+# The handlers below raise the user's error straight from the expression, never from a local variable: an error
+# bound to a name in the handler's frame sits in a reference cycle with its own traceback (which holds that frame),
+# and through its cause's traceback it would keep a failed request's arrays (a decoded loop, ...) alive until the
+# next full garbage collection.
 
 
 def user_errors(fn):
@@ -68,11 +72,10 @@ def user_errors(fn):
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except gr.Error:
+            raise
         except Exception as exc:
-            error = _as_user_error(exc)
-            if error is exc:
-                raise
-            raise error from exc
+            raise gr.Error(_user_message(exc), print_exception=False) from exc
 
     return wrapped
 
@@ -160,12 +163,12 @@ class StudioCallbacks:
         session = self._session(state, request)
         try:
             case = load(session.folder)
+        except gr.Error as exc:
+            session.failed_load = exc.message
+            raise
         except Exception as exc:
-            error = _as_user_error(exc)
-            session.failed_load = error.message
-            if error is exc:
-                raise
-            raise error from exc
+            session.failed_load = _user_message(exc)
+            raise gr.Error(session.failed_load, print_exception=False) from exc
         session.case, session.result, session.failed_load = case, None, None
         return session
 

@@ -453,7 +453,9 @@ class StudioEngine:
             model_echo = model_echo.replace(frames=model_echo.frames[:longest], labels=None, labelled=())
         case = LoadedCase(name=name, echo=model_echo, sector=sector, fps=float(model_echo.fps), video=video,
                           measurement=Measurement(), cine=cine)
-        case.measurement = self.measure(case.echo.frames, case.echo)
+        # A loop without a whole beat is played as one cycle (its last frame runs on into its first), so it is
+        # measured as one: its ES is the smallest cavity, also when that lies before its ED.
+        case.measurement = self.measure(case.echo.frames, case.echo, cyclic=cine.beats.method == "whole_loop")
         ed = case.measurement.ed_index
         if longest is not None and ed:
             # The generator's training loops start at end-diastole: so does the loop it observes, and the original
@@ -478,7 +480,7 @@ class StudioEngine:
 
     # ------------------------------------------------------------------------------------------ measurement
     def measure(self, frames: np.ndarray, like: Echo | None = None, masks_only: bool = False,
-                seed: int = 0) -> Measurement:
+                seed: int = 0, cyclic: bool = False) -> Measurement:
         """EF of a loop by segmentation and by the posterior, with whatever instruments are bundled.
 
         Args:
@@ -490,6 +492,8 @@ class StudioEngine:
                 that makes a full measurement about 5x slower; EF MAE 6.20 against 5.99 on CAMUS valid), not the
                 posterior.
             seed: seed of the posterior's noise draws.
+            cyclic: segment the loop as the cycle it is played as (its last frame followed by its first; see
+                :func:`~echolvfm_core.estimators.segmentation.measure_labels`).
         """
         from echolvfm_core.estimators.segmentation import SegmentationError
 
@@ -500,7 +504,7 @@ class StudioEngine:
                 tta = segmenter.tta
                 segmenter.tta = tta and not masks_only
                 try:
-                    seg = segmenter.measure(frames, None if like is None else like.spacing_mm)
+                    seg = segmenter.measure(frames, None if like is None else like.spacing_mm, cyclic)
                 finally:
                     segmenter.tta = tta
                 m.ef, m.lv_area, m.area_unit = float(seg.ef), np.asarray(seg.lv_area, dtype=float), seg.area_unit

@@ -133,3 +133,82 @@ def test_about_reads_model_cards_and_metrics(tmp_path):
     assert "#### Data\nCAMUS valid split" in about and "# LV segmenter\n" not in about  # title dropped
     assert "| ef_adherence.mae | 4.25 |" in about and "history" not in about
     assert about.count("Not trained yet") == 2
+
+
+def test_a_failed_load_keeps_the_last_case_and_lets_go_of_its_arrays(loaded, tmp_path, sample_path, monkeypatch):
+    """A NIfTI loop is decoded and preprocessed before it is refused (NIfTI carries no frame rate): the session keeps
+    its case, and the refused loop's frames are freed when the request ends, by reference counting alone (a
+    traceback caught in a reference cycle would hold them until the next full garbage collection)."""
+    import gc
+    import weakref
+
+    import nibabel as nib
+    import numpy as np
+
+    import echolvfm_core.io as eio
+
+    callbacks, out = loaded
+    session = out[0]
+    case = session.case
+    frames = eio.load_echo(sample_path).frames  # (T, H, W) in [0, 1]
+    path = tmp_path / "loop.nii.gz"
+    nib.save(nib.Nifti1Image(np.rint(frames.transpose(2, 1, 0) * 255).astype(np.uint8), np.eye(4)), path)
+    decoded = []
+    load_echo = eio.load_echo
+
+    def recording_load_echo(*args, **kwargs):
+        echo = load_echo(*args, **kwargs)
+        decoded.append(weakref.ref(echo.frames))
+        return echo
+
+    monkeypatch.setattr(eio, "load_echo", recording_load_echo)
+
+    def failed_upload() -> str:
+        try:
+            callbacks.open_upload(str(path), session, None)
+        except gr.Error as exc:
+            return exc.message
+        return "loaded"
+
+    gc.disable()
+    try:
+        message = failed_upload()
+        alive = [ref() is not None for ref in decoded]
+    finally:
+        gc.enable()
+    assert message == "loop.nii.gz has no frame rate, so it cannot be shown as a loop."
+    assert session.case is case and session.failed_load == message
+    assert alive == [False]
+
+
+def test_a_failed_request_lets_go_of_its_arrays():
+    """What a callback held when it failed is freed with the error, by reference counting alone."""
+    import gc
+    import weakref
+
+    import numpy as np
+
+    from app.callbacks import user_errors
+
+    held = []
+
+    @user_errors
+    def request():
+        frames = np.zeros((30, 112, 112), np.float32)
+        held.append(weakref.ref(frames))
+        raise ValueError("No LV in these frames.")
+
+    def failed() -> str:
+        try:
+            request()
+        except gr.Error as exc:
+            return exc.message
+        return "done"
+
+    gc.disable()
+    try:
+        message = failed()
+        alive = held[0]() is not None
+    finally:
+        gc.enable()
+    assert message == "No LV in these frames." and not alive

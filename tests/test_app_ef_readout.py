@@ -30,8 +30,8 @@ def measures_58(monkeypatch):
     """The tiny random segmenter finds no LV; this stand-in measures 57.6 % on every loop it segments."""
     real = StudioEngine.measure
 
-    def measure(self, frames, like=None, masks_only=False, seed=0):
-        return replace(real(self, frames, like, masks_only, seed), ef=57.6, notes=[])
+    def measure(self, frames, like=None, masks_only=False, seed=0, cyclic=False):
+        return replace(real(self, frames, like, masks_only, seed, cyclic), ef=57.6, notes=[])
 
     monkeypatch.setattr(StudioEngine, "measure", measure)
 

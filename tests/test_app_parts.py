@@ -4,6 +4,7 @@ from __future__ import annotations
 import av
 import numpy as np
 import pytest
+from test_app_server import ASSETS
 
 from app import video as vid
 from app.engine import StudioEngine
@@ -130,3 +131,20 @@ def test_rolled_measurement_starts_at_end_diastole():
     m = _rolled(Measurement(ef=50.0, lv_area=np.arange(5.0), lv_masks=masks, ed_index=2, es_index=1), 2)
     assert m.lv_area.tolist() == [2.0, 3.0, 4.0, 0.0, 1.0] and (m.ed_index, m.es_index, m.ef) == (0, 4, 50.0)
     assert m.lv_masks[4].all() and not m.lv_masks[0].any()
+
+
+@pytest.mark.skipif(not all((ASSETS / m / "config.json").is_file() for m in ("generator", "segmenter")),
+                    reason="the trained generator and segmenter are not bundled in assets/ yet")
+def test_the_samples_es_marker_is_at_its_smallest_lv_area(tmp_path):
+    """The built-in sample holds no whole beat, so the Studio plays it as one cycle and measures it as one: its ES
+    marker is the frame of smallest LV area (measured as a clip, ES was the clip's last frame, 3 of 16 frames before
+    the minimum). The bundled segmenter and the generator's length, without the slower EF posterior."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("generator", "segmenter"):
+        (models / name).symlink_to(ASSETS / name)
+    case = StudioEngine(models, device="cpu").load(None, tmp_path / "work")
+    m = case.measurement
+    assert case.cine.beats.method == "whole_loop" and case.n_frames == 16 and m.ed_index == 0
+    off = abs(m.es_index - int(np.argmin(m.lv_area)))
+    assert min(off, len(m.lv_area) - off) <= 1, (m.es_index, m.lv_area.round())

@@ -154,3 +154,47 @@ def test_quiz_create_skips_a_pool_file_it_cannot_show(sample_path, tmp_path, cap
     assert study.config["pool_beats"] == 2 and study.real_pool_source.endswith("3 cine files from "
                                                                                f"{pool}: 3 cines cut into 2 whole "
                                                                                "beats (1 left out)")
+
+@pytest.mark.camus
+def test_quiz_create_skips_an_unreadable_camus_patient(odd_camus, tmp_path, capsys, monkeypatch):
+    """Three CAMUS loops asked for: the cut-off patient is left out with its reason, the study is built from the
+    other two patients' loops (patient0206's odd labels do not matter here: its images move) and one pool cine."""
+    import torch
+    from test_quiz_ui import build_quiz_models, dicom_pool, fake_measure
+
+    from app.quiz.store import QuizStore
+    from echolvfm_core.estimators.segmentation import SegmentationEF
+
+    monkeypatch.setattr(SegmentationEF, "measure", fake_measure)  # the tiny random segmenter finds no LV
+    models = build_quiz_models(tmp_path / "models")
+    pool = dicom_pool(tmp_path / "pool", 1)
+    db = tmp_path / "quiz.sqlite"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the automatic reader's classifier
+    try:
+        assert main(["quiz", "create", str(db), "--pool", str(pool), "--data", str(odd_camus), "--camus-loops", "3",
+                     "--cases", "4", "--calibration", "0", "--models", str(models), "--size", "128", "--frames",
+                     "12", "--max-detectability", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert f"Left out 1: {CUT}: '{CUT}_4CH_ED.nii.gz' is a corrupt or truncated NIfTI" in out
+    (study,) = QuizStore(db).studies()
+    assert study.config["pool_beats"] == 3
+    assert "+ 2 CAMUS real-anatomy loops with synthesised motion" in study.real_pool_source
+    assert study.real_pool_source.endswith("(1 left out)")
+
+
+@pytest.mark.camus
+def test_quiz_create_with_no_readable_camus_patient_says_why(odd_camus, tmp_path, capsys):
+    """Only the cut-off patient in the CAMUS split asked for: one clear line with its reason, no database."""
+    from test_quiz_ui import build_quiz_models
+
+    (odd_camus / "splits.csv").write_text(f"patient,split\n{PATIENTS[0]},train\n{NO_EF},train\n{CUT},valid\n")
+    db = tmp_path / "quiz.sqlite"
+    rc = main(["quiz", "create", str(db), "--data", str(odd_camus), "--camus-loops", "1", "--cases", "4",
+               "--models", str(build_quiz_models(tmp_path / "models"))])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert f"No usable CAMUS patient under 'camus'; {CUT}: '{CUT}_4CH_ED.nii.gz' is a corrupt or truncated" in err
+    assert str(tmp_path) not in err and not db.exists()

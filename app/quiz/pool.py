@@ -20,7 +20,6 @@ import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -189,34 +188,43 @@ def camus_pool(data: str | os.PathLike, n: int, seg, split: str | None = "valid"
         split: "train", "valid", ... or None for any split; "valid" keeps the generator's training patients out.
         seed: seed of the draw from a prepared folder and of the loops' cycle timing.
 
+    A CAMUS patient whose files cannot be read or prepared is left out, with its reason in ``skipped`` (the pool
+    then holds fewer than ``n`` loops).
+
     Raises:
         EchoLoadError: fewer than ``n`` patients of that split.
+        ValueError: none of the ``n`` CAMUS patients could be prepared.
     """
     from echolvfm_core.data import PrepareConfig, PreparedLoops, prepare
-    from echolvfm_core.io import read_camus
+    from echolvfm_core.io.camus import camus_splits
 
     if n < 1:
         raise ValueError(f"n must be at least 1; got {n}.")
     data = Path(data)
     where = f"{data}" + (f", {split} split" if split else "")
+    skipped: list[str] = []
     if (data / "meta.json").is_file():
         echoes = _alpha_one_loops(PreparedLoops(data, split=split, source="camus"), n, where,
                                   np.random.default_rng(seed))
     else:
-        patients = read_camus(data, views=("4CH",), half_sequences=False)
-        ids = [p.patient_id for p in islice((p for p in patients if split is None or p.split == split), n)]
+        ids = [p for p, s in camus_splits(data).items() if split is None or s == split][:n]
         if len(ids) < n:
             raise EchoLoadError(f"Only {len(ids)} CAMUS patient(s) in {where}; asked for {n} loops.")
         with tempfile.TemporaryDirectory(prefix="echolvfm-quiz-camus-") as tmp:
-            prepare(data, tmp, PrepareConfig(loops_per_patient=1, seed=seed, patients=tuple(ids)), progress=False)
-            echoes = _alpha_one_loops(PreparedLoops(tmp, source="camus"), n, where, None)
-    beats, skipped = [], []
+            report = prepare(data, tmp, PrepareConfig(loops_per_patient=1, seed=seed, patients=tuple(ids)),
+                             progress=False)
+            skipped += [f"{s['patient']}: {s['reason']}" for s in report["counts"]["skipped"]]
+            echoes = _alpha_one_loops(PreparedLoops(tmp, source="camus"), n - len(skipped), where, None)
+    beats = []
     for i, echo in enumerate(echoes):
         found, left = beats_of(echo, f"CAMUS loop {i + 1}", seg, kind=CAMUS_KIND)
         beats += found
         skipped += left
-    source = (f"{n} CAMUS real-anatomy loop{'s' if n != 1 else ''} with synthesised motion ({where}; real ED and ES "
+    k = len(echoes)
+    source = (f"{k} CAMUS real-anatomy loop{'s' if k != 1 else ''} with synthesised motion ({where}; real ED and ES "
               "frames, motion by registration), not acquired cines")
+    if skipped:
+        source += f" ({len(skipped)} left out)"
     return BeatPool(beats=tuple(beats), source=source, skipped=tuple(skipped))
 
 

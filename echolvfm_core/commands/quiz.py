@@ -151,7 +151,10 @@ def create(args: argparse.Namespace) -> int:
     pool = acquired_pool(args.pool if args.pool else default_pool_specs(), seg, args.pool_label)
     if args.camus_loops:
         split = None if args.camus_split == "any" else args.camus_split
-        pool = combine_pools(pool, camus_pool(args.data, args.camus_loops, seg, split, args.seed))
+        try:
+            pool = combine_pools(pool, camus_pool(args.data, args.camus_loops, seg, split, args.seed))
+        except ValueError as exc:  # no patient could be prepared
+            raise CommandError(str(exc)) from None
     if pool.skipped:
         print(f"Left out {len(pool.skipped)}: " + "; ".join(pool.skipped))
     if len(pool) < MIN_POOL_BEATS:

@@ -33,6 +33,7 @@ import numpy as np
 
 from ..echo import ClinicalInfo, Echo
 from ..ef import ef_from_pair, ejection_fraction, lv_volumes
+from ..io._common import display_name
 from .loops import (
     CardiacPair,
     CycleTiming,
@@ -674,7 +675,10 @@ def prepare(
             bar.close()
             timings["read_preprocess_s"] = time.perf_counter() - t0
             if not loaded:
-                raise ValueError(f"no usable CAMUS patient under {camus} (skipped: {skipped[:3]}).")
+                patient, why = skipped[0]
+                more = f" (and {len(skipped) - 1} more, in the log)" if len(skipped) > 1 else ""
+                raise ValueError(f"No usable CAMUS patient under {display_name(camus)}; {patient}: "
+                                 f"{why.rstrip('.')}{more}.")
         loaded.sort(key=lambda x: x.patient)
         unsplit = [x.patient for x in loaded if not x.split]
         fallback = _seeded_split(unsplit, config.seed, 1) if unsplit else {}
