@@ -161,8 +161,9 @@ def jvp_flash_available() -> bool:
 
 
 def _flash_fits(q: torch.Tensor) -> bool:
-    """Whether jvp-flash-attention takes q (N, heads, L, dim_head): its device, and L a multiple of 32 (the kernel's
-    block; its backward pass needs whole blocks) and a head dimension it was built for."""
+    """Whether jvp-flash-attention takes q (N, heads, L, dim_head): its device, L a multiple of 32 (the kernel's
+    block; its backward pass needs whole blocks) and a head dimension of 32-256 (its Python check admits 16, but the
+    Triton kernel asserts that the 32-key block is no wider than the head)."""
     length, dim_head = q.shape[-2:]
     return (
         _JVPAttn is not None
