@@ -37,12 +37,16 @@ GroupNorm, spatial attention) acts on one frame at a time; the temporal convolut
 clip; temporal attention masks padded keys. A padded batch therefore gives the same valid-frame output as the
 unpadded clip (checked in tests/test_unet.py).
 
-Attention and forward-mode AD: :class:`EchoAttnProcessor` runs self-attention with
-``F.scaled_dot_product_attention``, or, on CUDA, with jvp-flash-attention (an optional package,
-``pip install jvp_flash_attention``) when it is importable, no key mask is needed and the shape suits the kernel
-(sequence length >= 32 and even, head dimension 16-256). ``torch.func.jvp`` cannot go through the fused SDPA
-kernels, so callers that take a JVP wrap it in :func:`jvp_sdpa_context` (the math backend; the MeanFlow wrapper
-does this).
+Attention and forward-mode AD: :class:`EchoAttnProcessor` runs self-attention with ``F.scaled_dot_product_attention``,
+or with jvp-flash-attention (the optional ``cuda`` extra, ``pip install -e ".[cuda]"``) on CUDA tensors (and CPU
+tensors under Triton's interpreter, for tests) whose shape suits the kernel (sequence length a multiple of 32, head
+dimension 32, 64, 128 or 256). The kernel is called through ``JVPAttn.fwd_dual``, as its documentation asks under
+``torch.func.jvp``: the tangents of q, k and v are unpacked and the kernel computes the output's tangent itself,
+before autograd runs (its plain ``attention`` entry dies inside ``torch.func.jvp`` with an autograd internal assert).
+A boolean key mask goes to the kernel too, expanded to (N, heads, L, L); other shapes and devices use
+``F.scaled_dot_product_attention``, masked or not. ``torch.func.jvp`` cannot go through the fused SDPA kernels, so
+callers that take a JVP wrap the call in ``sdpa_kernel([SDPBackend.MATH])`` (the MeanFlow wrapper does this); it does
+not affect jvp-flash-attention.
 """
 from __future__ import annotations
 
@@ -59,10 +63,15 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-try:  # optional CUDA kernel with a forward-mode derivative (Triton); absent on CPU-only installs
-    from jvp_flash_attention.jvp_attention import attention as _jvp_flash_attention
+try:  # optional attention kernel with a forward-mode derivative (Triton); absent on CPU-only installs
+    import triton
+    from jvp_flash_attention.jvp_attention import JVPAttn as _JVPAttn
+
+    # Under Triton's interpreter (TRITON_INTERPRET=1 before the first import; tests) the kernel also runs on CPU.
+    _FLASH_ON_CPU = bool(triton.knobs.runtime.interpret)
 except Exception:  # noqa: BLE001 - any import failure (missing package, no Triton) means "not available"
-    _jvp_flash_attention = None
+    _JVPAttn = None
+    _FLASH_ON_CPU = False
 
 __all__ = [
     "EchoVelocityUNet",
@@ -148,7 +157,20 @@ def unet_preset(name: str) -> UNetConfig:
 
 def jvp_flash_available() -> bool:
     """True when the optional jvp-flash-attention kernel could be imported."""
-    return _jvp_flash_attention is not None
+    return _JVPAttn is not None
+
+
+def _flash_fits(q: torch.Tensor) -> bool:
+    """Whether jvp-flash-attention takes q (N, heads, L, dim_head): its device, L a multiple of 32 (the kernel's
+    block; its backward pass needs whole blocks) and a head dimension of 32-256 (its Python check admits 16, but the
+    Triton kernel asserts that the 32-key block is no wider than the head)."""
+    length, dim_head = q.shape[-2:]
+    return (
+        _JVPAttn is not None
+        and (q.is_cuda or _FLASH_ON_CPU)
+        and length % 32 == 0
+        and dim_head in (32, 64, 128, 256)
+    )
 
 
 class EchoAttnProcessor:
@@ -156,8 +178,9 @@ class EchoAttnProcessor:
 
     ``attention_mask``: None or bool (N, L) with True at keys that may be attended to (N = batch of sequences,
     L = sequence length); every query row must keep at least one key. With ``use_jvp_flash`` and the optional
-    kernel importable, CUDA inputs without a mask whose sequence length is >= 32 and even and whose head dimension
-    is 16-256 use jvp-flash-attention; everything else uses ``F.scaled_dot_product_attention``.
+    kernel importable, inputs that suit it (CUDA, L a multiple of 32, head dimension 32-256 in powers of two; see
+    :func:`_flash_fits`) go through jvp-flash-attention's ``JVPAttn.fwd_dual`` (correct inside ``torch.func.jvp``),
+    masked or not; everything else uses ``F.scaled_dot_product_attention``.
     """
 
     def __init__(self, use_jvp_flash: bool = True):
@@ -171,18 +194,12 @@ class EchoAttnProcessor:
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         dim_head = q.shape[-1] // heads
         q, k, v = (x.view(n, length, heads, dim_head).transpose(1, 2) for x in (q, k, v))
-        if (
-            self.use_jvp_flash
-            and _jvp_flash_attention is not None
-            and q.is_cuda
-            and attention_mask is None
-            and length >= 32
-            and length % 2 == 0
-            and 16 <= dim_head <= 256
-        ):
-            out = _jvp_flash_attention(q, k, v)
+        mask = None if attention_mask is None else attention_mask[:, None, None, :]
+        if self.use_jvp_flash and _flash_fits(q):
+            if mask is not None:  # the kernel takes a full (N, heads, L, L) mask
+                mask = mask.expand(n, heads, length, length)
+            out = _JVPAttn.fwd_dual(q, k, v, attn_mask=mask)
         else:
-            mask = None if attention_mask is None else attention_mask[:, None, None, :]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(n, length, heads * dim_head)
         return attn.to_out[1](attn.to_out[0](out))

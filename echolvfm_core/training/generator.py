@@ -451,6 +451,12 @@ def load_init_weights(net: EchoVelocityUNet, folder: str | Path) -> list[str]:
     return sorted(set(own) - set(fits))
 
 
+def _process_mean(accelerator, parts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """One step's loss parts averaged over the processes (each trained on its own share of the batch)."""
+    values = torch.stack([v.detach().float().to(accelerator.device) for v in parts.values()])
+    return dict(zip(parts, accelerator.reduce(values, reduction="mean").tolist()))
+
+
 def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, seed: int = 0, device: str | None = None,
         resume: bool = False, preview: LatentLoops | None = None,
         deformations: list[LoopDeformation | None] | None = None, init: str | Path | None = None) -> dict:
@@ -519,7 +525,7 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
         ema_update(ema, accelerator.unwrap_model(flow).net, min(cfg.ema_decay, (1 + step) / (10 + step)))
         step += 1
         bar.update(1)
-        parts_log.append({"loss": float(loss.loss.detach()), **{k: float(v) for k, v in loss.parts.items()}})
+        parts_log.append(_process_mean(accelerator, {"loss": loss.loss, **loss.parts}))
         recent = {k: float(np.mean([p[k] for p in parts_log[-50:] if k in p])) for k in parts_log[-1]}
         bar.set_postfix({k: f"{v:.4f}" for k, v in recent.items() if k != "linear"})
         if codec is not None and cfg.sample_every and step % cfg.sample_every == 0 and accelerator.is_main_process:
@@ -552,7 +558,7 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
         if codec is not None:
             save_sample_grid(ema_flow, preview_batch, codec, out / "samples" / "final.png", seed=seed)
-        save_checkpoint(accelerator, out, step, history=history)
+    save_checkpoint(accelerator, out, step, history=history)  # every process: accelerate saves each one's state
     return metrics
 
 
@@ -569,8 +575,8 @@ def train(args: argparse.Namespace) -> int:
     if not (vae / "config.json").is_file():
         raise GeneratorTrainingError(f"No VAE in {vae}: the generator trains on latents; train one with "
                                      "`echolvfm train vae` or pass --vae DIR.")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    codec = EchoCodec.from_pretrained(vae, device=device)
+    accelerator = make_accelerator(args.device)  # the run's processes; fit makes the same one
+    codec = EchoCodec.from_pretrained(vae, device=accelerator.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     source = None if cfg.phantom else "camus"
@@ -580,9 +586,11 @@ def train(args: argparse.Namespace) -> int:
     if len(train_ds) == 0:
         raise GeneratorTrainingError(f"{args.data} has no training loops; run `echolvfm prepare` with loops per "
                                      "patient > 0.")
-    loops = encode_loops(train_ds, codec, out / "latents_train.pt", desc="encode train loops")
     valid_ds = PreparedLoops(args.data, split="valid", source=source)
-    preview = encode_loops(valid_ds, codec, out / "latents_valid.pt", desc="encode valid loops") if len(valid_ds) else None
+    with accelerator.main_process_first():  # the main process writes the latent caches, the others then read them
+        loops = encode_loops(train_ds, codec, out / "latents_train.pt", desc="encode train loops")
+        preview = (encode_loops(valid_ds, codec, out / "latents_valid.pt", desc="encode valid loops")
+                   if len(valid_ds) else None)
     log.info("training loops: %d (%d patients); preview loops: %d", len(loops), len(set(loops.patient)),
              len(preview) if preview is not None else 0)
     supervise_motion = cfg.objective == "meanflow" and cfg.flow.displacement_weight > 0
@@ -596,6 +604,8 @@ def train(args: argparse.Namespace) -> int:
            "command": f"echolvfm train generator --data {args.data} --preset {args.preset} --seed {args.seed}"
                       f"{flags} --out {args.out}"}
     metrics.update(run)
+    if not accelerator.is_main_process:
+        return 0
     for folder in (out, out / "final"):
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     write_model_card(out / "final")
