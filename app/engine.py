@@ -139,6 +139,8 @@ class CineView:
         beats: :class:`~echolvfm_core.beats.BeatSet` found on the LV area curve (or by image periodicity).
         prepared: per beat index, the beat made ready for rendering (filled on first use).
         beat_measurements: per beat index, the segmenter's measurement of the acquired beat.
+        labels: uint8 (T, 112, 112), the segmenter's labels of ``grid`` (the pass that found the beats; each beat's
+            measurement reads its slice), or None without a segmenter.
     """
 
     display: np.ndarray
@@ -148,15 +150,20 @@ class CineView:
     beats: Any
     prepared: dict = field(default_factory=dict)
     beat_measurements: dict = field(default_factory=dict)
+    labels: np.ndarray | None = None
 
     def beat_frames(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(display, grid) frames of beat ``index``, starting at its end-diastole. A loop without a detected cycle
         (shorter than two beats, e.g. the 30-frame sample) is rotated to start at its largest-LV-area frame and
         played as one cycle, as its last frame runs on into its first."""
+        return self.beat_slice(self.display, index), self.beat_slice(self.grid, index)
+
+    def beat_slice(self, per_frame: np.ndarray, index: int) -> np.ndarray:
+        """The frames of beat ``index`` of any per-frame array of the loop (see :meth:`beat_frames`)."""
         b = self.beats.beats[index]
         if self.beats.method == "whole_loop":
-            return np.roll(self.display, -b.ed, axis=0), np.roll(self.grid, -b.ed, axis=0)
-        return self.display[b.start : b.stop], self.grid[b.start : b.stop]
+            return np.roll(per_frame, -b.ed, axis=0)
+        return per_frame[b.start : b.stop]
 
     def beat_choices(self) -> list[tuple[str, int]]:
         """(label, index) of every beat for a picker."""
@@ -467,20 +474,23 @@ class StudioEngine:
     def _cine(self, pre, fps: float, display_mask: np.ndarray) -> CineView:
         """The acquired loop and its beats (LV area curve by the segmenter when bundled, else image periodicity)."""
         from echolvfm_core.beats import find_beats
+        from echolvfm_core.estimators.segmentation import measure_labels
 
-        area = None
+        area = labels = None
         if self.available("segmenter"):
+            with self._run_lock:
+                labels = self.model("segmenter").segment(pre.echo.frames)
             try:
-                with self._run_lock:
-                    area = self.model("segmenter").measure(pre.echo.frames).lv_area
+                area = measure_labels(labels).lv_area
             except ValueError as exc:  # no LV found: the images' periodicity still gives the beats
                 log.info("beats from image periodicity: %s", exc)
         beats = find_beats(pre.echo.frames, fps, area, pre.mask)
-        return CineView(display=pre.display.frames, grid=pre.echo.frames, mask=display_mask, fps=fps, beats=beats)
+        return CineView(display=pre.display.frames, grid=pre.echo.frames, mask=display_mask, fps=fps, beats=beats,
+                        labels=labels)
 
     # ------------------------------------------------------------------------------------------ measurement
     def measure(self, frames: np.ndarray, like: Echo | None = None, masks_only: bool = False,
-                seed: int = 0, cyclic: bool = False) -> Measurement:
+                seed: int = 0, cyclic: bool = False, labels: np.ndarray | None = None) -> Measurement:
         """EF of a loop by segmentation and by the posterior, with whatever instruments are bundled.
 
         Args:
@@ -494,19 +504,25 @@ class StudioEngine:
             seed: seed of the posterior's noise draws.
             cyclic: segment the loop as the cycle it is played as (its last frame followed by its first; see
                 :func:`~echolvfm_core.estimators.segmentation.measure_labels`).
+            labels: the segmenter's labels of ``frames`` when they were already segmented (as a full measurement
+                segments them), so they are not segmented again.
         """
-        from echolvfm_core.estimators.segmentation import SegmentationError
+        from echolvfm_core.estimators.segmentation import SegmentationError, measure_labels
 
         m = Measurement()
         with self._run_lock:
             try:
-                segmenter = self.model("segmenter")
-                tta = segmenter.tta
-                segmenter.tta = tta and not masks_only
-                try:
-                    seg = segmenter.measure(frames, None if like is None else like.spacing_mm, cyclic)
-                finally:
-                    segmenter.tta = tta
+                spacing = None if like is None else like.spacing_mm
+                if labels is not None:
+                    seg = measure_labels(labels, spacing, cyclic)
+                else:
+                    segmenter = self.model("segmenter")
+                    tta = segmenter.tta
+                    segmenter.tta = tta and not masks_only
+                    try:
+                        seg = segmenter.measure(frames, spacing, cyclic)
+                    finally:
+                        segmenter.tta = tta
                 m.ef, m.lv_area, m.area_unit = float(seg.ef), np.asarray(seg.lv_area, dtype=float), seg.area_unit
                 m.lv_masks = np.asarray(seg.labels) == 1
                 m.ed_index, m.es_index = int(seg.ed_index), int(seg.es_index)
@@ -621,8 +637,12 @@ class StudioEngine:
         cf_meas = self.measure(frames, case.echo, masks_only=True)  # its EF goes on the video
         timings["segment"] = (time.perf_counter() - t1) * 1000.0
         t1 = time.perf_counter()
-        video = self._side_by_side(case, frames, counterfactual_caption(ef, cf_meas.ef), cf_meas, contours,
-                                   Path(out_dir))
+        masks = None
+        if contours:
+            masks = (None if case.measurement.lv_masks is None
+                     else vid.loop_to_length(case.measurement.lv_masks, length), cf_meas.lv_masks)
+        video = self._side_by_side(vid.loop_to_length(case.echo.frames, length), frames,
+                                   counterfactual_caption(ef, cf_meas.ef), masks, case.fps, Path(out_dir), PANEL_SIZE)
         timings["video"] = (time.perf_counter() - t1) * 1000.0
         latency = (time.perf_counter() - t0) * 1000.0
         return CounterfactualResult(requested_ef=float(ef), frames=frames, fps=case.fps, video=video, seed=seed,
@@ -644,10 +664,12 @@ class StudioEngine:
         return BeatRenderer(self.model("generator"), self.model("vae"))
 
     def beat_measurement(self, case: LoadedCase, index: int) -> Measurement:
-        """The segmenter's (and posterior's) measurement of one acquired beat, cached on the case."""
+        """The segmenter's (and posterior's) measurement of one acquired beat, cached on the case (its labels are
+        those of the pass that found the beats)."""
         cine = case.cine
         if index not in cine.beat_measurements:
-            cine.beat_measurements[index] = self.measure(cine.beat_frames(index)[1], case.echo)
+            labels = None if cine.labels is None else cine.beat_slice(cine.labels, index)
+            cine.beat_measurements[index] = self.measure(cine.beat_frames(index)[1], case.echo, labels=labels)
         return cine.beat_measurements[index]
 
     def _render(self, case: LoadedCase, ef: float, out_dir: Path, index: int, seed: int, reject_k: int,
@@ -686,9 +708,8 @@ class StudioEngine:
         timings["segment"] = (time.perf_counter() - t1) * 1000.0
         rendered, frames, cf_meas = renders[chosen], grids[chosen], measured[chosen]
         t1 = time.perf_counter()
-        video = self._side_by_side_display(display, rendered.frames, counterfactual_caption(ef, cf_meas.ef),
-                                           original if contours else None, cf_meas if contours else None,
-                                           cine.fps, out_dir)
+        video = self._side_by_side(display, rendered.frames, counterfactual_caption(ef, cf_meas.ef),
+                                   (original.lv_masks, cf_meas.lv_masks) if contours else None, cine.fps, out_dir)
         timings["video"] = (time.perf_counter() - t1) * 1000.0
         return CounterfactualResult(requested_ef=ef, frames=frames, fps=cine.fps, video=video, seed=seeds[chosen],
                                     observed=(b.ed,), candidates=reject_k,
@@ -772,38 +793,27 @@ class StudioEngine:
 
     # ----------------------------------------------------------------------------------------------- video
     @staticmethod
-    def _side_by_side_display(original: np.ndarray, frames: np.ndarray, label: str, orig_meas: Measurement | None,
-                              cf_meas: Measurement | None, fps: float, out_dir: Path) -> Path:
-        """Acquired beat | counterfactual beat at display resolution, at the input's frame rate (the browser loops
-        it, so both play in step at real speed)."""
+    def _side_by_side(original: np.ndarray, frames: np.ndarray, label: str, masks: tuple | None, fps: float,
+                      out_dir: Path, size: int | None = None) -> Path:
+        """Original | counterfactual, float (T, S, S) loops of one length, as one H.264 MP4 at ``fps``.
+
+        Args:
+            masks: (original's, counterfactual's) LV masks (T, h, w) or None each, outlined in colour; None: grey
+                panels without outlines.
+            size: panel side in pixels (model-grid loops are shown at :data:`PANEL_SIZE`); None keeps the
+                frames' own (a rendered beat, at the input's resolution: the browser loops it, so both play in
+                step at real speed).
+        """
         left, right = vid.to_uint8(original), vid.to_uint8(frames)
-        contours = orig_meas is not None or cf_meas is not None
-        if contours:
+        if size is not None:
+            left, right = vid.resize_frames(left, size), vid.resize_frames(right, size)
+        if masks is not None:  # coloured outlines need RGB
             left, right = vid.to_rgb(left), vid.to_rgb(right)
-            side = left.shape[1]
-            for panel, m in ((left, orig_meas), (right, cf_meas)):
-                if m is not None and m.lv_masks is not None:
-                    panel[:] = vid.draw_contours(panel, vid.resize_masks(m.lv_masks, side) > 0)
-        white = (255, 255, 255) if contours else 255
+            for panel, m in zip((left, right), masks):
+                if m is not None:
+                    panel[:] = vid.draw_contours(panel, m)
+        white = (255, 255, 255) if masks is not None else 255
         vid.caption(left, "Original", white)
         vid.caption(right, label, white)
         out_dir.mkdir(parents=True, exist_ok=True)
         return vid.write_h264(vid.even(vid.side_by_side(left, right)), out_dir / f"{secrets.token_hex(8)}.mp4", fps)
-
-    def _side_by_side(self, case: LoadedCase, frames: np.ndarray, label: str, cf_meas: Measurement | None,
-                      contours: bool, out_dir: Path) -> Path:
-        """Original (looped to the counterfactual's length) | counterfactual, each PANEL_SIZE square, one MP4."""
-        length = frames.shape[0]
-        left = vid.resize_frames(vid.to_uint8(vid.loop_to_length(case.echo.frames, length)), PANEL_SIZE)
-        right = vid.resize_frames(vid.to_uint8(frames), PANEL_SIZE)
-        if contours:  # coloured outlines need RGB
-            left, right = vid.to_rgb(left), vid.to_rgb(right)
-            if case.measurement.lv_masks is not None:
-                left = vid.draw_contours(left, vid.loop_to_length(case.measurement.lv_masks, length))
-            if cf_meas is not None and cf_meas.lv_masks is not None:
-                right = vid.draw_contours(right, cf_meas.lv_masks)
-        white = (255, 255, 255) if contours else 255
-        vid.caption(left, "Original", white)
-        vid.caption(right, label, white)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return vid.write_h264(vid.side_by_side(left, right), out_dir / f"{secrets.token_hex(8)}.mp4", case.fps)

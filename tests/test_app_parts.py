@@ -148,3 +148,38 @@ def test_the_samples_es_marker_is_at_its_smallest_lv_area(tmp_path):
     assert case.cine.beats.method == "whole_loop" and case.n_frames == 16 and m.ed_index == 0
     off = abs(m.es_index - int(np.argmin(m.lv_area)))
     assert min(off, len(m.lv_area) - off) <= 1, (m.es_index, m.lv_area.round())
+
+
+def test_a_rendered_beat_reads_its_ef_on_key_frames_and_its_curve_after_the_video(tmp_path):
+    """On the 120-frame cine: each beat's motion gain is calibrated on first use, the EF on the video is read on the
+    beat's key frames (ED and around ES), and the full measurement after the video adds the whole beat's area curve
+    with the same EF, ED and ES; with contours every frame is segmented at once. The bundled generator, codec and
+    segmenter, without the slower EF posterior."""
+    from echolvfm_core.io import sample_cine_path
+
+    if sample_cine_path() is None:
+        pytest.skip("pydicom-data (color3d_jpeg_baseline.dcm) is not installed")
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("generator", "vae", "segmenter"):
+        (models / name).symlink_to(ASSETS / name)
+    engine = StudioEngine(models, device="cpu")
+    case = engine.load(sample_cine_path(), tmp_path / "work")
+    cine = case.cine
+    assert cine.labels is not None and len(cine.labels) == len(cine.grid)
+    again = engine.measure(cine.beat_frames(1)[1], case.echo)  # segmented anew: the same as the beat's slice
+    assert engine.beat_measurement(case, 1).ef == pytest.approx(again.ef)
+
+    result = engine.counterfactual(case, 30.0, tmp_path / "out", beat=1, seed=0)
+    n = result.display.shape[0]
+    seg = result.segmentation
+    assert result.video.is_file()
+    assert seg.key_frames is not None and len(seg.key_frames) < n // 2 and seg.lv_area is None
+    assert {seg.ed_index, seg.es_index} <= set(seg.key_frames)
+    assert abs(seg.ef - 30.0) <= 8, seg.ef  # the calibrated gain makes the beat follow the request
+    full = engine.measure_result(case, result)
+    assert full.ef == seg.ef and (full.ed_index, full.es_index) == (seg.ed_index, seg.es_index)
+    assert full.lv_area.shape == (n,) and full.lv_masks.shape[0] == n
+
+    outlined = engine.counterfactual(case, 30.0, tmp_path / "out", beat=1, seed=0, contours=True)
+    assert outlined.segmentation.key_frames is None and outlined.segmentation.lv_masks.shape[0] == n

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .. import realism as rz
 from ..beats import find_beats
 from ..echo import Echo
+from ..estimators.segmentation import measure_labels
 from ..preprocess import find_sector, preprocess
 from .evaluation import agreement, draw_gen_ef
 from .render import BeatRenderer, beat_ef, key_frames, to_model_grid
@@ -191,7 +192,7 @@ def evaluate_cine_realism(renderer: BeatRenderer, seg, cines: dict[str, Echo], s
         for b in beats.beats:
             src = display[b.start : b.stop]
             try:
-                src_m = seg.measure(pre.echo.frames[b.start : b.stop])
+                src_m = measure_labels(m.labels[b.start : b.stop])  # the beat's slice of the first pass
                 src_ef = float(src_m.ef)
             except ValueError as exc:
                 log.warning("%s: beat %d-%d skipped: %s", name, b.start, b.stop, exc)
