@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 import cv2
 import numpy as np
 import torch
+from scipy import ndimage
 
 from ..flows import Conditioning, MeanFlow
 
@@ -62,6 +63,9 @@ class PreparedBeat:
             re-timed so that its own end-systole falls on this frame (see :func:`_phase_positions`).
         gain: factor on the motion added to the acquired beat, ``D - S`` (1 by default; chosen per beat by
             :meth:`BeatRenderer.calibrate`).
+        filled: ``display`` with each pixel outside the fan set to its nearest pixel inside (what the warp samples,
+            so that tissue moved inward at the fan's edge brings texture, not the black outside; the output is cut
+            to the fan again).
         source_fields: per noise seed, the generator's field at ``source_ef`` (filled by
             :meth:`BeatRenderer.render`: the same for every requested EF, so a slider move runs the generator once).
     """
@@ -78,6 +82,10 @@ class PreparedBeat:
     es: int | None = None
     gain: float = 1.0
     source_fields: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    filled: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.filled = _fill_outside(self.display, self.mask)
 
     @property
     def length(self) -> int:
@@ -278,7 +286,7 @@ class BeatRenderer:
         fields = np.ascontiguousarray(per_frame.transpose(0, 2, 3, 1))  # (N, h, w, 2): x, y
         out = np.empty((beat.frames, side, side), dtype=np.float32)
         for j in range(beat.frames):
-            src = beat.display[0 if beat.still else j]
+            src = beat.filled[0 if beat.still else j]
             where = grid + cv2.resize(fields[j], (side, side), interpolation=cv2.INTER_LINEAR) * scale
             # Fixed-point maps (1/32 pixel, OpenCV's interpolation table step) spare remap a conversion per pixel.
             xy, frac = cv2.convertMaps(where, None, cv2.CV_16SC2)
@@ -307,6 +315,14 @@ def beat_ef(seg, frames: np.ndarray, key: tuple[int, ...] | None) -> float:
     """EF (%) of a beat on the model grid, (N, S, S) in [0, 1], read by the segmenter ``seg``
     (:class:`~echolvfm_core.estimators.segmentation.SegmentationEF`) on its :func:`key_frames` (all when None)."""
     return float(seg.measure(frames if key is None else frames[list(key)]).ef)
+
+
+def _fill_outside(frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(N, S, S) frames with every pixel outside ``mask`` replaced by the nearest pixel inside it."""
+    if mask.all() or not mask.any():
+        return frames
+    _, (iy, ix) = ndimage.distance_transform_edt(~mask, return_indices=True)
+    return frames[:, iy, ix]
 
 
 def _sample_time(frames: np.ndarray, pos: np.ndarray) -> np.ndarray:
