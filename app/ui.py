@@ -75,7 +75,10 @@ def about_markdown(engine: StudioEngine) -> str:
         "cines), the Studio finds the beats on the LV area curve and works on the beat you pick: the generator's "
         "displacement field at the requested EF, minus its field at the beat's own measured EF, moves every "
         "acquired frame of that beat. The speckle, resolution, framing and frame rate are the acquisition's; only "
-        "the wall motion changes. Loops shorter than a whole beat (the 30-frame sample) and the other "
+        "the wall motion changes. The generator learnt its motion on CAMUS hearts, so the first time a beat is "
+        "rendered its motion gain is calibrated on the beat itself (the gain whose renderings at 30 and 70 % the "
+        "segmenter measures closest to the request); the EF on the video is read on the beat's end-diastolic frame "
+        "and the frames around its end-systole. Loops shorter than a whole beat (the 30-frame sample) and the other "
         "observed-frame modes show the decoded 112-pixel loop instead, which is blurred.",
         "**Generated loops are synthetic.** They are not acquisitions of any patient, must not be used for "
         "diagnosis or treatment decisions, and downloaded files are marked as synthetic (DICOM: a derived, "
