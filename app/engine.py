@@ -692,7 +692,7 @@ class StudioEngine:
                 es = original.es_index if whole and original.es_index and original.es_index > 0 else None
                 beat = renderer.prepare(display, cine.mask, cine.fps, ed=0, source_ef=original.ef, es=es)
                 key = key_frames(len(display), beat.es, cine.fps)
-                renderer.calibrate(beat, lambda g: self._measured_ef(g, case.echo, key))
+                renderer.calibrate(beat, lambda g, es: self._measured_ef(g, case.echo, key))
                 cine.prepared[index] = beat
             prepared = cine.prepared[index]
             seeds = [seed + i for i in range(reject_k)]

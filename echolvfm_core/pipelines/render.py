@@ -108,6 +108,8 @@ class RenderedBeat:
         seed: noise seed of the generator.
         displacement: (N, 2, h, w) float32, the field (latent pixels) each output frame was warped by, before
             upsampling to the display grid.
+        es: the output frame of end-systole: the acquired beat's (where the generated one is put), or for a still
+            the generated cycle's (its largest displacement); None when unknown.
         timings_ms: "flow" (the generator), "warp" (rendering).
     """
 
@@ -116,6 +118,7 @@ class RenderedBeat:
     requested_ef: float
     seed: int
     displacement: np.ndarray
+    es: int | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -229,43 +232,46 @@ class BeatRenderer:
     def _render_fields(self, beat: PreparedBeat, fields: np.ndarray, seed: int, ef: float) -> RenderedBeat:
         """The beat moved by the generator's (2, L, h, w) ``fields`` at the requested EF ``ef``."""
         if beat.still:
-            delta, pos = fields, _phase_positions(beat.frames, fields.shape[1])
+            delta, pos = beat.gain * fields, _phase_positions(beat.frames, fields.shape[1])
+            es = min(beat.frames - 1, round(_contraction_peak(fields) * beat.frames / fields.shape[1]))
         else:
             source = self._source_field(beat, seed)
             delta = beat.gain * (fields - source)
             pos = _phase_positions(beat.frames, delta.shape[1], beat.es, _contraction_peak(source))
+            es = beat.es
         per_frame = _fields_per_frame(delta, pos, beat.periodic)  # (N, 2, h, w)
         return RenderedBeat(frames=self._warp(beat, per_frame), fps=beat.fps, requested_ef=float(ef), seed=int(seed),
-                            displacement=per_frame)
+                            displacement=per_frame, es=es)
 
-    def calibrate(self, beat: PreparedBeat, measure_ef: Callable[[np.ndarray], float],
+    def calibrate(self, beat: PreparedBeat, measure_ef: Callable[[np.ndarray, int | None], float],
                   requests: Sequence[float] = (30.0, 70.0), gains: Sequence[float] = CALIBRATION_GAINS,
                   seed: int = 0) -> dict[float, float]:
         """Choose the beat's motion gain (``beat.gain``) so that its renderings measure the EF they are asked for.
 
         The generator's fields were learnt on CAMUS hearts; on another heart the motion it adds to the acquired beat
-        (``D - S``) can move the measured EF by less (or more) than asked. Each gain is tried at each request on the
-        beat resampled to the model grid (a few milliseconds a rendering) and measured by ``measure_ef`` (a
-        callable: (N, grid, grid) frames in [0, 1] -> EF in %, e.g. the segmenter); the gain with the smallest mean
-        absolute error is kept. Only the acquired beat and the instrument are used, no label: the same on any input.
-        A still keeps gain 1.
+        (``D - S``, or ``D`` for a still) can move the measured EF by less (or more) than asked. Each gain is tried
+        at each request on the beat resampled to the model grid (a few milliseconds a rendering) and measured by
+        ``measure_ef`` (a callable: (N, grid, grid) frames in [0, 1] and the output frame of end-systole
+        (:attr:`RenderedBeat.es`) -> EF in %, e.g. the segmenter on :func:`key_frames`); the gain with the smallest
+        mean absolute error is kept. Only the acquired frames and the instrument are used, no label: the same on any
+        input.
 
         Returns:
             gain -> mean absolute error (EF points) over ``requests`` (inf where the instrument failed).
         """
-        if beat.still:
-            return {}
         small = replace(beat, display=to_model_grid(beat.display, self.grid), gain=1.0, source_fields={},
                         mask=cv2.resize(beat.mask.astype(np.uint8), (self.grid, self.grid),
                                         interpolation=cv2.INTER_NEAREST) > 0)
-        small.source_fields[int(seed)] = self._source_field(beat, seed)
+        if not beat.still:
+            small.source_fields[int(seed)] = self._source_field(beat, seed)
         fields = {ef: self.motion(beat, [ef], seed)[0] for ef in requests}
         errors = {}
         for gain in gains:
             small.gain, err = float(gain), []
             for ef in requests:
                 try:
-                    err.append(abs(measure_ef(self._render_fields(small, fields[ef], seed, ef).frames) - ef))
+                    out = self._render_fields(small, fields[ef], seed, ef)
+                    err.append(abs(measure_ef(out.frames, out.es) - ef))
                 except ValueError:
                     err.append(float("inf"))
             errors[float(gain)] = float(np.mean(err))
