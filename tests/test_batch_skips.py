@@ -148,7 +148,7 @@ def test_quiz_create_skips_a_pool_file_it_cannot_show(sample_path, tmp_path, cap
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "Left out 1: 'cine05b.avi' could not be decoded as a video" in out
-    from app.quiz.store import QuizStore
+    from echolvfm_core.quiz.store import QuizStore
 
     (study,) = QuizStore(db).studies()
     assert study.config["pool_beats"] == 2 and study.real_pool_source.endswith("3 cine files from "
