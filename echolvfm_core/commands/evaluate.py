@@ -263,9 +263,9 @@ def _camus_of(prepared: Path) -> Path:
 
 
 def _jepa(folder: Path, loops, args) -> dict:
-    from ..estimators.jepa import evaluate_jepa_section
+    from ..pipelines.jepa_eval import evaluate_jepa
 
-    return evaluate_jepa_section(folder, loops, args)
+    return evaluate_jepa(folder, loops, device=args.device or "cpu", seed=args.seed)
 
 
 #: ef_regression_jepa: the same posterior metrics for an EF regressor on the EchoJEPA backbone

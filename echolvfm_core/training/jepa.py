@@ -38,22 +38,27 @@ from ..data.jepa_masks import (
     MultiBlockMaskCollator,
     TimeStepMaskConfig,
 )
+from ..estimators.ef_posterior import clip_indices
 from ..estimators.jepa import (
-    PERTURBATIONS,
     PROBE_DIR,
     STATS_FILE,
     FeatureStats,
     effective_rank,
     encode_clips,
-    fit_probe,
-    fvd_jepa,
     fid_jepa,
+    fvd_jepa,
     loop_clips,
     predict,
     temporal_share,
 )
-from ..estimators.ef_posterior import clip_indices
-from ..models.jepa import AttentiveProbe, EchoJEPA, JEPAConfig, LinearProbe, VideoViT, jepa_preset
+from ..models.jepa import (
+    AttentiveProbe,
+    EchoJEPA,
+    JEPAConfig,
+    LinearProbe,
+    VideoViT,
+    jepa_preset,
+)
 from .augment import AugmentConfig, augment_batch
 from .common import (
     TrainingError,
@@ -66,6 +71,7 @@ from .common import (
     set_seed,
     warmup_cosine,
 )
+from .probes import PERTURBATIONS, fit_probe, perturbation
 
 __all__ = ["JEPATrainConfig", "TRAIN_PRESETS", "train_preset", "LoopClipSampler", "momentum",
            "target_features", "context_predictions", "jepa_loss", "fit", "evaluate_representation", "train"]
@@ -328,7 +334,7 @@ def evaluate_representation(model: EchoJEPA, random_model: EchoJEPA, train: dict
     for pname, pcfg in PERTURBATIONS.items():
         robust[pname] = {}
         for name, m in (("jepa", model), ("random", random_model)):
-            t = encode_clips(m.encoder, valid["clips"], perturb=pcfg, seed=seed)
+            t = encode_clips(m.encoder, valid["clips"], transform=perturbation(pcfg, seed))
             robust[pname][name] = _mae(probes[name], t, ef_va)
             if name == "jepa" and pname == "speckle":
                 speckled = t
