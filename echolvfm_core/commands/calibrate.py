@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         default_models_dir,
         load_generator,
     )
-    from ..pipelines.evaluation import _video
+    from ..pipelines.evaluation import cycle_frames
 
     gains, efs = _floats(args.gains, "gains"), _floats(args.efs, "efs")
     if min(gains) <= 0:
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"no CAMUS alpha = 1 loops of split '{args.split}' in {args.prepared}.")
     codec = EchoCodec.from_pretrained(models / "vae")
     seg = SegmentationEF.from_pretrained(models / "segmenter", tta=False)
-    videos = [_video(loops[i], flow.net.config.max_frames)[0] for i in index]
+    videos = [cycle_frames(loops[i], flow.net.config.max_frames)[0] for i in index]
     patients = [loops.manifest[i]["patient"] for i in index]
 
     results, skipped = [], []
