@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         result = bench_codec(EchoCodec.from_pretrained(need("vae"), device=args.device), frames=args.frames,
                              repeats=args.repeats)
     elif args.section == "generator":
-        from ..training.generator import bench_generator
+        from ..pipelines.bench import bench_generator
 
         result = bench_generator(preset=args.preset, batch=args.batch, device=args.device, dtype=args.dtype,
                                  frames=args.frames, repeats=args.repeats)

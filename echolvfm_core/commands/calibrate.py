@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
                          f"--patients {args.patients} --gains {args.gains} --efs {args.efs} --seed {args.seed}"}
     (gen_dir / CALIBRATION_FILE).write_text(json.dumps(report, indent=2))
     if (gen_dir / "training_config.json").is_file() and (gen_dir / "metrics.json").is_file():
-        from ..training.generator import write_model_card
+        from ..pipelines.generator_card import write_model_card
 
         write_model_card(gen_dir)
     for r in results:

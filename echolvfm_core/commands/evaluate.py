@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     metrics["not_evaluated"] = missing
     metrics["skipped"] = skipped
     if args.card and "generation" in metrics:
-        from ..training.generator import EVALUATION_FILE, write_model_card
+        from ..pipelines.generator_card import EVALUATION_FILE, write_model_card
 
         folder = models / SECTIONS["generation"]
         keep = {k: metrics[k] for k in ("split", "data", "seed", "generation")}
