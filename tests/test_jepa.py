@@ -178,7 +178,7 @@ def test_fit_saves_model_and_resumes(tmp_path):
 def test_train_command_needs_camus_loops_for_its_probes(tmp_path, capsys):
     """A phantom-only prepared folder has no EF labels for the probes: one-line error, exit 2, before any training."""
     from echolvfm_core.cli import main
-    from echolvfm_core.data.prepared import PrepareConfig, prepare
+    from echolvfm_core.data.prepare import PrepareConfig, prepare
 
     prepare(None, tmp_path / "prepared", PrepareConfig(phantom=6, loops_per_patient=2), progress=False)
     args = ["train", "jepa", "--data", str(tmp_path / "prepared"), "--preset", "tiny", "--out", str(tmp_path / "out")]

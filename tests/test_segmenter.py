@@ -299,7 +299,7 @@ def test_bench_segmenter_reports_timings():
 @pytest.fixture(scope="module")
 def phantom_prepared(tmp_path_factory):
     """A phantom-only prepared folder: 3 anatomies x 2 loops, split into train and valid."""
-    from echolvfm_core.data.prepared import PrepareConfig, prepare
+    from echolvfm_core.data.prepare import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("prepared")
     prepare(None, out, PrepareConfig(phantom=6, loops_per_patient=2), progress=False)

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _prepare_split(camus: Path, dest: Path, args: argparse.Namespace) -> Path:
     """Build the split's loops with the same code and settings as ``echolvfm prepare``."""
-    from ..data.prepared import PrepareConfig, prepare
+    from ..data.prepare import PrepareConfig, prepare
     from ..io.camus import camus_splits
 
     ids = [p for p, split in camus_splits(camus).items() if split == args.split]
