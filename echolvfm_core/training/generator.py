@@ -34,8 +34,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,14 +57,10 @@ from ..pipelines.counterfactual import save_generator
 from ..pipelines.generator_card import write_model_card
 from .common import (
     TrainingError,
-    ema_update,
-    load_checkpoint,
-    make_accelerator,
+    TrainingRun,
+    adamw_warmup_cosine,
+    ema_weights,
     preset_from_args,
-    progress,
-    save_checkpoint,
-    set_seed,
-    warmup_cosine,
 )
 
 if TYPE_CHECKING:
@@ -107,7 +102,8 @@ class GeneratorTrainConfig:
             :func:`as_linear_baseline`). linear: the linear flow's hyper-parameters (used with "linear" only).
         steps, batch_size: optimiser steps and clips per step (over all processes).
         lr, warmup, weight_decay: AdamW with linear warm-up, then cosine decay to 10 % of ``lr``.
-        grad_clip: max global gradient norm. ema_decay: EMA of the weights (warm-up ``(1+s)/(10+s)``).
+        grad_clip: max global gradient norm. ema_decay: EMA of the weights (diffusers ``EMAModel``, warm-up
+            ``(1+s)/(10+s)``).
         counterfactual_prob: share of clips conditioned on another loop of the same patient.
         random_start_prob: share of clips starting at a random frame instead of end-diastole.
         whole_cycle_prob: share of clips that hold the loop's whole cycle resampled to the clip length (nearest
@@ -470,10 +466,8 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
     Returns:
         The metrics dict (also ``out/metrics.json``).
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(device)
-    set_seed(seed)
+    run = TrainingRun(out, cfg.steps, seed, device, desc="generator", checkpoint_every=cfg.checkpoint_every)
+    accelerator, out = run.accelerator, run.out
     net = EchoVelocityUNet.from_preset(cfg.model)
     if init is not None:
         fresh = load_init_weights(net, init)
@@ -481,28 +475,27 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
     linear = cfg.objective == "linear"
     if not linear:
         net.null_ef.requires_grad_(False)  # MeanFlow does not drop the EF; frozen so DDP sees no unused parameter
-    ema = copy.deepcopy(net).requires_grad_(False).eval()
     flow = LinearFlow(net, cfg.linear) if linear else MeanFlow(net, cfg.flow)
-    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, cfg.steps, 0.1))
+    optimizer, scheduler = adamw_warmup_cosine([p for p in net.parameters() if p.requires_grad], cfg.lr,
+                                               cfg.weight_decay, cfg.warmup, cfg.steps, floor=0.1, betas=(0.9, 0.99))
     flow, optimizer, scheduler = accelerator.prepare(flow, optimizer, scheduler)
-    ema.to(accelerator.device)
-    accelerator.register_for_checkpointing(ema)
-    state = load_checkpoint(accelerator, out) if resume else {"step": 0}
-    step = start_step = int(state["step"])
-    history = list(state.get("history", []))
+    ema = run.ema(net, cfg.ema_decay)
+    run.restore(resume)
+    history = run.state.setdefault("history", [])
+
+    def ema_flow() -> MeanFlow | LinearFlow:
+        """The flow over the EMA weights (what sample grids show and what is saved)."""
+        averaged = ema_weights(ema, net)
+        return LinearFlow(averaged, cfg.linear) if linear else MeanFlow(averaged, cfg.flow)
 
     supervise_motion = not linear and cfg.flow.displacement_weight > 0
     sampler = ClipSampler(loops, cfg.observation, cfg.counterfactual_prob, cfg.random_start_prob, cfg.whole_cycle_prob,
                           deformations if supervise_motion else None)
     per_process = max(1, cfg.batch_size // accelerator.num_processes)
     preview_batch = _preview_batch(preview if preview is not None and len(preview) else loops, cfg)
-    ema_flow = LinearFlow(ema, cfg.linear) if linear else MeanFlow(ema, cfg.flow)
     parts_log: list[dict[str, float]] = []
-    bar = progress(accelerator, cfg.steps, step, desc="generator")
-    t0 = time.perf_counter()
-    while step < cfg.steps:
+    while run.step < cfg.steps:
+        step = run.step
         g = torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + accelerator.process_index)
         batch = sampler.batch(per_process, g).to(accelerator.device)
         noise_gen = torch.Generator(accelerator.device).manual_seed(seed * 1_000_033 + step * 31 + accelerator.process_index)
@@ -515,43 +508,36 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
             accelerator.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
-        ema_update(ema, accelerator.unwrap_model(flow).net, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        step += 1
-        bar.update(1)
+        ema.step(accelerator.unwrap_model(flow).net.parameters())
         parts_log.append({"loss": float(loss.loss.detach()), **{k: float(v) for k, v in loss.parts.items()}})
         recent = {k: float(np.mean([p[k] for p in parts_log[-50:] if k in p])) for k in parts_log[-1]}
-        bar.set_postfix({k: f"{v:.4f}" for k, v in recent.items() if k != "linear"})
-        if codec is not None and cfg.sample_every and step % cfg.sample_every == 0 and accelerator.is_main_process:
-            save_sample_grid(ema_flow, preview_batch, codec, out / "samples" / f"step_{step:06d}.png", seed=seed)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            history.append({"step": step, **recent})
-            save_checkpoint(accelerator, out, step, history=history)
-    bar.close()
-    elapsed = time.perf_counter() - t0
+        run.bar.set_postfix({k: f"{v:.4f}" for k, v in recent.items() if k != "linear"})
+        done = step + 1
+        if codec is not None and cfg.sample_every and done % cfg.sample_every == 0 and accelerator.is_main_process:
+            save_sample_grid(ema_flow(), preview_batch, codec, out / "samples" / f"step_{done:06d}.png", seed=seed)
+        if run.checkpoint_due():
+            history.append({"step": done, **recent})
+        run.advance()
+    summary = run.end()
+    final_flow = ema_flow()
     metrics = {
-        "steps": cfg.steps,
-        "resumed_from": start_step,
+        **summary,
         "final_loss": {k: float(np.mean([p[k] for p in parts_log[-50:] if k in p])) for k in parts_log[-1]}
         if parts_log else None,
-        "seconds": round(elapsed, 1),
-        "steps_per_second": round((step - start_step) / elapsed, 3) if elapsed > 0 and step > start_step else None,
-        "device": str(accelerator.device),
-        "processes": accelerator.num_processes,
-        "seed": seed,
         "n_loops": len(loops),
         "objective": cfg.objective,
         "init": None if init is None else str(init),
-        "parameters": sum(p.numel() for p in ema.parameters()),
+        "parameters": sum(p.numel() for p in final_flow.net.parameters()),
         "history": history,
     }
-    if accelerator.is_main_process:
-        final = out / "final"
-        save_generator(copy.deepcopy(ema).float().cpu(), final, cfg.objective, cfg.linear if linear else cfg.flow)
-        (final / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+
+    def save(final: Path) -> None:
+        save_generator(copy.deepcopy(final_flow.net).float().cpu(), final, cfg.objective,
+                       cfg.linear if linear else cfg.flow)
         if codec is not None:
-            save_sample_grid(ema_flow, preview_batch, codec, out / "samples" / "final.png", seed=seed)
-        save_checkpoint(accelerator, out, step, history=history)
+            save_sample_grid(final_flow, preview_batch, codec, out / "samples" / "final.png", seed=seed)
+
+    run.save_final(cfg, metrics, save)
     return metrics
 
 
