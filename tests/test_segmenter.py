@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -317,6 +318,9 @@ def test_train_command_writes_model_card_and_loads(phantom_prepared, tmp_path, c
     assert json.loads((out / "metrics.json").read_text())["steps"] == 2
     seg = SegmentationEF.from_pretrained(out / "final")
     assert seg.model.config.block_out_channels == list(segmenter_preset("tiny").block_out_channels)
+    # the script logs; the command shows the library's messages on standard output and leaves no handler behind
+    assert f"model written to {out / 'final'}" in capsys.readouterr().out.splitlines()
+    assert logging.getLogger("echolvfm_core").handlers == []
 
 
 def test_segment_command_on_the_dicom_sample(sample_path, tmp_path, capsys, monkeypatch):

@@ -593,7 +593,7 @@ def train(args: argparse.Namespace) -> int:
     write_model_card(Path(args.out) / "final", args, cfg, metrics, data)
     v = metrics.get("valid_alpha1")
     if v:
-        print(f"valid (alpha = 1): mae {v['mae']:.2f} rmse {v['rmse']:.2f} r2 {v['r2']:.3f} crps {v['crps']:.2f} "
-              f"coverage90 {v['coverage90']:.2f} (n={v['n']})")
-    print(f"model written to {Path(args.out) / 'final'}")
+        log.info("valid (alpha = 1): mae %.2f rmse %.2f r2 %.3f crps %.2f coverage90 %.2f (n=%d)", v["mae"], v["rmse"],
+                 v["r2"], v["crps"], v["coverage90"], v["n"])
+    log.info("model written to %s", Path(args.out) / "final")
     return 0

@@ -248,7 +248,8 @@ class LatentLoops:
                    list(d["patient"]), list(d["loop_id"]), d["fingerprint"])
 
 
-def _fingerprint(ds, codec) -> str:
+def _source_hash(ds, codec) -> str:
+    """Hash of the data folder view (meta, loop IDs) and the codec (config, latent statistics) latents come from."""
     h = hashlib.sha256()
     h.update(json.dumps(ds.meta, sort_keys=True, default=str).encode())
     h.update(json.dumps([r["loop_id"] for r in ds.manifest]).encode())
@@ -261,7 +262,7 @@ def encode_loops(ds, codec, cache: Path | None = None, desc: str = "encode loops
     """Encode every loop of ``ds`` (a ``PreparedLoops`` view) with ``codec``; reuse / write ``cache`` when given."""
     from tqdm.auto import tqdm
 
-    fp = _fingerprint(ds, codec)
+    fp = _source_hash(ds, codec)
     if cache is not None and Path(cache).is_file():
         loaded = LatentLoops.load(Path(cache))
         if loaded.fingerprint == fp:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -72,6 +73,8 @@ from .probes import PERTURBATIONS, fit_probe, perturbation
 
 __all__ = ["JEPATrainConfig", "TRAIN_PRESETS", "train_preset", "LoopClipSampler", "momentum",
            "target_features", "context_predictions", "jepa_loss", "fit", "evaluate_representation", "train"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -471,8 +474,8 @@ def train(args: argparse.Namespace) -> int:
     used = [i for p in train_ds.patients for i in train_ds.loops_of(p)[: cfg.loops_per_patient]]
     sampler = LoopClipSampler(train_ds, cfg, used)
     model, train_metrics = fit(sampler, cfg, out, seed=args.seed, device=args.device, resume=args.resume)
-    print(f"trained: loss {train_metrics['first_loss']:.4f} -> {train_metrics['final_loss']:.4f} "
-          f"in {train_metrics['seconds'] / 60:.1f} min; measuring the representation")
+    log.info("trained: loss %.4f -> %.4f in %.1f min; measuring the representation", train_metrics["first_loss"],
+             train_metrics["final_loss"], train_metrics["seconds"] / 60)
 
     t0 = time.perf_counter()
     t, s = cfg.model.num_frames, cfg.model.frame_size
@@ -506,7 +509,7 @@ def train(args: argparse.Namespace) -> int:
     }
     write_model_card(out, args, cfg, metrics, data)
     j, rnd = rep["jepa"], rep["random"]
-    print(f"valid attentive-probe EF MAE {j['attentive_mae']:.2f} (random encoder {rnd['attentive_mae']:.2f}), "
-          f"linear {j['linear_mae']:.2f}; fvd_jepa {rep['fvd_jepa']}")
-    print(f"model written to {final}")
+    log.info("valid attentive-probe EF MAE %.2f (random encoder %.2f), linear %.2f; fvd_jepa %s", j["attentive_mae"],
+             rnd["attentive_mae"], j["linear_mae"], rep["fvd_jepa"])
+    log.info("model written to %s", final)
     return 0

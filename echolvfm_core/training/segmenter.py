@@ -282,7 +282,7 @@ def train(args: argparse.Namespace) -> int:
     write_model_card(Path(args.out) / "final", args, cfg, metrics, data)
     valid = metrics.get("valid")
     if valid:
-        print(f"valid: dice_lv {valid['dice_lv']:.3f} dice_myo {valid['dice_myo']:.3f} dice_la {valid['dice_la']:.3f} "
-              f"ef_mae {valid['ef_mae']:.2f} (n={valid['n']})")
-    print(f"model written to {Path(args.out) / 'final'}")
+        log.info("valid: dice_lv %.3f dice_myo %.3f dice_la %.3f ef_mae %.2f (n=%d)", valid["dice_lv"], valid["dice_myo"],
+                 valid["dice_la"], valid["ef_mae"], valid["n"])
+    log.info("model written to %s", Path(args.out) / "final")
     return 0

@@ -371,11 +371,11 @@ def train(args: argparse.Namespace) -> int:
     train_ds = PreparedLoops(args.data, split="train", source=None if cfg.phantom else "camus")
     real_train = PreparedLoops(args.data, split="train").real_frames()
     real = real_train.images
-    print(f"rendering {min(cfg.loop_pool, len(train_ds))} of {len(train_ds)} training loops ...", flush=True)
+    log.info("rendering %d of %d training loops ...", min(cfg.loop_pool, len(train_ds)), len(train_ds))
     loops = loop_frames(train_ds, cfg.loop_pool, cfg.frames_per_loop, seed=args.seed)
     pool = FramePool(real, loops if len(loops) else None, cfg.loop_fraction)
     valid = PreparedLoops(args.data, split="valid").real_frames().images
-    print(f"training frames: {len(pool.real)} real, {len(pool.loops)} from loops; valid frames: {len(valid)}")
+    log.info("training frames: %d real, %d from loops; valid frames: %d", len(pool.real), len(pool.loops), len(valid))
     n_patients = len(set(real_train.patients))
     data = (f"{len(pool.real)} real ED / ES frames ({n_patients} patients, train split) and {len(pool.loops)} frames of "
             f"{min(cfg.loop_pool, len(train_ds))} prepared {'loops' if cfg.phantom else 'CAMUS loops'}")
@@ -383,6 +383,6 @@ def train(args: argparse.Namespace) -> int:
                   valid_images=valid if len(valid) else None, data=data)
     if "valid" in metrics:
         v = metrics["valid"]
-        print(f"valid: ssim {v['ssim']:.4f} psnr {v['psnr']:.2f} dB (n={v['n']})")
-    print(f"codec written to {Path(args.out) / 'final'}")
+        log.info("valid: ssim %.4f psnr %.2f dB (n=%d)", v["ssim"], v["psnr"], v["n"])
+    log.info("codec written to %s", Path(args.out) / "final")
     return 0
