@@ -158,7 +158,7 @@ def vae_loss(vae, x: torch.Tensor, cfg: VAETrainConfig, generator: torch.Generat
     recon = (vae.decode(z).sample.float() + 1.0) * 0.5
     l1 = (recon - x).abs().mean()
     one_minus_ssim = 1.0 - ssim_map(recon, x).mean()
-    kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
+    kl = posterior.kl().float().mean() / posterior.mean[0].numel()  # KL to N(0, I) per latent element
     total = l1 + cfg.ssim_weight * one_minus_ssim + cfg.kl_weight * kl
     return VAELoss(total, float(l1.detach()), float(one_minus_ssim.detach()), float(kl.detach()))
 
