@@ -14,7 +14,6 @@ raters, "Measuring nominal scale agreement among many raters", Psychol. Bull. 76
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -138,34 +137,38 @@ def binomial_summary(k: int, n: int, p0: float = 0.5, level: float = 0.95) -> Bi
 
 
 def cohen_kappa(a: Sequence[str], b: Sequence[str]) -> float | None:
-    """Cohen's kappa of two raters over the same items: (p_o - p_e) / (1 - p_e).
+    """Cohen's kappa of two raters over the same items: (p_o - p_e) / (1 - p_e) (statsmodels' ``cohens_kappa`` of
+    their contingency table).
 
     ``a[i]`` and ``b[i]`` are the two raters' labels for item i (any hashable labels). Returns ``None`` when there
     are no items or when chance agreement p_e is 1 (both raters used one and the same label throughout).
     """
+    from statsmodels.stats.inter_rater import cohens_kappa
+
     if len(a) != len(b):
         raise ValueError(f"the two raters must rate the same items; got {len(a)} and {len(b)} labels.")
-    n = len(a)
-    if n == 0:
-        return None
     labels = sorted(set(a) | set(b), key=str)
-    p_o = sum(x == y for x, y in zip(a, b)) / n
-    p_e = sum((list(a).count(c) / n) * (list(b).count(c) / n) for c in labels)
-    if math.isclose(p_e, 1.0):
+    if len(labels) < 2:  # no items, or p_e = 1
         return None
-    return (p_o - p_e) / (1.0 - p_e)
+    index = {label: i for i, label in enumerate(labels)}
+    table = np.zeros((len(labels), len(labels)))
+    for x, y in zip(a, b):
+        table[index[x], index[y]] += 1
+    return float(cohens_kappa(table, return_results=False))
 
 
 def fleiss_kappa(counts: np.ndarray) -> float | None:
-    """Fleiss' kappa from a count table.
+    """Fleiss' kappa from a count table (statsmodels' ``fleiss_kappa``; Fleiss (1971) eqs. 2-9).
 
     Args:
         counts: int array (N subjects, k categories); ``counts[i, j]`` = raters who put subject i in category j.
             Every row must sum to the same number of raters n >= 2.
 
     Returns kappa = (P_bar - P_e) / (1 - P_e), or ``None`` for zero subjects or when P_e is 1 (all ratings in one
-    category). Fleiss (1971) eqs. 2-9.
+    category).
     """
+    from statsmodels.stats import inter_rater
+
     counts = np.asarray(counts)
     if counts.ndim != 2:
         raise ValueError(f"counts must be (subjects, categories); got shape {counts.shape}.")
@@ -179,15 +182,9 @@ def fleiss_kappa(counts: np.ndarray) -> float | None:
         raise ValueError(
             f"every subject needs the same number (>= 2) of ratings; got row sums {sorted(set(per_row.tolist()))}."
         )
-    counts = counts.astype(np.float64)
-    n_subjects = counts.shape[0]
-    p_j = counts.sum(axis=0) / (n_subjects * n)
-    p_i = (np.sum(counts**2, axis=1) - n) / (n * (n - 1))
-    p_bar = float(p_i.mean())
-    p_e = float(np.sum(p_j**2))
-    if math.isclose(p_e, 1.0):
+    if np.count_nonzero(counts.sum(axis=0)) < 2:  # P_e = 1
         return None
-    return (p_bar - p_e) / (1.0 - p_e)
+    return float(inter_rater.fleiss_kappa(counts, method="fleiss"))
 
 
 @dataclass(frozen=True)

@@ -148,7 +148,7 @@ def test_quiz_create_skips_a_pool_file_it_cannot_show(sample_path, tmp_path, cap
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "Left out 1: 'cine05b.avi' could not be decoded as a video" in out
-    from app.quiz.store import QuizStore
+    from echolvfm_core.quiz.store import QuizStore
 
     (study,) = QuizStore(db).studies()
     assert study.config["pool_beats"] == 2 and study.real_pool_source.endswith("3 cine files from "
@@ -162,8 +162,8 @@ def test_quiz_create_skips_an_unreadable_camus_patient(odd_camus, tmp_path, caps
     import torch
     from test_quiz_ui import build_quiz_models, dicom_pool, fake_measure
 
-    from app.quiz.store import QuizStore
     from echolvfm_core.estimators.segmentation import SegmentationEF
+    from echolvfm_core.quiz.store import QuizStore
 
     monkeypatch.setattr(SegmentationEF, "measure", fake_measure)  # the tiny random segmenter finds no LV
     models = build_quiz_models(tmp_path / "models")

@@ -507,7 +507,8 @@ def test_bench_posterior_reports_timings():
 
 def test_train_command_writes_model_card_and_loads(tmp_path):
     from echolvfm_core.cli import main
-    from echolvfm_core.data.prepared import PrepareConfig, PreparedLoops, prepare
+    from echolvfm_core.data.prepare import PrepareConfig, prepare
+    from echolvfm_core.data.prepared import PreparedLoops
 
     data = tmp_path / "prepared"
     prepare(None, data, PrepareConfig(phantom=6, loops_per_patient=2), progress=False)
@@ -574,7 +575,7 @@ def test_jepa_backbone_is_frozen_and_its_pooling_trains(loops):
 
 def test_train_command_with_the_jepa_backbone(tmp_path):
     from echolvfm_core.cli import main
-    from echolvfm_core.data.prepared import PrepareConfig, prepare
+    from echolvfm_core.data.prepare import PrepareConfig, prepare
 
     jepa = _small_jepa()
     jepa.save_pretrained(tmp_path / "jepa")

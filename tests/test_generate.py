@@ -12,6 +12,8 @@ from echolvfm_core.cli import main
 from echolvfm_core.flows import MeanFlow, MeanFlowConfig, ObservationConfig
 from echolvfm_core.models.unet import EchoVelocityUNet
 from echolvfm_core.models.vae import EchoCodec, build_vae
+from echolvfm_core.pipelines import generator_card
+from echolvfm_core.pipelines.bench import bench_generator
 from echolvfm_core.pipelines.counterfactual import (
     FLOW_FILE,
     CounterfactualPipeline,
@@ -279,9 +281,9 @@ def test_training_writes_final_model_samples_and_resumes(tmp_path, codec):
     agree = {"r2": 0.25, "mae": 9.5, "rmse": 12.0, "n": 6, "unmeasured": 0}
     generation = {**{k: agree for k in ("rec", "gen", "rec_reject", "gen_reject")}, "es_ssim": 0.61, "n": 2,
                   "seeds": 3, "reject": 4}
-    (out / "final" / gen_train.EVALUATION_FILE).write_text(json.dumps(
+    (out / "final" / generator_card.EVALUATION_FILE).write_text(json.dumps(
         {"split": "valid", "data": "prep", "seed": 0, "generation": generation}))
-    card = gen_train.write_model_card(out / "final").read_text()
+    card = generator_card.write_model_card(out / "final").read_text()
     assert "| Rec | 0.250 | 9.50 | 12.00 | 6 | 0 |" in card and "ES SSIM" in card and "Not measured" not in card
     # Resume: one more step from the checkpoint at step 4, the latent cache is reused.
     mtime = (out / "latents_train.pt").stat().st_mtime
@@ -292,7 +294,7 @@ def test_training_writes_final_model_samples_and_resumes(tmp_path, codec):
 
 
 def test_bench_generator_reports_both_samplers_and_training_steps():
-    r = gen_train.bench_generator("tiny", batch=1, device="cpu", frames=4, repeats=1, linear_steps=2)
+    r = bench_generator("tiny", batch=1, device="cpu", frames=4, repeats=1, linear_steps=2)
     assert r["one_step"]["videos_per_s"] > 0 and r["linear"]["network_calls"] == 4
     assert r["speedup"] > 0 and r["train_step"]["meanflow_jvp"]["ms"] > 0 and r["train_step"]["ratio"] > 0
 
@@ -443,9 +445,9 @@ def test_model_card_shows_the_objective_the_seed_spread_and_the_linear_baseline(
            "ms_per_video": 40.0, "seed_spread": spread,
            "baseline": {"folder": "runs/lin", "solver": "midpoint", "speed_ratio": 40.0, "speed_ratio_guided": 75.0,
                         **rows}}
-    (final / gen_train.EVALUATION_FILE).write_text(json.dumps({"split": "valid", "data": "prep", "seed": 0,
+    (final / generator_card.EVALUATION_FILE).write_text(json.dumps({"split": "valid", "data": "prep", "seed": 0,
                                                                "generation": gen}))
-    card = gen_train.write_model_card(final).read_text()
+    card = generator_card.write_model_card(final).read_text()
     assert "One-step latent MeanFlow generator" in card and "masked MeanFlow on 50% of the steps" in card
     assert "Improved Mean Flows" in card and "Warm start: `assets/generator`" in card
     assert "| Rec | 0.700 | 5.50 |" in card and "best of k |" not in card  # evaluated without rejection

@@ -21,7 +21,6 @@ from echolvfm_core.estimators.jepa import (
     effective_rank,
     encode_clips,
     fid_jepa,
-    fit_probe,
     fvd_jepa,
     loop_clips,
     predict,
@@ -48,6 +47,7 @@ from echolvfm_core.training.jepa import (
     target_features,
     train_preset,
 )
+from echolvfm_core.training.probes import PERTURBATIONS, fit_probe, perturbation
 
 GRID = (8, 7, 7)
 
@@ -178,7 +178,7 @@ def test_fit_saves_model_and_resumes(tmp_path):
 def test_train_command_needs_camus_loops_for_its_probes(tmp_path, capsys):
     """A phantom-only prepared folder has no EF labels for the probes: one-line error, exit 2, before any training."""
     from echolvfm_core.cli import main
-    from echolvfm_core.data.prepared import PrepareConfig, prepare
+    from echolvfm_core.data.prepare import PrepareConfig, prepare
 
     prepare(None, tmp_path / "prepared", PrepareConfig(phantom=6, loops_per_patient=2), progress=False)
     args = ["train", "jepa", "--data", str(tmp_path / "prepared"), "--preset", "tiny", "--out", str(tmp_path / "out")]
@@ -348,6 +348,18 @@ def test_fvd_and_fid_jepa_with_cached_stats(tmp_path):
     assert fvd_jepa(noisy, GRID, cached) > 1e-3
 
 
+def test_encode_clips_applies_a_transform_to_each_batch_and_a_perturbation_is_seeded():
+    model = _tiny()
+    g = np.random.default_rng(2)
+    clips = loop_clips([g.integers(0, 255, (20, 112, 112), dtype=np.uint8) for _ in range(3)], 16, 112)
+    dark = encode_clips(model.encoder, clips, transform=torch.zeros_like, batch_size=2)
+    assert torch.equal(dark, encode_clips(model.encoder, torch.zeros_like(clips)))
+    speckled = [encode_clips(model.encoder, clips, transform=perturbation(PERTURBATIONS["speckle"], seed), batch_size=2)
+                for seed in (0, 0, 1)]
+    assert torch.equal(speckled[0], speckled[1]) and not torch.equal(speckled[0], speckled[2])
+    assert not torch.equal(speckled[0], encode_clips(model.encoder, clips))
+
+
 class _Loops:
     """A stand-in for PreparedLoops: ``manifest`` rows and items with ``frames``."""
 
@@ -364,13 +376,8 @@ class _Loops:
 
 
 def test_evaluate_section_without_generator_uses_cached_real_stats(tmp_path):
-    from argparse import Namespace
-
-    from echolvfm_core.estimators.jepa import (
-        PROBE_DIR,
-        STATS_FILE,
-        evaluate_jepa_section,
-    )
+    from echolvfm_core.estimators.jepa import PROBE_DIR, STATS_FILE
+    from echolvfm_core.pipelines.jepa_eval import evaluate_jepa
 
     folder = tmp_path / "jepa"
     model = _tiny()
@@ -379,7 +386,7 @@ def test_evaluate_section_without_generator_uses_cached_real_stats(tmp_path):
     loops = _Loops(5)
     tokens = encode_clips(model.encoder, loop_clips(loops.frames, 16, 112))
     FeatureStats.from_tokens(tokens, GRID).save(folder / STATS_FILE)
-    out = evaluate_jepa_section(folder, loops, Namespace(device="cpu", seed=0))
+    out = evaluate_jepa(folder, loops, device="cpu", seed=0)
     assert out["n"] == 5 and np.isfinite(out["probe_mae"])
     assert out["fvd_jepa"] == pytest.approx(0.0, abs=1e-6) and out["fid_jepa"] == pytest.approx(0.0, abs=1e-6)
     assert "no generator" in out["compared"]

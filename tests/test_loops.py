@@ -126,7 +126,7 @@ def test_errors():
 @pytest.mark.camus
 def test_real_patient_pair(camus_root):
     """A real CAMUS pair: registration SSIM at the ES phase and the alpha = 1 EF."""
-    from echolvfm_core.data.prepared import _load_patients
+    from echolvfm_core.data.prepare import _load_patients
 
     (x,) = _load_patients(str(camus_root), ["patient0001"], 112, 2)
     vel = L.register_pairs(x.images[:1], x.images[1:], x.labels[:1], x.labels[1:], FAST)[0]

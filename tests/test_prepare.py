@@ -9,13 +9,12 @@ import torch
 
 from echolvfm_core.cli import main
 from echolvfm_core.data.loops import RegistrationConfig, exp_velocity, warp
+from echolvfm_core.data.prepare import PrepareConfig, prepare
 from echolvfm_core.data.prepared import (
     MANIFEST_FIELDS,
     LoopSample,
-    PrepareConfig,
     PreparedLoops,
     collate_loops,
-    prepare,
 )
 from echolvfm_core.ef import ejection_fraction, lv_volumes
 

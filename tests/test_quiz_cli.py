@@ -9,8 +9,8 @@ from fractions import Fraction
 import pytest
 from scipy.stats import beta
 
-from app.quiz.store import CaseRecord, QuizStore, StudyRecord, utc_now
 from echolvfm_core.cli import main
+from echolvfm_core.quiz.store import CaseRecord, QuizStore, StudyRecord, utc_now
 
 # Two readers, 120 cases each (60 real, 60 synthetic); pooled R as R 59, R as S 61, S as R 40, S as S 80.
 READERS = {"cardiologist-A": (30, 30, 20, 40), "cardiologist-B": (29, 31, 20, 40)}
@@ -85,7 +85,8 @@ def test_report_errors(tmp_path, capsys):
 
 
 def test_results_figures(db):
-    from app.quiz.results import accuracy_figure, confusion_figure, study_report
+    from app.quiz.results import accuracy_figure, confusion_figure
+    from echolvfm_core.quiz.report import study_report
 
     r = study_report(QuizStore(db), "paper")
     heat = confusion_figure(r["confusion"]).data[0]

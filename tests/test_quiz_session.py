@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from app.quiz.store import CaseRecord, QuizStore, StudyRecord, utc_now
-from app.quiz.study import CaseView, ReaderSession, load_study, reader_order
+from echolvfm_core.quiz.store import CaseRecord, QuizStore, StudyRecord, utc_now
+from echolvfm_core.quiz.study import CaseView, ReaderSession, load_study, reader_order
 
 ROOT = Path(__file__).resolve().parents[1]
 N_CAL, N_SCORED = 4, 20
@@ -171,7 +171,7 @@ def test_ten_session_readers_in_threads_and_processes(tmp_path):
 KILLED_WORKER = textwrap.dedent(
     """
     import sys
-    from app.quiz.study import ReaderSession
+    from echolvfm_core.quiz.study import ReaderSession
     db, readers = sys.argv[1], sys.argv[2:]
     sessions = [ReaderSession(db, "s1", r) for r in readers]
     while True:

@@ -194,7 +194,7 @@ def test_bad_input_is_rejected():
 
 def test_share_judged_synthetic_per_generator_and_its_report_lines():
     """Two generators, 10 answers on each one's cases: 7 and 3 judged synthetic; real cases carry no method."""
-    from app.quiz.results import format_report
+    from echolvfm_core.quiz.report import format_report
 
     records = [AnswerRecord("r", f"a{i}", "synthetic", "synthetic" if i < 7 else "real", 3, 1000, 40.0, "one-step")
                for i in range(10)]

@@ -8,7 +8,13 @@ import threading
 
 import pytest
 
-from app.quiz.store import CaseRecord, QuizStore, StudyRecord, results_to_csv, utc_now
+from echolvfm_core.quiz.store import (
+    CaseRecord,
+    QuizStore,
+    StudyRecord,
+    results_to_csv,
+    utc_now,
+)
 
 N_CASES = 12
 N_READERS = 10
@@ -140,7 +146,7 @@ def test_csv_export(tmp_path):
 
 
 def test_a_version_1_database_gains_the_method_and_source_of_each_case(tmp_path):
-    from app.quiz.store import SCHEMA_VERSION
+    from echolvfm_core.quiz.store import SCHEMA_VERSION
 
     path = tmp_path / "v1.sqlite"
     store = QuizStore(path)

@@ -9,11 +9,16 @@ import cv2
 import numpy as np
 import pytest
 
-from app.quiz.pool import PoolBeat
-from app.quiz.present import VideoSpec, file_features
-from app.quiz.store import QuizStore
-from app.quiz.study import ReaderSession, StudyTooDetectable, create_study, load_study
 from echolvfm_core.echo import ClinicalInfo, Echo, EchoLoadError
+from echolvfm_core.quiz.pool import PoolBeat
+from echolvfm_core.quiz.present import VideoSpec, file_features
+from echolvfm_core.quiz.store import QuizStore
+from echolvfm_core.quiz.study import (
+    ReaderSession,
+    StudyTooDetectable,
+    create_study,
+    load_study,
+)
 
 SPEC = VideoSpec(size=48, fps=25.0, n_frames=16)
 EF_RANGE = (25.0, 70.0)
@@ -205,13 +210,16 @@ def test_a_study_of_the_built_in_cine_shows_nothing_at_file_level(tmp_path):
     """Acceptance of #28: 20 scored + 4 practice cases cut from the bundled 120-frame cine's whole beats, the
     synthetic ones rendered by the bundled generator, at the default presentation: no file-level feature has an AUC
     above 0.65 (all but the names are identical)."""
-    from app.quiz.pool import acquired_pool
-    from app.quiz.synth import BeatSynth
     from echolvfm_core.estimators.segmentation import SegmentationEF
     from echolvfm_core.io import sample_cine_path
     from echolvfm_core.models.vae import EchoCodec
-    from echolvfm_core.pipelines.counterfactual import default_models_dir, load_generator
+    from echolvfm_core.pipelines.counterfactual import (
+        default_models_dir,
+        load_generator,
+    )
     from echolvfm_core.pipelines.render import BeatRenderer
+    from echolvfm_core.quiz.pool import acquired_pool
+    from echolvfm_core.quiz.synth import BeatSynth
 
     root = default_models_dir()
     if sample_cine_path() is None:

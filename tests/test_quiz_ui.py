@@ -16,10 +16,10 @@ import torch
 from test_app_server import CHROMIUM, ONE_THREAD, build_tiny_models
 from test_quiz_study import fan_echo
 
-from app.quiz.store import QuizStore
-from app.quiz.study import load_study
 from echolvfm_core.cli import main
 from echolvfm_core.io import write_dicom
+from echolvfm_core.quiz.store import QuizStore
+from echolvfm_core.quiz.study import load_study
 
 POOL_LABEL = "unit-test fan phantoms"
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -299,7 +300,7 @@ def test_bench_segmenter_reports_timings():
 @pytest.fixture(scope="module")
 def phantom_prepared(tmp_path_factory):
     """A phantom-only prepared folder: 3 anatomies x 2 loops, split into train and valid."""
-    from echolvfm_core.data.prepared import PrepareConfig, prepare
+    from echolvfm_core.data.prepare import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("prepared")
     prepare(None, out, PrepareConfig(phantom=6, loops_per_patient=2), progress=False)
@@ -317,6 +318,9 @@ def test_train_command_writes_model_card_and_loads(phantom_prepared, tmp_path, c
     assert json.loads((out / "metrics.json").read_text())["steps"] == 2
     seg = SegmentationEF.from_pretrained(out / "final")
     assert seg.model.config.block_out_channels == list(segmenter_preset("tiny").block_out_channels)
+    # the script logs; the command shows the library's messages on standard output and leaves no handler behind
+    assert f"model written to {out / 'final'}" in capsys.readouterr().out.splitlines()
+    assert logging.getLogger("echolvfm_core").handlers == []
 
 
 def test_segment_command_on_the_dicom_sample(sample_path, tmp_path, capsys, monkeypatch):

@@ -192,6 +192,19 @@ def test_ssim_loss_matches_skimage():
     assert ours == pytest.approx(ssim(x.numpy(), y.numpy(), per_image=True), abs=1e-6)
 
 
+def test_vae_loss_kl_is_the_per_element_kl_to_a_standard_normal():
+    """Known answer: KL(N(mu, s^2) || N(0, 1)) = (mu^2 + s^2 - 1 - log s^2) / 2, averaged over latent elements."""
+    torch.manual_seed(0)
+    model = build_vae("tiny")
+    x = speckle(2, 32)[:, None]
+    with torch.no_grad():
+        posterior = model.encode(x * 2.0 - 1.0).latent_dist
+        mu, logvar = posterior.mean.double(), posterior.logvar.double()
+        expected = float((0.5 * (mu**2 + logvar.exp() - 1.0 - logvar)).mean())
+        got = vae_loss(model, x, train_preset("tiny"), torch.Generator().manual_seed(0)).kl
+    assert got == pytest.approx(expected, rel=1e-5) and got > 0
+
+
 def test_frame_pool_mixes_and_crops():
     real = np.zeros((5, 16, 16), np.uint8)
     loops = np.full((7, 16, 16), 255, np.uint8)

@@ -1,8 +1,8 @@
 """Plain callbacks of the Quiz and Results tabs (the layout lives in :mod:`app.quiz.tabs`).
 
 Blinding: what a quiz callback returns is exactly what the browser gets, so it returns only a copy of the case's
-video under a fresh random name (no metadata, see :func:`app.quiz.create_study`), the reader's progress and, for
-calibration cases only, feedback. The truth of a scored case, its EF, its token's meaning and the study's media
+video under a fresh random name (no metadata, see :func:`echolvfm_core.quiz.create_study`), the reader's progress
+and, for calibration cases only, feedback. The truth of a scored case, its EF, its token's meaning and the study's media
 folder never leave the server; the case on screen is kept in the per-session ``gr.State`` (server side).
 A reader's progress lives in the database, so closing the browser or restarting the server loses nothing: entering
 the same reader ID again resumes at the first unanswered case.
@@ -21,18 +21,17 @@ from pathlib import Path
 
 import gradio as gr
 
+from echolvfm_core.quiz.report import automatic_reader_text, format_report, study_report
+from echolvfm_core.quiz.store import QuizStore, results_to_csv
+from echolvfm_core.quiz.study import AnswerFeedback, CaseView, ReaderSession
+
 from ..callbacks import user_errors
 from .results import (
     accuracy_figure,
-    automatic_reader_text,
     confusion_figure,
-    format_report,
     readers_confusion_figure,
     save_pngs,
-    study_report,
 )
-from .store import QuizStore, results_to_csv
-from .study import AnswerFeedback, CaseView, ReaderSession
 
 __all__ = ["ReaderState", "QuizCallbacks", "ResultsCallbacks", "drop_folder"]
 

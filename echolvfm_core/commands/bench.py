@@ -1,22 +1,34 @@
 """``echolvfm bench SECTION``: speed benchmarks (never timed unit tests). Writes JSON that docs/benchmarks.md cites.
 
 Sections: ``codec`` (VAE encode/decode of a loop), ``generator`` (one-step vs multi-step sampling, MeanFlow+JVP vs
-flow-matching training step, random weights of a preset), ``segmenter`` and ``posterior`` (the EF instruments),
-``app`` (slider release to playable video through the app's API). Each result records the machine it ran on.
+flow-matching training step, random weights of a preset), ``segmenter`` and ``posterior`` (the EF instruments), and
+one section per :data:`ENTRY_POINT_GROUP` entry point of the installed packages: the app declares ``app`` (slider
+release to playable video through its API, ``app.bench:benchmark_app``) in pyproject.toml, so the library never
+imports the app. Each result records the machine it ran on.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+from importlib.metadata import entry_points
 from pathlib import Path
 
-SECTIONS = ("codec", "generator", "segmenter", "posterior", "app")
+#: Sections measured by the library itself.
+SECTIONS = ("codec", "generator", "segmenter", "posterior")
+#: Entry points of this group add sections: each names a callable ``(models: Path, device: str, n: int,
+#: threads: int | None, case: str) -> dict`` (``n``: timed repeats; ``case``: the ``--case`` flag).
+ENTRY_POINT_GROUP = "echolvfm.bench"
+
+
+def _installed_sections() -> dict:
+    """Section name -> entry point, for the sections that installed packages add."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in SECTIONS}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="speed benchmarks (JSON results for docs/benchmarks.md)")
-    p.add_argument("section", choices=SECTIONS)
+    p.add_argument("section", choices=SECTIONS + tuple(sorted(_installed_sections())))
     p.add_argument("--models", default=None, help="models folder (default: the bundled assets/)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="generator: float32, bfloat16 or float16")
@@ -80,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         result = bench_codec(EchoCodec.from_pretrained(need("vae"), device=args.device), frames=args.frames,
                              repeats=args.repeats)
     elif args.section == "generator":
-        from ..training.generator import bench_generator
+        from ..pipelines.bench import bench_generator
 
         result = bench_generator(preset=args.preset, batch=args.batch, device=args.device, dtype=args.dtype,
                                  frames=args.frames, repeats=args.repeats)
@@ -97,10 +109,8 @@ def run(args: argparse.Namespace) -> int:
         result = bench_posterior(EFPosteriorEstimator.from_pretrained(need("ef_regressor"), device=args.device),
                                  frames=args.frames, repeats=args.repeats)
     else:
-        from app.bench import benchmark_app
-
-        result = benchmark_app(models=models, device=args.device, n=args.repeats, threads=args.threads,
-                               case=args.case)
+        benchmark = _installed_sections()[args.section].load()
+        result = benchmark(models=models, device=args.device, n=args.repeats, threads=args.threads, case=args.case)
     result = {"section": args.section, "machine": machine(args.device), **result}
     text = json.dumps(result, indent=2, default=str)
     if args.out:

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         default_models_dir,
         load_generator,
     )
-    from ..pipelines.evaluation import _video
+    from ..pipelines.evaluation import cycle_frames
 
     gains, efs = _floats(args.gains, "gains"), _floats(args.efs, "efs")
     if min(gains) <= 0:
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"no CAMUS alpha = 1 loops of split '{args.split}' in {args.prepared}.")
     codec = EchoCodec.from_pretrained(models / "vae")
     seg = SegmentationEF.from_pretrained(models / "segmenter", tta=False)
-    videos = [_video(loops[i], flow.net.config.max_frames)[0] for i in index]
+    videos = [cycle_frames(loops[i], flow.net.config.max_frames)[0] for i in index]
     patients = [loops.manifest[i]["patient"] for i in index]
 
     results, skipped = [], []
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
                          f"--patients {args.patients} --gains {args.gains} --efs {args.efs} --seed {args.seed}"}
     (gen_dir / CALIBRATION_FILE).write_text(json.dumps(report, indent=2))
     if (gen_dir / "training_config.json").is_file() and (gen_dir / "metrics.json").is_file():
-        from ..training.generator import write_model_card
+        from ..pipelines.generator_card import write_model_card
 
         write_model_card(gen_dir)
     for r in results:

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     metrics["not_evaluated"] = missing
     metrics["skipped"] = skipped
     if args.card and "generation" in metrics:
-        from ..training.generator import EVALUATION_FILE, write_model_card
+        from ..pipelines.generator_card import EVALUATION_FILE, write_model_card
 
         folder = models / SECTIONS["generation"]
         keep = {k: metrics[k] for k in ("split", "data", "seed", "generation")}
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _prepare_split(camus: Path, dest: Path, args: argparse.Namespace) -> Path:
     """Build the split's loops with the same code and settings as ``echolvfm prepare``."""
-    from ..data.prepared import PrepareConfig, prepare
+    from ..data.prepare import PrepareConfig, prepare
     from ..io.camus import camus_splits
 
     ids = [p for p, split in camus_splits(camus).items() if split == args.split]
@@ -263,9 +263,9 @@ def _camus_of(prepared: Path) -> Path:
 
 
 def _jepa(folder: Path, loops, args) -> dict:
-    from ..estimators.jepa import evaluate_jepa_section
+    from ..pipelines.jepa_eval import evaluate_jepa
 
-    return evaluate_jepa_section(folder, loops, args)
+    return evaluate_jepa(folder, loops, device=args.device or "cpu", seed=args.seed)
 
 
 #: ef_regression_jepa: the same posterior metrics for an EF regressor on the EchoJEPA backbone

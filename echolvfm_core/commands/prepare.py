@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from ..cli import CommandError
-    from ..data.prepared import PrepareConfig, prepare
+    from ..data.prepare import PrepareConfig, prepare
 
     if args.camus is None and args.phantom == 0:
         raise CommandError("give --camus DIR, --phantom N, or both.")

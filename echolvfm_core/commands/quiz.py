@@ -1,4 +1,4 @@
-"""``echolvfm quiz``: set up a realism study and read its results (the work is done in :mod:`app.quiz`).
+"""``echolvfm quiz``: set up a realism study and read its results (the work is done in :mod:`echolvfm_core.quiz`).
 
     echolvfm quiz create DB [--pool DIR_OR_FILE|color3d|sample ...] [--data DIR --camus-loops N] --cases N
         [--calibration K] [--ef-range 20,75] [--models DIR ...] [--max-detectability X] [--seed S]
@@ -89,7 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _open(db: str):
-    from app.quiz.store import QuizStore
+    from ..quiz.store import QuizStore
 
     if not Path(db).is_file():  # QuizStore would create an empty database
         raise FileNotFoundError(2, os.strerror(2), db)
@@ -112,23 +112,17 @@ def _pick_study(store, study_id: str | None):
 
 
 def create(args: argparse.Namespace) -> int:
-    from app.quiz.pool import (
-        acquired_pool,
-        camus_pool,
-        combine_pools,
-        default_pool_specs,
-    )
-    from app.quiz.present import VideoSpec
-    from app.quiz.store import QuizStore
-    from app.quiz.study import MIN_POOL_BEATS, create_study
-    from app.quiz.synth import BeatSynth, model_version
-
     from ..echo import EchoLoadError
     from ..ef import check_requested_ef
     from ..estimators.segmentation import SegmentationEF
     from ..models.vae import EchoCodec
     from ..pipelines.counterfactual import default_models_dir, load_generator
     from ..pipelines.render import BeatRenderer
+    from ..quiz.pool import acquired_pool, camus_pool, combine_pools, default_pool_specs
+    from ..quiz.present import VideoSpec
+    from ..quiz.store import QuizStore
+    from ..quiz.study import MIN_POOL_BEATS, create_study
+    from ..quiz.synth import BeatSynth, model_version
     from ..quiz_reader import automatic_reader
 
     try:
@@ -196,7 +190,7 @@ def create(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    from app.quiz.results import format_report, study_report
+    from ..quiz.report import format_report, study_report
 
     store = _open(args.db)
     r = study_report(store, _pick_study(store, args.study).id)
@@ -205,7 +199,7 @@ def report(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    from app.quiz.store import results_to_csv
+    from ..quiz.store import results_to_csv
 
     store = _open(args.db)
     if args.study is not None:

@@ -1,8 +1,14 @@
-"""``echolvfm train MODEL``: one readable training script per model, under :mod:`echolvfm_core.training`."""
+"""``echolvfm train MODEL``: one readable training script per model, under :mod:`echolvfm_core.training`.
+
+The scripts report through logging and tqdm; while one runs, the library's INFO messages go to standard output,
+one plain line each (tqdm's bar stays on standard error).
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import sys
 
 #: model name -> module in echolvfm_core.training exposing ``train(args) -> int``.
 TRAINERS = {
@@ -47,9 +53,18 @@ def _runner(module: str):
         from ..training.common import TrainingError
 
         mod = importlib.import_module(f"echolvfm_core.training.{module}")
+        library = logging.getLogger("echolvfm_core")
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        level = library.level
+        library.addHandler(handler)
+        library.setLevel(logging.INFO)
         try:
             return int(mod.train(args) or 0)
         except TrainingError as exc:
             raise CommandError(str(exc)) from exc
+        finally:
+            library.removeHandler(handler)
+            library.setLevel(level)
 
     return run

@@ -15,14 +15,8 @@ from .phantom import (
     render_phantom,
     sample_anatomy,
 )
-from .prepared import (
-    LoopSample,
-    PrepareConfig,
-    PreparedLoops,
-    RealFrames,
-    collate_loops,
-    prepare,
-)
+from .prepare import PrepareConfig, prepare
+from .prepared import LoopSample, PreparedLoops, RealFrames, collate_loops
 
 __all__ = [
     "CardiacPair",

@@ -32,7 +32,7 @@ from ..metrics import ssim
 from ..preprocess import resample_time
 from .counterfactual import CounterfactualPipeline
 
-__all__ = ["GEN_EF_RANGE", "agreement", "draw_gen_ef", "evaluate_generation", "seed_spread"]
+__all__ = ["GEN_EF_RANGE", "agreement", "cycle_frames", "draw_gen_ef", "evaluate_generation", "seed_spread"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def draw_gen_ef(true_ef: float, rng: np.random.Generator) -> float:
             return ef
 
 
-def _video(sample: LoopSample, max_frames: int) -> tuple[np.ndarray, int]:
+def cycle_frames(sample: LoopSample, max_frames: int) -> tuple[np.ndarray, int]:
     """Frames float (T, S, S) in [0, 1] of the loop (a whole cycle in at most ``max_frames``) and its ES index."""
     echo = sample.to_echo()
     if echo.n_frames > max_frames:
@@ -103,7 +103,7 @@ def evaluate_generation(pipeline: CounterfactualPipeline, samples: Iterable[Loop
     n_videos = 0
     used_steps = None
     for i, sample in enumerate(tqdm(list(samples), desc="generation", disable=not progress, dynamic_ncols=True)):
-        frames, es = _video(sample, pipeline.max_frames)
+        frames, es = cycle_frames(sample, pipeline.max_frames)
         targets = {"rec": float(sample.ef), "gen": draw_gen_ef(float(sample.ef), rng)}
         for name, ef in targets.items():
             base = seed * 1_000_003 + i * 17 + (0 if name == "rec" else 7)
@@ -159,7 +159,7 @@ def seed_spread(pipeline: CounterfactualPipeline, samples: Iterable[LoopSample],
     ef_sd, es_sd, gaps, pixel_sd = [], [], [], []
     unmeasured = n_videos = 0
     for i, sample in enumerate(tqdm(list(samples), desc="seed spread", disable=not progress, dynamic_ncols=True)):
-        frames, _ = _video(sample, pipeline.max_frames)
+        frames, _ = cycle_frames(sample, pipeline.max_frames)
         centre = float(np.clip(float(sample.ef), lo + gap / 2, hi - gap / 2))
         means = []
         for k, ef in enumerate((centre - gap / 2, centre + gap / 2)):

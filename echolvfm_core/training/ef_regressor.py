@@ -28,11 +28,8 @@ metrics before and after it), all with the posterior noise seed :data:`POSTERIOR
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -58,16 +55,7 @@ from ..models.ef_denoiser import (
     ef_denoiser_preset,
 )
 from .augment import AugmentConfig, augment_batch
-from .common import (
-    ema_update,
-    load_checkpoint,
-    make_accelerator,
-    preset_from_args,
-    progress,
-    save_checkpoint,
-    set_seed,
-    warmup_cosine,
-)
+from .common import TrainingRun, adamw_warmup_cosine, ema_weights, preset_from_args
 
 __all__ = ["EFTrainConfig", "TRAIN_PRESETS", "LABEL_CLASSES", "train_preset", "ClipBatch", "ClipSampler",
            "diffusion_loss", "label_loss", "label_stats", "fit", "write_model_card", "with_jepa_backbone", "calibrate",
@@ -344,32 +332,27 @@ def fit(sampler: ClipSampler, cfg: EFTrainConfig, out: Path, seed: int = 0, devi
         calibration_loops: optional held-out training loops (``frames``, ``ef``); when given, the saved model's
             ``spread_scale`` is set on them by :func:`conformal_spread_scale` before the valid metrics are taken.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(device)
-    set_seed(seed)
+    run = TrainingRun(out, cfg.steps, seed, device, desc="ef-regressor", checkpoint_every=cfg.checkpoint_every)
+    accelerator = run.accelerator
     model = EFDenoiser(**asdict(cfg.model))
     if backbone_state is not None:
         model.encoder.vit.load_state_dict(backbone_state)
-    ema = None
-    if cfg.ema_decay:
-        ema = copy.deepcopy(model).requires_grad_(False).eval().to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
     scheduler = make_train_scheduler()
     trainable = [p for p in model.parameters() if p.requires_grad]  # a frozen backbone stays as it was loaded
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, cfg.steps, 0.05))
-    model, optimizer, lr_sched = accelerator.prepare(model, optimizer, lr_sched)
-    state = load_checkpoint(accelerator, out) if resume else {"step": 0}
-    step = int(state["step"])
-    history = list(state.get("history", []))
-    losses: list[float] = []
-    bar = progress(accelerator, cfg.steps, step, desc="ef-regressor")
-    t0, start_step = time.perf_counter(), step
+    model, optimizer, lr_sched = accelerator.prepare(
+        model, *adamw_warmup_cosine(trainable, cfg.lr, cfg.weight_decay, cfg.warmup, cfg.steps))
     raw = accelerator.unwrap_model(model)
-    final_model = ema if ema is not None else raw  # what is evaluated and saved
-    while step < cfg.steps:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    ema = run.ema(raw, cfg.ema_decay) if cfg.ema_decay else None
+
+    def final_model():
+        """What is evaluated and saved: the EMA weights when kept, else the trained ones."""
+        return ema_weights(ema, raw) if ema is not None else raw
+
+    run.restore(resume)
+    history = run.state.setdefault("history", [])
+    losses: list[float] = []
+    while run.step < cfg.steps:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + run.step)
         batch = sampler.sample(cfg.batch_size, g)
         model.train()
         with accelerator.autocast():
@@ -381,44 +364,36 @@ def fit(sampler: ClipSampler, cfg: EFTrainConfig, out: Path, seed: int = 0, devi
         optimizer.step()
         lr_sched.step()
         if ema is not None:
-            ema_update(ema, raw, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            ema.step(raw.parameters())
         losses.append(float(loss.detach()))
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", aux=f"{parts['aux_mse']:.2f}",
-                        **({"label": f"{parts['label']:.2f}"} if "label" in parts else {}))
-        if cfg.eval_every and valid_loops and step % cfg.eval_every == 0 and step < cfg.steps:
-            m = _evaluate(final_model, scheduler, valid_loops, POSTERIOR_SEED)
-            history.append({"step": step, "loss": float(np.mean(losses[-50:])), **m})
-            bar.write(f"step {step}: mae {m['mae']:.2f} coverage90 {m['coverage90']:.2f} crps {m['crps']:.2f}")
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            save_checkpoint(accelerator, out, step, history=history)
-    bar.close()
-    elapsed = time.perf_counter() - t0
-    final_model.eval()
+        run.bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", aux=f"{parts['aux_mse']:.2f}",
+                            **({"label": f"{parts['label']:.2f}"} if "label" in parts else {}))
+        done = run.step + 1
+        if cfg.eval_every and valid_loops and done % cfg.eval_every == 0 and done < cfg.steps:
+            m = _evaluate(final_model(), scheduler, valid_loops, POSTERIOR_SEED)
+            history.append({"step": done, "loss": float(np.mean(losses[-50:])), **m})
+            run.bar.write(f"step {done}: mae {m['mae']:.2f} coverage90 {m['coverage90']:.2f} crps {m['crps']:.2f}")
+        run.advance()
+    summary = run.end()
+    trained = final_model().eval()
     metrics = {
-        "params": int(sum(p.numel() for p in final_model.parameters())),
-        "steps": cfg.steps,
+        "params": int(sum(p.numel() for p in trained.parameters())),
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
-        "seconds": round(elapsed, 1),
-        "steps_per_second": round((step - start_step) / elapsed, 3) if elapsed > 0 and step > start_step else None,
-        "device": str(accelerator.device),
-        "seed": seed,
+        **summary,
         "ef_mean": cfg.model.ef_mean,
         "ef_std": cfg.model.ef_std,
         "history": history,
     }
     if calibration_loops:
-        metrics["calibration"] = calibrate(final_model, scheduler, calibration_loops, POSTERIOR_SEED)
+        metrics["calibration"] = calibrate(trained, scheduler, calibration_loops, POSTERIOR_SEED)
     if valid_loops:
-        metrics["valid_alpha1"] = _evaluate(final_model, scheduler, valid_loops, POSTERIOR_SEED)
-    if accelerator.is_main_process:
-        final = out / "final"
-        final_model.save_pretrained(str(final))
+        metrics["valid_alpha1"] = _evaluate(trained, scheduler, valid_loops, POSTERIOR_SEED)
+
+    def save(final: Path) -> None:
+        trained.save_pretrained(str(final))
         scheduler.save_pretrained(str(final))
-        (final / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        save_checkpoint(accelerator, out, step, history=history)
+
+    run.save_final(cfg, metrics, save)
     return metrics
 
 
@@ -618,7 +593,7 @@ def train(args: argparse.Namespace) -> int:
     write_model_card(Path(args.out) / "final", args, cfg, metrics, data)
     v = metrics.get("valid_alpha1")
     if v:
-        print(f"valid (alpha = 1): mae {v['mae']:.2f} rmse {v['rmse']:.2f} r2 {v['r2']:.3f} crps {v['crps']:.2f} "
-              f"coverage90 {v['coverage90']:.2f} (n={v['n']})")
-    print(f"model written to {Path(args.out) / 'final'}")
+        log.info("valid (alpha = 1): mae %.2f rmse %.2f r2 %.3f crps %.2f coverage90 %.2f (n=%d)", v["mae"], v["rmse"],
+                 v["r2"], v["crps"], v["coverage90"], v["n"])
+    log.info("model written to %s", Path(args.out) / "final")
     return 0

@@ -23,8 +23,8 @@
 
 ``--init DIR`` warm-starts the network from a saved generator (every weight whose name and shape match; the rest
 keeps its initialisation). The final EMA model goes to ``DIR/final`` (``save_pretrained`` + ``flow.json`` ("meanflow"
-or "linear") + ``training_config.json``), the run summary to ``DIR/metrics.json``. :func:`bench_generator` times
-one-step vs 25-step sampling and the MeanFlow (JVP) training step vs plain flow matching.
+or "linear") + ``training_config.json``), the run summary to ``DIR/metrics.json``, the model card to
+``DIR/final/MODEL_CARD.md`` (:mod:`echolvfm_core.pipelines.generator_card`).
 """
 from __future__ import annotations
 
@@ -34,8 +34,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,18 +52,15 @@ from ..flows import (
     ObservationSampler,
     VideoBatch,
 )
-from ..models.unet import EchoVelocityUNet, UNetConfig, jvp_flash_available, unet_preset
+from ..models.unet import EchoVelocityUNet, UNetConfig, unet_preset
 from ..pipelines.counterfactual import save_generator
+from ..pipelines.generator_card import write_model_card
 from .common import (
     TrainingError,
-    ema_update,
-    load_checkpoint,
-    make_accelerator,
+    TrainingRun,
+    adamw_warmup_cosine,
+    ema_weights,
     preset_from_args,
-    progress,
-    save_checkpoint,
-    set_seed,
-    warmup_cosine,
 )
 
 if TYPE_CHECKING:
@@ -83,8 +79,6 @@ __all__ = [
     "ClipSampler",
     "fit",
     "train",
-    "write_model_card",
-    "bench_generator",
 ]
 
 log = logging.getLogger(__name__)
@@ -108,7 +102,8 @@ class GeneratorTrainConfig:
             :func:`as_linear_baseline`). linear: the linear flow's hyper-parameters (used with "linear" only).
         steps, batch_size: optimiser steps and clips per step (over all processes).
         lr, warmup, weight_decay: AdamW with linear warm-up, then cosine decay to 10 % of ``lr``.
-        grad_clip: max global gradient norm. ema_decay: EMA of the weights (warm-up ``(1+s)/(10+s)``).
+        grad_clip: max global gradient norm. ema_decay: EMA of the weights (diffusers ``EMAModel``, warm-up
+            ``(1+s)/(10+s)``).
         counterfactual_prob: share of clips conditioned on another loop of the same patient.
         random_start_prob: share of clips starting at a random frame instead of end-diastole.
         whole_cycle_prob: share of clips that hold the loop's whole cycle resampled to the clip length (nearest
@@ -253,7 +248,8 @@ class LatentLoops:
                    list(d["patient"]), list(d["loop_id"]), d["fingerprint"])
 
 
-def _fingerprint(ds, codec) -> str:
+def _source_hash(ds, codec) -> str:
+    """Hash of the data folder view (meta, loop IDs) and the codec (config, latent statistics) latents come from."""
     h = hashlib.sha256()
     h.update(json.dumps(ds.meta, sort_keys=True, default=str).encode())
     h.update(json.dumps([r["loop_id"] for r in ds.manifest]).encode())
@@ -266,7 +262,7 @@ def encode_loops(ds, codec, cache: Path | None = None, desc: str = "encode loops
     """Encode every loop of ``ds`` (a ``PreparedLoops`` view) with ``codec``; reuse / write ``cache`` when given."""
     from tqdm.auto import tqdm
 
-    fp = _fingerprint(ds, codec)
+    fp = _source_hash(ds, codec)
     if cache is not None and Path(cache).is_file():
         loaded = LatentLoops.load(Path(cache))
         if loaded.fingerprint == fp:
@@ -477,10 +473,8 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
     Returns:
         The metrics dict (also ``out/metrics.json``).
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(device)
-    set_seed(seed)
+    run = TrainingRun(out, cfg.steps, seed, device, desc="generator", checkpoint_every=cfg.checkpoint_every)
+    accelerator, out = run.accelerator, run.out
     net = EchoVelocityUNet.from_preset(cfg.model)
     if init is not None:
         fresh = load_init_weights(net, init)
@@ -488,28 +482,27 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
     linear = cfg.objective == "linear"
     if not linear:
         net.null_ef.requires_grad_(False)  # MeanFlow does not drop the EF; frozen so DDP sees no unused parameter
-    ema = copy.deepcopy(net).requires_grad_(False).eval()
     flow = LinearFlow(net, cfg.linear) if linear else MeanFlow(net, cfg.flow)
-    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, cfg.steps, 0.1))
+    optimizer, scheduler = adamw_warmup_cosine([p for p in net.parameters() if p.requires_grad], cfg.lr,
+                                               cfg.weight_decay, cfg.warmup, cfg.steps, floor=0.1, betas=(0.9, 0.99))
     flow, optimizer, scheduler = accelerator.prepare(flow, optimizer, scheduler)
-    ema.to(accelerator.device)
-    accelerator.register_for_checkpointing(ema)
-    state = load_checkpoint(accelerator, out) if resume else {"step": 0}
-    step = start_step = int(state["step"])
-    history = list(state.get("history", []))
+    ema = run.ema(net, cfg.ema_decay)
+    run.restore(resume)
+    history = run.state.setdefault("history", [])
+
+    def ema_flow() -> MeanFlow | LinearFlow:
+        """The flow over the EMA weights (what sample grids show and what is saved)."""
+        averaged = ema_weights(ema, net)
+        return LinearFlow(averaged, cfg.linear) if linear else MeanFlow(averaged, cfg.flow)
 
     supervise_motion = not linear and cfg.flow.displacement_weight > 0
     sampler = ClipSampler(loops, cfg.observation, cfg.counterfactual_prob, cfg.random_start_prob, cfg.whole_cycle_prob,
                           deformations if supervise_motion else None)
     per_process = max(1, cfg.batch_size // accelerator.num_processes)
     preview_batch = _preview_batch(preview if preview is not None and len(preview) else loops, cfg)
-    ema_flow = LinearFlow(ema, cfg.linear) if linear else MeanFlow(ema, cfg.flow)
     parts_log: list[dict[str, float]] = []
-    bar = progress(accelerator, cfg.steps, step, desc="generator")
-    t0 = time.perf_counter()
-    while step < cfg.steps:
+    while run.step < cfg.steps:
+        step = run.step
         g = torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + accelerator.process_index)
         batch = sampler.batch(per_process, g).to(accelerator.device)
         noise_gen = torch.Generator(accelerator.device).manual_seed(seed * 1_000_033 + step * 31 + accelerator.process_index)
@@ -522,43 +515,36 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
             accelerator.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
-        ema_update(ema, accelerator.unwrap_model(flow).net, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        step += 1
-        bar.update(1)
+        ema.step(accelerator.unwrap_model(flow).net.parameters())
         parts_log.append(_process_mean(accelerator, {"loss": loss.loss, **loss.parts}))
         recent = {k: float(np.mean([p[k] for p in parts_log[-50:] if k in p])) for k in parts_log[-1]}
-        bar.set_postfix({k: f"{v:.4f}" for k, v in recent.items() if k != "linear"})
-        if codec is not None and cfg.sample_every and step % cfg.sample_every == 0 and accelerator.is_main_process:
-            save_sample_grid(ema_flow, preview_batch, codec, out / "samples" / f"step_{step:06d}.png", seed=seed)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            history.append({"step": step, **recent})
-            save_checkpoint(accelerator, out, step, history=history)
-    bar.close()
-    elapsed = time.perf_counter() - t0
+        run.bar.set_postfix({k: f"{v:.4f}" for k, v in recent.items() if k != "linear"})
+        done = step + 1
+        if codec is not None and cfg.sample_every and done % cfg.sample_every == 0 and accelerator.is_main_process:
+            save_sample_grid(ema_flow(), preview_batch, codec, out / "samples" / f"step_{done:06d}.png", seed=seed)
+        if run.checkpoint_due():
+            history.append({"step": done, **recent})
+        run.advance()
+    summary = run.end()
+    final_flow = ema_flow()
     metrics = {
-        "steps": cfg.steps,
-        "resumed_from": start_step,
+        **summary,
         "final_loss": {k: float(np.mean([p[k] for p in parts_log[-50:] if k in p])) for k in parts_log[-1]}
         if parts_log else None,
-        "seconds": round(elapsed, 1),
-        "steps_per_second": round((step - start_step) / elapsed, 3) if elapsed > 0 and step > start_step else None,
-        "device": str(accelerator.device),
-        "processes": accelerator.num_processes,
-        "seed": seed,
         "n_loops": len(loops),
         "objective": cfg.objective,
         "init": None if init is None else str(init),
-        "parameters": sum(p.numel() for p in ema.parameters()),
+        "parameters": sum(p.numel() for p in final_flow.net.parameters()),
         "history": history,
     }
-    if accelerator.is_main_process:
-        final = out / "final"
-        save_generator(copy.deepcopy(ema).float().cpu(), final, cfg.objective, cfg.linear if linear else cfg.flow)
-        (final / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+
+    def save(final: Path) -> None:
+        save_generator(copy.deepcopy(final_flow.net).float().cpu(), final, cfg.objective,
+                       cfg.linear if linear else cfg.flow)
         if codec is not None:
-            save_sample_grid(ema_flow, preview_batch, codec, out / "samples" / "final.png", seed=seed)
-    save_checkpoint(accelerator, out, step, history=history)  # every process: accelerate saves each one's state
+            save_sample_grid(final_flow, preview_batch, codec, out / "samples" / "final.png", seed=seed)
+
+    run.save_final(cfg, metrics, save)
     return metrics
 
 
@@ -612,322 +598,3 @@ def train(args: argparse.Namespace) -> int:
     log.info("final loss %s; %s steps/s on %s; generator written to %s", metrics["final_loss"],
              metrics["steps_per_second"], metrics["device"], out / "final")
     return 0
-
-
-# ------------------------------------------------------------------------------------------------------ model card
-#: Where ``echolvfm evaluate --card`` keeps the generation section next to the model.
-EVALUATION_FILE = "evaluation.json"
-
-
-def _agreement_rows(evaluation: dict) -> str:
-    rows = []
-    labels = (("rec", "Rec"), ("gen", "Gen"), ("rec_reject", "Rec, best of k"), ("gen_reject", "Gen, best of k"))
-    for key, label in labels:
-        if key not in evaluation:  # evaluated without rejection sampling
-            continue
-        a = evaluation[key]
-        rows.append(f"| {label} | {a['r2']:.3f} | {a['mae']:.2f} | {a['rmse']:.2f} | {a['n']} | {a['unmeasured']} |")
-    return "\n".join(rows)
-
-
-def write_model_card(final: Path) -> Path:
-    """``final/MODEL_CARD.md`` from the folder's own files: ``training_config.json``, ``metrics.json`` (written by
-    :func:`train`) and, once ``echolvfm evaluate --sections generation --card`` has run, ``evaluation.json``."""
-    final = Path(final)
-    cfg = json.loads((final / "training_config.json").read_text())
-    metrics = json.loads((final / "metrics.json").read_text())
-    ev_path = final / EVALUATION_FILE
-    evaluation = json.loads(ev_path.read_text()) if ev_path.is_file() else None
-    flow, model = cfg["flow"], cfg["model"]
-    if evaluation is None:
-        measured = ("Not measured yet: run `echolvfm evaluate --prepared DATA --models MODELS --sections generation "
-                    "--card` with this folder as `MODELS/generator`.")
-    else:
-        gen = evaluation["generation"]
-        measured = f"""Protocol of the EchoLVFM paper's Table 1 (`echolvfm_core/pipelines/evaluation.py`) on the
-`{evaluation["split"]}` split of `{evaluation["data"]}`: per patient its alpha = 1 loop (real ED / ES anatomy,
-synthesised motion), end-diastole observed, {gen["seeds"]} noise seeds; Rec asks for the loop's own EF, Gen for an EF
-drawn from [10, 90] at least 5 points away; EF measured back by the bundled segmenter (one pass per frame);
-"best of k": rejection sampling over {gen["reject"]} candidates by the segmenter's EF (1: not run).
-{gen["n"]} patients.
-
-| condition | R^2 | MAE | RMSE | n | unmeasured |
-|---|---|---|---|---|---|
-{_agreement_rows(gen)}
-
-ES SSIM (Rec, generated frame at the real ES index vs the real ES frame): {gen["es_ssim"]:.3f}.
-Paper targets (GPU-trained, EchoNet-Dynamic): Rec R^2 >= 0.6 and MAE <= 7, Gen MAE <= 12.{_spread_and_baseline(gen)}"""
-    final_loss = metrics.get("final_loss") or {}
-    linear = cfg.get("objective", "meanflow") == "linear"
-    if linear:
-        flow = cfg["linear"]
-        what = (f"Linear flow-matching baseline of the one-step generator (the paper's 25-step comparison): given the "
-                f"codec latents of the observed frames (any subset, at least one), the clip length (padding mask, up "
-                f"to {model['max_frames']} frames) and a requested EF, 25 midpoint steps (50 network evaluations, "
-                f"twice that with classifier-free guidance) return the latents of the whole loop")
-        options = f'residual {flow["residual"]} (the flow carries each frame\'s difference from the observed frames ' \
-                  f'interpolated in time), EF dropout {flow["ef_dropout"]:g}'
-    else:
-        kind = ("One-step generator trained by regression (it runs the MeanFlow sampler, but its objective has no "
-                "MeanFlow term)" if flow.get("mf_weight", 1.0) == 0 else "One-step latent MeanFlow generator")
-        what = (f"{kind} of apical four-chamber loops: given the codec latents of the observed frames (any subset, at "
-                f"least one), the clip length (padding mask, up to {model['max_frames']} frames) and a requested EF, "
-                f"one network evaluation returns the latents of the whole loop (`echolvfm generate`, the Studio's EF "
-                f"slider)")
-        options = f'residual {flow["residual"]} (the flow carries each frame\'s difference from the observed frames ' \
-                  f'interpolated in time), prediction "{flow["prediction"]}"'
-    init = f" Warm start: `{metrics['init']}`." if metrics.get("init") else ""
-    text = f"""# EchoLVFM generator ({metrics.get("preset", "?")} preset{", linear baseline" if linear else ""})
-
-{what}.
-Spatio-temporal U-Net (`EchoVelocityUNet`, diffusers blocks), {metrics.get("parameters", 0) / 1e6:.2f} M parameters;
-flow options: {options}.
-
-Objective: {_linear_objective(flow) if linear else _objective(flow)}{init}
-{_calibration(final)}
-
-## Data
-- Prepared folder `{metrics.get("data")}` (`echolvfm prepare`): CAMUS apical 4CH ED / ES pairs with synthesised
-  loops (4 per patient: the real ED -> ES motion and three counterfactual contractions of the same ED image; see
-  the data issue). No real full cines exist here: motion between ED and ES is synthesised.
-- Training split: {metrics.get("train_patients")} patients, {metrics.get("n_loops")} loops, encoded once by the
-  bundled codec. Clips of {cfg["observation"]["min_frames"]}-{cfg["observation"]["max_frames"]} frames; observed
-  frames drawn from five patterns; with probability {cfg["counterfactual_prob"]:g} the observed frames come from
-  another loop of the same patient (same anatomy, other EF).
-- Metrics: the valid split, never used in training. CAMUS (Leclerc et al., IEEE TMI 2019) is for non-commercial
-  research; cite it when reporting results.
-
-## EF adherence (valid split)
-{measured}
-
-## Training
-{metrics.get("steps")} steps, batch {cfg["batch_size"]}, AdamW lr {cfg["lr"]:g} (warm-up {cfg["warmup"]}, cosine),
-EMA {cfg["ema_decay"]:g}, seed {metrics.get("seed")}, device {metrics.get("device")},
-{metrics.get("seconds", 0) / 60:.0f} min;
-final training loss {final_loss.get("loss", float("nan")):.4f} ({_loss_parts(final_loss)}).
-Configuration: `training_config.json`, flow: `flow.json`.
-
-## Reproduce
-```bash
-echolvfm prepare --camus CAMUS_DIR --out {metrics.get("data")} --loops-per-patient 4 --phantom 200 --seed 0
-{metrics.get("command")}
-```
-then copy `OUT/final` to `assets/generator`, choose the sampling motion gain of a warp generator with
-`echolvfm calibrate-gain --prepared {metrics.get("data")}`, and run `echolvfm evaluate --prepared {metrics.get("data")}
---models assets --sections generation --card --out runs/eval_generator`.
-
-## Limits
-Trained on synthesised motion of one data set's apical 4CH views; the generated loops are synthetic, for teaching and
-research on realism, never for diagnosis. Not a medical device. The EF adherence above is measured on loops
-synthesised the way the training loops were (the same registration-based motion model, on patients the model never
-saw) and read by a segmenter trained on the same data set's frames; on a cine from another scanner the measured EF
-can sit far from the request (docs/models.md reports the built-in DICOM sample).
-"""
-    path = final / "MODEL_CARD.md"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def _spread_and_baseline(gen: dict) -> str:
-    """The card's seed-spread sentence and linear-baseline rows of an ``evaluate --sections generation`` result ("" for
-    parts it does not hold)."""
-    text = ""
-    if "ms_per_video" in gen:
-        text += f"\nTime per video (encode, {gen.get('steps', 1)} step(s), decode; CPU): {gen['ms_per_video']:.0f} ms."
-    spread = gen.get("seed_spread")
-    if spread:
-        text += (f"\n\nSeed spread ({spread['n']} patients, {spread['seeds']} seeds at each of two requests "
-                 f"{spread['gap']:g} points apart): the measured EF's standard deviation over seeds is "
-                 f"{spread['ef_sd']:.2f} points (ES frame {spread['es_frame_sd']:.2f} frames, pixels "
-                 f"{spread['pixel_sd']:.4f}), against {spread['request_gap']:.2f} points between the two requests' "
-                 f"mean measured EFs.")
-    base = gen.get("baseline")
-    if base:
-        rows = []
-        for key in ("unguided", "guided"):
-            b = base[key]
-            for cond in ("rec", "gen"):
-                a = b[cond]
-                rows.append(f"| linear, {b['steps']} {base['solver']} steps, guidance {b['guidance']:g}, "
-                            f"{cond.capitalize()} | {a['r2']:.3f} | {a['mae']:.2f} | {a['rmse']:.2f} | "
-                            f"{b['ms_per_video']:.0f} |")
-        for cond in ("rec", "gen"):
-            a = gen[cond]
-            rows.append(f"| this model, one step, {cond.capitalize()} | {a['r2']:.3f} | {a['mae']:.2f} | "
-                        f"{a['rmse']:.2f} | {gen['ms_per_video']:.0f} |")
-        text += (f"\n\nLinear flow-matching baseline (`{base['folder']}`), same videos and segmenter, "
-                 f"{base['unguided']['seeds']} seed(s) per video, without rejection:\n\n"
-                 f"| generator, condition | R^2 | MAE | RMSE | ms per video |\n|---|---|---|---|---|\n"
-                 + "\n".join(rows)
-                 + f"\n\nThe baseline takes {base['speed_ratio']:.1f}x the time of the one-step model per video "
-                   f"({base['speed_ratio_guided']:.1f}x with guidance).")
-    return text
-
-
-def _linear_objective(flow: dict) -> str:
-    """The training objective of a saved linear flow configuration, for the model card."""
-    return (f"masked linear flow matching (the instantaneous velocity, time logit-normal mean {flow['time_mean']:g}), "
-            f"the EF replaced by the learned null embedding in {flow['ef_dropout']:.0%} of clips.")
-
-
-def _objective(flow: dict) -> str:
-    """One or two sentences on the training objective of a saved flow configuration, for the model card."""
-    one_step = flow.get("one_step_share", 0.0)
-    motion = ""
-    if flow.get("displacement_weight", 0.0):
-        motion = (f" The displacement field is also supervised (weight {flow['displacement_weight']:g}, squared error "
-                  f"in latent pixels) by the registration field each CAMUS loop was rendered with, on clips with one "
-                  f"observed frame.")
-    if flow.get("mf_weight", 1.0) == 0:
-        return (f"the reconstruction regulariser alone (no MeanFlow term), on {one_step:.0%} of clips drawn at the "
-                f"one-step interval (r, t) = (0, 1): regression of the one-step sample onto the data, so the model "
-                f"returns close to the expected loop for the observed frames and the EF, and different noise seeds "
-                f"give nearly the same loop.{motion}")
-    linear_ratio = flow.get("linear_ratio", 0.0)
-    text = (f"masked MeanFlow on {1 - linear_ratio:.0%} of the steps (masked linear flow matching, r = t, on the "
-            f"others), JVP tangent from "
-            + ("the network's own instantaneous velocity (Improved Mean Flows)" if flow.get("tangent") == "predicted"
-               else "the conditional velocity eps - x")
-            + f", adaptive weighting p = {flow['adaptive_p']:g}, share of r < t samples {flow['share_r_neq_t']:g}"
-            + (f" with intervals growing from short to full over the first {flow['interval_warmup']} steps"
-               if flow.get("interval_warmup") else "")
-            + f", time logit-normal mean {flow['time_mean']:g}")
-    if one_step:
-        text += f", {one_step:.0%} of clips at the one-step interval (r, t) = (0, 1)"
-    if flow.get("recon_weight", 0):
-        text += f", reconstruction regulariser weight {flow['recon_weight']:g} on {flow['recon_on']} samples"
-    return text + "." + motion
-
-
-def _calibration(final: Path) -> str:
-    """The card's paragraph on the sampling motion gain (``echolvfm calibrate-gain``), or "" when not calibrated."""
-    path = final / "calibration.json"
-    if not path.is_file():
-        return ""
-    cal = json.loads(path.read_text())
-    fmt = lambda v: "-" if v is None else f"{v:.1f}"
-    rows = "\n".join(f"| {c['gain']:g} | {fmt(c['mae'])} | " + " | ".join(map(fmt, c["mean_measured"].values())) + " |"
-                     for c in cal["candidates"])
-    heads = " | ".join(f"mean measured at {e:g} %" for e in cal["efs"])
-    return f"""
-Sampling motion gain {cal["chosen_gain"]:g}: the displacement field is multiplied by it when sampling (training is
-unchanged), chosen by `{cal["command"]}` as the candidate whose measured EFs (bundled segmenter, one pass) came
-closest to the requests on {cal["patients"]} `{cal["split"]}` patients (ED observed, seed {cal["seed"]}):
-
-| gain | MAE | {heads} |
-|---|---|{"---|" * len(cal["efs"])}
-{rows}
-"""
-
-
-def _loss_parts(parts: dict) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in parts.items() if k not in ("loss", "linear")) or "no parts logged"
-
-
-# ------------------------------------------------------------------------------------------------------ benchmark
-def _timed(fn, device: torch.device, repeats: int) -> tuple[float, float, float | None]:
-    """(median wall seconds, median process CPU seconds, peak CUDA memory in MiB or None) after one warm-up call.
-
-    The CPU time (all threads of this process) tells the work done even on a shared machine, where wall time
-    also counts the time other processes hold the cores.
-    """
-    cuda = device.type == "cuda"
-    fn()
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    wall, cpu = [], []
-    for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
-        fn()
-        if cuda:
-            torch.cuda.synchronize(device)
-        wall.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
-    return float(np.median(wall)), float(np.median(cpu)), peak
-
-
-def bench_generator(preset: str = "demo", batch: int = 1, device: str = "cpu", dtype: str | torch.dtype = "float32",
-                    frames: int = 32, repeats: int = 5, linear_steps: int = 25, train_batch: int | None = None,
-                    seed: int = 0) -> dict:
-    """Time the generator in one process: one-step MeanFlow vs ``linear_steps``-step midpoint sampling, and one
-    training step (forward + backward) MeanFlow with JVP (every sample r < t) vs plain flow matching.
-
-    Args:
-        preset: network preset (random weights: the timing does not depend on them).
-        batch: videos per sampling call; train_batch: clips per training step (default ``batch``).
-        device: "cpu" or "cuda"; dtype: "float32", "bfloat16" or "float16" (training steps run under autocast
-            for half types on CUDA, in float32 on CPU).
-        frames: frames per video (latent 28 x 28).
-
-    Returns:
-        dict with ``one_step`` / ``linear`` {ms_per_call, ms_per_video, videos_per_s, cpu_ms_per_call},
-        ``speedup`` (linear time / one-step time), ``train_step`` {meanflow_jvp, flow_matching: {ms, cpu_ms,
-        peak_mib}, ratio}, and the setup. Times are medians of wall time (``cpu_ms``: process CPU time).
-    """
-    dev = torch.device(device)
-    dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    g = torch.Generator().manual_seed(seed)
-    net = EchoVelocityUNet.from_preset(preset).to(dev).eval()
-    c, hw = net.config.latent_channels, net.config.sample_size
-
-    def make_batch(b: int) -> VideoBatch:
-        x = torch.randn(b, c, frames, hw, hw, generator=g)
-        obs = torch.zeros(b, frames, dtype=torch.bool)
-        obs[:, 0] = True
-        cond = Conditioning.from_latents(x, obs, torch.ones_like(obs), torch.full((b,), 50.0))
-        return VideoBatch(x, cond).to(dev)
-
-    result = {
-        "preset": preset, "parameters": sum(p.numel() for p in net.parameters()), "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "dtype": str(dt).replace("torch.", ""), "batch": batch, "frames": frames, "threads": torch.get_num_threads(),
-        "jvp_flash_attention": jvp_flash_available() and dev.type == "cuda",
-    }
-    infer_net = copy.deepcopy(net)
-    if dt != torch.float32:
-        infer_net.to(dt)
-    if dev.type == "cpu":
-        infer_net.to(memory_format=torch.channels_last)  # as the pipeline runs it on CPU
-    cond = make_batch(batch).cond.to(dev, dt)
-    one = MeanFlow(infer_net)
-    lin = LinearFlow(infer_net)
-    with torch.inference_mode():
-        t_one, c_one, _ = _timed(lambda: one.sample(cond, steps=1, generator=torch.Generator(dev).manual_seed(0)),
-                                 dev, repeats)
-        t_lin, c_lin, _ = _timed(lambda: lin.sample(cond, steps=linear_steps, solver="midpoint",
-                                                    generator=torch.Generator(dev).manual_seed(0)),
-                                 dev, max(1, repeats // 3))
-    for name, wall, cpu in (("one_step", t_one, c_one), ("linear", t_lin, c_lin)):
-        result[name] = {"ms_per_call": round(wall * 1e3, 2), "ms_per_video": round(wall * 1e3 / batch, 2),
-                        "videos_per_s": round(batch / wall, 2), "cpu_ms_per_call": round(cpu * 1e3, 2)}
-    result["linear"]["steps"] = linear_steps
-    result["linear"]["network_calls"] = 2 * linear_steps
-    result["speedup"] = round(t_lin / t_one, 1)
-    del infer_net
-
-    tb = train_batch or batch
-    train_data = make_batch(tb)
-    net.train()
-    autocast = dev.type == "cuda" and dt in (torch.bfloat16, torch.float16)
-
-    def step(flow):
-        def run():
-            net.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, dtype=dt, enabled=autocast):
-                loss = flow(train_data, generator=torch.Generator(dev).manual_seed(0)).loss
-            loss.backward()
-        return run
-
-    t_mf, c_mf, mem_mf = _timed(step(MeanFlow(net, share_r_neq_t=1.0)), dev, max(1, repeats // 2))
-    t_fm, c_fm, mem_fm = _timed(step(LinearFlow(net, ef_dropout=0.0)), dev, max(1, repeats // 2))
-    result["train_step"] = {
-        "batch": tb,
-        "meanflow_jvp": {"ms": round(t_mf * 1e3, 1), "cpu_ms": round(c_mf * 1e3, 1),
-                         "peak_mib": None if mem_mf is None else round(mem_mf, 1)},
-        "flow_matching": {"ms": round(t_fm * 1e3, 1), "cpu_ms": round(c_fm * 1e3, 1),
-                          "peak_mib": None if mem_fm is None else round(mem_fm, 1)},
-        "ratio": round(t_mf / t_fm, 2),
-    }
-    return result

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -38,37 +39,42 @@ from ..data.jepa_masks import (
     MultiBlockMaskCollator,
     TimeStepMaskConfig,
 )
+from ..estimators.ef_posterior import clip_indices
 from ..estimators.jepa import (
-    PERTURBATIONS,
     PROBE_DIR,
     STATS_FILE,
     FeatureStats,
     effective_rank,
     encode_clips,
-    fit_probe,
-    fvd_jepa,
     fid_jepa,
+    fvd_jepa,
     loop_clips,
     predict,
     temporal_share,
 )
-from ..estimators.ef_posterior import clip_indices
-from ..models.jepa import AttentiveProbe, EchoJEPA, JEPAConfig, LinearProbe, VideoViT, jepa_preset
+from ..models.jepa import (
+    AttentiveProbe,
+    EchoJEPA,
+    JEPAConfig,
+    LinearProbe,
+    VideoViT,
+    jepa_preset,
+)
 from .augment import AugmentConfig, augment_batch
 from .common import (
     TrainingError,
+    TrainingRun,
+    adamw_warmup_cosine,
     ema_update,
-    load_checkpoint,
-    make_accelerator,
     preset_from_args,
-    progress,
-    save_checkpoint,
     set_seed,
-    warmup_cosine,
 )
+from .probes import PERTURBATIONS, fit_probe, perturbation
 
 __all__ = ["JEPATrainConfig", "TRAIN_PRESETS", "train_preset", "LoopClipSampler", "momentum",
            "target_features", "context_predictions", "jepa_loss", "fit", "evaluate_representation", "train"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -198,26 +204,20 @@ def fit(sampler: LoopClipSampler, cfg: JEPATrainConfig, out: Path, seed: int = 0
 
     Returns the final model (on the CPU, eval mode) and the training metrics.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(device)
-    set_seed(seed)
+    run = TrainingRun(out, cfg.steps, seed, device, desc="jepa", checkpoint_every=cfg.checkpoint_every)
+    accelerator = run.accelerator
     model = EchoJEPA(**asdict(cfg.model))
     target = copy.deepcopy(model.encoder).requires_grad_(False)
     collator = MultiBlockMaskCollator(model.encoder.grid, cfg.masks, seed=seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, cfg.steps, 0.05))
-    model, optimizer, lr_sched = accelerator.prepare(model, optimizer, lr_sched)
+    model, optimizer, lr_sched = accelerator.prepare(
+        model, *adamw_warmup_cosine(model.parameters(), cfg.lr, cfg.weight_decay, cfg.warmup, cfg.steps))
     target.to(accelerator.device)
     accelerator.register_for_checkpointing(target)
-    state = load_checkpoint(accelerator, out) if resume else {"step": 0}
-    step = int(state["step"])
-    losses: list[float] = list(state.get("losses", []))
+    run.restore(resume)
+    losses: list[float] = run.state.setdefault("losses", [])
     raw = accelerator.unwrap_model(model)
-    bar = progress(accelerator, cfg.steps, step, desc="jepa")
-    t0, start_step = time.perf_counter(), step
-    while step < cfg.steps:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    while run.step < cfg.steps:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + run.step)
         batch = collator(sampler.sample(cfg.batch_size, g), generator=g)
         batch.clips = batch.clips.to(accelerator.device)
         model.train()
@@ -229,32 +229,21 @@ def fit(sampler: LoopClipSampler, cfg: JEPATrainConfig, out: Path, seed: int = 0
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         lr_sched.step()
-        ema_update(target, raw.encoder, momentum(step, cfg))
+        ema_update(target, raw.encoder, momentum(run.step, cfg))
         losses.append(float(loss.detach()))
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            save_checkpoint(accelerator, out, step, losses=losses)
-    bar.close()
-    elapsed = time.perf_counter() - t0
+        run.bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        run.advance()
+    summary = run.end()
     final = copy.deepcopy(raw).to("cpu").eval()
     final.encoder.load_state_dict(target.state_dict())
     metrics = {
         "params": int(sum(p.numel() for p in final.parameters())),
         "encoder_params": int(sum(p.numel() for p in final.encoder.parameters())),
-        "steps": cfg.steps,
         "first_loss": float(np.mean(losses[:20])) if losses else None,
         "final_loss": float(np.mean(losses[-20:])) if losses else None,
-        "seconds": round(elapsed, 1),
-        "steps_per_second": round((step - start_step) / elapsed, 3) if elapsed > 0 and step > start_step else None,
-        "device": str(accelerator.device),
-        "seed": seed,
+        **summary,
     }
-    if accelerator.is_main_process:
-        final.save_pretrained(str(out / "final"))
-        (out / "final" / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        save_checkpoint(accelerator, out, step, losses=losses)
+    run.save_final(cfg, None, lambda folder: final.save_pretrained(str(folder)))
     return final, metrics
 
 
@@ -328,7 +317,7 @@ def evaluate_representation(model: EchoJEPA, random_model: EchoJEPA, train: dict
     for pname, pcfg in PERTURBATIONS.items():
         robust[pname] = {}
         for name, m in (("jepa", model), ("random", random_model)):
-            t = encode_clips(m.encoder, valid["clips"], perturb=pcfg, seed=seed)
+            t = encode_clips(m.encoder, valid["clips"], transform=perturbation(pcfg, seed))
             robust[pname][name] = _mae(probes[name], t, ef_va)
             if name == "jepa" and pname == "speckle":
                 speckled = t
@@ -485,8 +474,8 @@ def train(args: argparse.Namespace) -> int:
     used = [i for p in train_ds.patients for i in train_ds.loops_of(p)[: cfg.loops_per_patient]]
     sampler = LoopClipSampler(train_ds, cfg, used)
     model, train_metrics = fit(sampler, cfg, out, seed=args.seed, device=args.device, resume=args.resume)
-    print(f"trained: loss {train_metrics['first_loss']:.4f} -> {train_metrics['final_loss']:.4f} "
-          f"in {train_metrics['seconds'] / 60:.1f} min; measuring the representation")
+    log.info("trained: loss %.4f -> %.4f in %.1f min; measuring the representation", train_metrics["first_loss"],
+             train_metrics["final_loss"], train_metrics["seconds"] / 60)
 
     t0 = time.perf_counter()
     t, s = cfg.model.num_frames, cfg.model.frame_size
@@ -520,7 +509,7 @@ def train(args: argparse.Namespace) -> int:
     }
     write_model_card(out, args, cfg, metrics, data)
     j, rnd = rep["jepa"], rep["random"]
-    print(f"valid attentive-probe EF MAE {j['attentive_mae']:.2f} (random encoder {rnd['attentive_mae']:.2f}), "
-          f"linear {j['linear_mae']:.2f}; fvd_jepa {rep['fvd_jepa']}")
-    print(f"model written to {final}")
+    log.info("valid attentive-probe EF MAE %.2f (random encoder %.2f), linear %.2f; fvd_jepa %s", j["attentive_mae"],
+             rnd["attentive_mae"], j["linear_mae"], rep["fvd_jepa"])
+    log.info("model written to %s", final)
     return 0

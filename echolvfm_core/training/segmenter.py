@@ -8,9 +8,7 @@ cross-entropy plus soft Dice of the three structures. The valid split's real ED 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,15 +18,7 @@ import torch.nn.functional as F
 
 from ..models.segmenter import LVSegmenter, SegmenterConfig, segmenter_preset
 from .augment import AugmentConfig, augment_batch
-from .common import (
-    load_checkpoint,
-    make_accelerator,
-    preset_from_args,
-    progress,
-    save_checkpoint,
-    set_seed,
-    warmup_cosine,
-)
+from .common import TrainingRun, adamw_warmup_cosine, preset_from_args
 
 __all__ = ["SegTrainConfig", "TRAIN_PRESETS", "train_preset", "segmentation_loss", "FrameSampler", "train_step",
            "fit", "write_model_card", "train"]
@@ -169,59 +159,40 @@ def fit(sampler: FrameSampler, cfg: SegTrainConfig, out: Path, seed: int = 0, de
         The metrics dict (also written to ``out/metrics.json``): training summary plus, with ``real_valid``, the
         valid-split metrics of :func:`~echolvfm_core.estimators.segmentation.evaluate_segmentation`.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(device)
-    set_seed(seed)
+    run = TrainingRun(out, cfg.steps, seed, device, desc="segmenter", checkpoint_every=cfg.checkpoint_every)
+    accelerator = run.accelerator
     model = LVSegmenter(**asdict(cfg.model))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, cfg.steps, 0.05))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    state = load_checkpoint(accelerator, out) if resume else {"step": 0}
-    step = int(state["step"])
-    history = list(state.get("history", []))
+    model, optimizer, scheduler = accelerator.prepare(
+        model, *adamw_warmup_cosine(model.parameters(), cfg.lr, cfg.weight_decay, cfg.warmup, cfg.steps))
+    run.restore(resume)
+    history = run.state.setdefault("history", [])
     losses: list[float] = []
-    bar = progress(accelerator, cfg.steps, step, desc="segmenter")
-    t0 = time.perf_counter()
-    start_step = step
-    while step < cfg.steps:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)  # batch depends on (seed, step): resumable
+    while run.step < cfg.steps:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + run.step)  # batch depends on (seed, step): resumable
         x, y = sampler.sample(cfg.batch_size, g)
         x, y = augment_batch(x, y, g, cfg.augment)
         loss = train_step(model, optimizer, x.to(accelerator.device), y.to(accelerator.device), cfg, accelerator,
                           scheduler)
         losses.append(loss)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-        if cfg.eval_every and real_valid is not None and step % cfg.eval_every == 0 and step < cfg.steps:
+        run.bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        done = run.step + 1
+        if cfg.eval_every and real_valid is not None and done % cfg.eval_every == 0 and done < cfg.steps:
             m = _evaluate(accelerator.unwrap_model(model), real_valid)
-            history.append({"step": step, "loss": float(np.mean(losses[-50:])), **m})
-            log.info("step %d: %s", step, history[-1])
-            bar.write(f"step {step}: dice_lv {m['dice_lv']:.3f} ef_mae {m['ef_mae']:.2f}")
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            save_checkpoint(accelerator, out, step, history=history)
-    bar.close()
-    elapsed = time.perf_counter() - t0
+            history.append({"step": done, "loss": float(np.mean(losses[-50:])), **m})
+            log.info("step %d: %s", done, history[-1])
+            run.bar.write(f"step {done}: dice_lv {m['dice_lv']:.3f} ef_mae {m['ef_mae']:.2f}")
+        run.advance()
+    summary = run.end()
     unwrapped = accelerator.unwrap_model(model).eval()
     metrics = {
         "params": int(sum(p.numel() for p in unwrapped.parameters())),
-        "steps": cfg.steps,
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
-        "seconds": round(elapsed, 1),
-        "steps_per_second": round((step - start_step) / elapsed, 3) if elapsed > 0 and step > start_step else None,
-        "device": str(accelerator.device),
-        "seed": seed,
+        **summary,
         "history": history,
     }
     if real_valid is not None:
         metrics["valid"] = _evaluate(unwrapped, real_valid)
-    if accelerator.is_main_process:
-        final = out / "final"
-        unwrapped.save_pretrained(str(final))
-        (final / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        save_checkpoint(accelerator, out, step, history=history)
+    run.save_final(cfg, metrics, lambda final: unwrapped.save_pretrained(str(final)))
     return metrics
 
 
@@ -311,7 +282,7 @@ def train(args: argparse.Namespace) -> int:
     write_model_card(Path(args.out) / "final", args, cfg, metrics, data)
     valid = metrics.get("valid")
     if valid:
-        print(f"valid: dice_lv {valid['dice_lv']:.3f} dice_myo {valid['dice_myo']:.3f} dice_la {valid['dice_la']:.3f} "
-              f"ef_mae {valid['ef_mae']:.2f} (n={valid['n']})")
-    print(f"model written to {Path(args.out) / 'final'}")
+        log.info("valid: dice_lv %.3f dice_myo %.3f dice_la %.3f ef_mae %.2f (n=%d)", valid["dice_lv"], valid["dice_myo"],
+                 valid["dice_la"], valid["ef_mae"], valid["n"])
+    log.info("model written to %s", Path(args.out) / "final")
     return 0

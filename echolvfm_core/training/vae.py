@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +31,7 @@ from ..models.vae import (
     vae_preset,
 )
 from .augment import AugmentConfig, augment_batch
-from .common import (
-    load_checkpoint,
-    preset_from_args,
-    make_accelerator,
-    progress,
-    save_checkpoint,
-    set_seed,
-    warmup_cosine,
-)
+from .common import TrainingRun, adamw_warmup_cosine, preset_from_args
 
 __all__ = [
     "VAETrainConfig",
@@ -168,7 +158,7 @@ def vae_loss(vae, x: torch.Tensor, cfg: VAETrainConfig, generator: torch.Generat
     recon = (vae.decode(z).sample.float() + 1.0) * 0.5
     l1 = (recon - x).abs().mean()
     one_minus_ssim = 1.0 - ssim_map(recon, x).mean()
-    kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
+    kl = posterior.kl().float().mean() / posterior.mean[0].numel()  # KL to N(0, I) per latent element
     total = l1 + cfg.ssim_weight * one_minus_ssim + cfg.kl_weight * kl
     return VAELoss(total, float(l1.detach()), float(one_minus_ssim.detach()), float(kl.detach()))
 
@@ -314,21 +304,16 @@ def fit(pool: FramePool, cfg: VAETrainConfig, out: Path, seed: int = 0, device: 
         The metrics dict (also in ``out/metrics.json``): training summary, latent stats and, with ``valid_images``,
         ``valid`` = :func:`evaluate_vae`.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(device)
-    set_seed(seed)
+    run = TrainingRun(out, cfg.steps, seed, device, desc="vae", checkpoint_every=cfg.checkpoint_every)
+    accelerator = run.accelerator
     model = build_vae(cfg.model)  # contiguous (NCHW) memory: GroupNorm backward is slow in channels-last on CPU
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, cfg.steps, 0.05))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    state = load_checkpoint(accelerator, out) if resume else {"step": 0}
-    step = start_step = int(state["step"])
-    history = list(state.get("history", []))
+    model, optimizer, scheduler = accelerator.prepare(
+        model, *adamw_warmup_cosine(model.parameters(), cfg.lr, cfg.weight_decay, cfg.warmup, cfg.steps))
+    run.restore(resume)
+    history = run.state.setdefault("history", [])
     parts: list[tuple[float, float, float, float]] = []
-    bar = progress(accelerator, cfg.steps, step, desc="vae")
-    t0 = time.perf_counter()
-    while step < cfg.steps:
+    while run.step < cfg.steps:
+        step = run.step
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         cropped = cfg.crop > 0 and step < cfg.crop_fraction * cfg.steps
         batch = pool.sample(cfg.crop_batch_size, g, cfg.crop) if cropped else pool.sample(cfg.batch_size, g)
@@ -343,45 +328,38 @@ def fit(pool: FramePool, cfg: VAETrainConfig, out: Path, seed: int = 0, device: 
         optimizer.step()
         scheduler.step()
         parts.append((float(loss.total.detach()), loss.l1, loss.ssim, loss.kl))
-        step += 1
-        bar.update(1)
         recent = np.mean(parts[-50:], axis=0)
-        bar.set_postfix(loss=f"{recent[0]:.4f}", l1=f"{recent[1]:.4f}", ssim=f"{1 - recent[2]:.3f}", kl=f"{recent[3]:.2f}")
-        if cfg.eval_every and valid_images is not None and step % cfg.eval_every == 0 and step < cfg.steps:
+        run.bar.set_postfix(loss=f"{recent[0]:.4f}", l1=f"{recent[1]:.4f}", ssim=f"{1 - recent[2]:.3f}",
+                            kl=f"{recent[3]:.2f}")
+        done = step + 1
+        if cfg.eval_every and valid_images is not None and done % cfg.eval_every == 0 and done < cfg.steps:
             m = evaluate_vae(_codec_copy(accelerator.unwrap_model(model)), valid_images)
-            history.append({"step": step, "loss": float(recent[0]), **m})
-            log.info("step %d: %s", step, history[-1])
-            bar.write(f"step {step}: valid ssim {m['ssim']:.4f} psnr {m['psnr']:.2f} dB")
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            save_checkpoint(accelerator, out, step, history=history)
-    bar.close()
-    elapsed = time.perf_counter() - t0
+            history.append({"step": done, "loss": float(recent[0]), **m})
+            log.info("step %d: %s", done, history[-1])
+            run.bar.write(f"step {done}: valid ssim {m['ssim']:.4f} psnr {m['psnr']:.2f} dB")
+        run.advance()
+    summary = run.end()
 
     codec = _codec_copy(accelerator.unwrap_model(model))
     stats_frames = [pool.real, pool.loops[: cfg.stats_loops * cfg.frames_per_loop]]
     codec.set_stats(compute_latent_stats(codec, stats_frames))
     recent = np.mean(parts[-50:], axis=0) if parts else None
     metrics = {
-        "steps": cfg.steps,
         "final_loss": None if recent is None else {"total": recent[0], "l1": recent[1], "ssim": 1 - recent[2],
                                                    "kl": recent[3]},
-        "seconds": round(elapsed, 1),
-        "steps_per_second": round((step - start_step) / elapsed, 3) if elapsed > 0 and step > start_step else None,
-        "device": str(accelerator.device),
-        "seed": seed,
+        **summary,
         "latent_stats": {"mean": list(codec.stats.mean), "std": list(codec.stats.std)},
         "history": history,
     }
     if valid_images is not None and len(valid_images):
         metrics["valid"] = evaluate_vae(codec, valid_images)
     metrics["bench"] = bench_codec(codec, repeats=5)
-    if accelerator.is_main_process:
-        final = out / "final"
+
+    def save(final: Path) -> None:
         codec.save_pretrained(final)
-        (final / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2))
         (final / "MODEL_CARD.md").write_text(model_card(cfg, metrics, data))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-        save_checkpoint(accelerator, out, step, history=history)
+
+    run.save_final(cfg, metrics, save)
     return metrics
 
 
@@ -393,11 +371,11 @@ def train(args: argparse.Namespace) -> int:
     train_ds = PreparedLoops(args.data, split="train", source=None if cfg.phantom else "camus")
     real_train = PreparedLoops(args.data, split="train").real_frames()
     real = real_train.images
-    print(f"rendering {min(cfg.loop_pool, len(train_ds))} of {len(train_ds)} training loops ...", flush=True)
+    log.info("rendering %d of %d training loops ...", min(cfg.loop_pool, len(train_ds)), len(train_ds))
     loops = loop_frames(train_ds, cfg.loop_pool, cfg.frames_per_loop, seed=args.seed)
     pool = FramePool(real, loops if len(loops) else None, cfg.loop_fraction)
     valid = PreparedLoops(args.data, split="valid").real_frames().images
-    print(f"training frames: {len(pool.real)} real, {len(pool.loops)} from loops; valid frames: {len(valid)}")
+    log.info("training frames: %d real, %d from loops; valid frames: %d", len(pool.real), len(pool.loops), len(valid))
     n_patients = len(set(real_train.patients))
     data = (f"{len(pool.real)} real ED / ES frames ({n_patients} patients, train split) and {len(pool.loops)} frames of "
             f"{min(cfg.loop_pool, len(train_ds))} prepared {'loops' if cfg.phantom else 'CAMUS loops'}")
@@ -405,6 +383,6 @@ def train(args: argparse.Namespace) -> int:
                   valid_images=valid if len(valid) else None, data=data)
     if "valid" in metrics:
         v = metrics["valid"]
-        print(f"valid: ssim {v['ssim']:.4f} psnr {v['psnr']:.2f} dB (n={v['n']})")
-    print(f"codec written to {Path(args.out) / 'final'}")
+        log.info("valid: ssim %.4f psnr %.2f dB (n=%d)", v["ssim"], v["psnr"], v["n"])
+    log.info("codec written to %s", Path(args.out) / "final")
     return 0

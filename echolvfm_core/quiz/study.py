@@ -4,9 +4,9 @@ Setup (:func:`create_study`) splits the pool's beats between the arms (a beat, a
 shown either as real or as synthetic, never both), cuts the cases (a window of one beat played cyclically, from a
 start phase spread over the beat), renders the synthetic ones (the generator's counterfactual of a synthetic-arm
 beat at an EF drawn from the EF range), passes every case through one presentation
-(:func:`app.quiz.present.present_frames` and :func:`~app.quiz.present.encode_study`: same window length, frame
+(:func:`echolvfm_core.quiz.present.present_frames` and :func:`~echolvfm_core.quiz.present.encode_study`: same window length, frame
 rate, size, grey levels, encoder, frame sizes and byte count), runs the automatic reader on the served files and
-stores the study in a :class:`~app.quiz.store.QuizStore`. A reader's progress lives only in the database, so a
+stores the study in a :class:`~echolvfm_core.quiz.store.QuizStore`. A reader's progress lives only in the database, so a
 :class:`ReaderSession` can be rebuilt at any time (another request, another worker, after a server restart) and
 continues at the first unanswered case.
 
@@ -29,9 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from echolvfm_core.echo import EchoLoadError
-from echolvfm_core.quiz_stats import CATEGORIES, REAL, SYNTHETIC
-
+from ..echo import EchoLoadError
+from ..quiz_stats import CATEGORIES, REAL, SYNTHETIC
 from .pool import PoolBeat
 from .present import ENCODER_OPTIONS, VideoSpec, encode_study, present_frames
 from .store import CaseRecord, QuizStore, StudyRecord, utc_now
@@ -210,7 +209,7 @@ def create_study(
     """Set up a blinded real-vs-synthetic study and store it.
 
     Args:
-        pool: the beats (:class:`~app.quiz.pool.PoolBeat`); at least :data:`MIN_POOL_BEATS`. They are split
+        pool: the beats (:class:`~echolvfm_core.quiz.pool.PoolBeat`); at least :data:`MIN_POOL_BEATS`. They are split
             between the arms at random (half, rounded up, real); cases are dealt round-robin over each arm's beats.
         n_cases: scored cases, even: half real, half synthetic.
         generators: model version -> generator (:data:`SynthFn`); synthetic cases are dealt round-robin over them,

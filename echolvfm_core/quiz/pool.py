@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from echolvfm_core.echo import Echo, EchoLoadError
+from ..echo import Echo, EchoLoadError
 
 __all__ = ["SAMPLE", "COLOR3D", "ACQUIRED", "CAMUS_KIND", "PoolBeat", "BeatPool", "beats_of", "acquired_pool",
            "camus_pool", "combine_pools", "default_pool_specs"]
@@ -76,7 +76,7 @@ class BeatPool:
 
 def default_pool_specs() -> list[str]:
     """The built-in acquired cines: :data:`COLOR3D` when pydicom-data is installed, else :data:`SAMPLE`."""
-    from echolvfm_core.io import sample_cine_path
+    from ..io import sample_cine_path
 
     return [COLOR3D] if sample_cine_path() is not None else [SAMPLE]
 
@@ -86,8 +86,8 @@ def beats_of(echo: Echo, name: str, seg, kind: str = ACQUIRED) -> tuple[list[Poo
 
     ``seg`` measures model-grid frames (:class:`~echolvfm_core.estimators.segmentation.SegmentationEF`: ``.size``,
     ``.measure(frames)`` with ``lv_area``, ``ef``, ``es_index``)."""
-    from echolvfm_core.beats import find_beats
-    from echolvfm_core.preprocess import find_sector, preprocess, square_window
+    from ..beats import find_beats
+    from ..preprocess import find_sector, preprocess, square_window
 
     echo.require_loop("A realism-quiz case")
     if not echo.fps:
@@ -131,7 +131,7 @@ def acquired_pool(specs: Sequence[str | os.PathLike], seg, label: str | None = N
         EchoLoadError: a spec that is neither a file, a folder, :data:`COLOR3D` nor :data:`SAMPLE`, or
             :data:`COLOR3D` without pydicom-data.
     """
-    from echolvfm_core.io import load_echo, sample_cine_path, sample_echo_path
+    from ..io import load_echo, sample_cine_path, sample_echo_path
 
     specs = [str(s) for s in specs]
     files: list[tuple[Path, str]] = []
@@ -195,8 +195,8 @@ def camus_pool(data: str | os.PathLike, n: int, seg, split: str | None = "valid"
         EchoLoadError: fewer than ``n`` patients of that split.
         ValueError: none of the ``n`` CAMUS patients could be prepared.
     """
-    from echolvfm_core.data import PrepareConfig, PreparedLoops, prepare
-    from echolvfm_core.io.camus import camus_splits
+    from ..data import PrepareConfig, PreparedLoops, prepare
+    from ..io.camus import camus_splits
 
     if n < 1:
         raise ValueError(f"n must be at least 1; got {n}.")

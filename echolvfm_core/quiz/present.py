@@ -92,7 +92,7 @@ def _encode(frames: np.ndarray, fps: float, path: Path) -> list:
     keyframe), in stream order."""
     import av
 
-    from echolvfm_core.io.writers import _rate
+    from ..io.writers import _rate
 
     with av.open(str(path), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=_rate(fps))

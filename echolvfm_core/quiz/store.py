@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from echolvfm_core.quiz_stats import CATEGORIES, AnswerRecord
+from ..quiz_stats import CATEGORIES, AnswerRecord
 
 __all__ = [
     "SCHEMA_VERSION",
