@@ -40,6 +40,9 @@ from ..flows import Conditioning, MeanFlow
 
 __all__ = ["CALIBRATION_GAINS", "BeatRenderer", "PreparedBeat", "RenderedBeat", "beat_ef", "key_frames", "to_model_grid"]
 
+#: Width, as a share of the side, of the band inside the fan's edge where the motion fades out.
+EDGE_TAPER = 0.025
+
 #: Motion gains :meth:`BeatRenderer.calibrate` chooses from.
 CALIBRATION_GAINS = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 
@@ -66,6 +69,9 @@ class PreparedBeat:
         filled: ``display`` with each pixel outside the fan set to its nearest pixel inside (what the warp samples,
             so that tissue moved inward at the fan's edge brings texture, not the black outside; the output is cut
             to the fan again).
+        taper: (S, S, 1) float32, 0 on the fan's edge rising to 1 at :data:`EDGE_TAPER` of the side inside it: the
+            motion is faded out there, so the sector's edge (the scanner's, with its darker border and the
+            preprocessing's stepped cut) stays where it was acquired instead of filling with stretched tissue.
         source_fields: per noise seed, the generator's field at ``source_ef`` (filled by
             :meth:`BeatRenderer.render`: the same for every requested EF, so a slider move runs the generator once).
     """
@@ -83,9 +89,11 @@ class PreparedBeat:
     gain: float = 1.0
     source_fields: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     filled: np.ndarray = field(init=False, repr=False)
+    taper: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
         self.filled = _fill_outside(self.display, self.mask)
+        self.taper = _edge_taper(self.mask)
 
     @property
     def length(self) -> int:
@@ -287,13 +295,13 @@ class BeatRenderer:
     @staticmethod
     def _warp(beat: PreparedBeat, per_frame: np.ndarray) -> np.ndarray:
         side = beat.side
-        scale = side / per_frame.shape[-1]  # display pixels per latent pixel
         grid = np.dstack(np.meshgrid(np.arange(side, dtype=np.float32), np.arange(side, dtype=np.float32)))
-        fields = np.ascontiguousarray(per_frame.transpose(0, 2, 3, 1))  # (N, h, w, 2): x, y
+        # (N, h, w, 2): x, y in display pixels
+        fields = np.ascontiguousarray(per_frame.transpose(0, 2, 3, 1)) * (side / per_frame.shape[-1])
         out = np.empty((beat.frames, side, side), dtype=np.float32)
         for j in range(beat.frames):
             src = beat.filled[0 if beat.still else j]
-            where = grid + cv2.resize(fields[j], (side, side), interpolation=cv2.INTER_LINEAR) * scale
+            where = grid + cv2.resize(fields[j], (side, side), interpolation=cv2.INTER_LINEAR) * beat.taper
             # Fixed-point maps (1/32 pixel, OpenCV's interpolation table step) spare remap a conversion per pixel.
             xy, frac = cv2.convertMaps(where, None, cv2.CV_16SC2)
             out[j] = cv2.remap(src, xy, frac, cv2.INTER_LANCZOS4, borderMode=cv2.BORDER_CONSTANT)
@@ -321,6 +329,14 @@ def beat_ef(seg, frames: np.ndarray, key: tuple[int, ...] | None) -> float:
     """EF (%) of a beat on the model grid, (N, S, S) in [0, 1], read by the segmenter ``seg``
     (:class:`~echolvfm_core.estimators.segmentation.SegmentationEF`) on its :func:`key_frames` (all when None)."""
     return float(seg.measure(frames if key is None else frames[list(key)]).ef)
+
+
+def _edge_taper(mask: np.ndarray) -> np.ndarray:
+    """(S, S, 1) float32 weight of the motion: distance to the fan's edge over ``EDGE_TAPER * S``, at most 1."""
+    if mask.all() or not mask.any():
+        return np.ones(mask.shape + (1,), dtype=np.float32)
+    width = max(1.0, EDGE_TAPER * mask.shape[0])
+    return np.minimum(ndimage.distance_transform_edt(mask) / width, 1.0).astype(np.float32)[..., None]
 
 
 def _fill_outside(frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
