@@ -60,6 +60,7 @@ from .common import (
     TrainingRun,
     adamw_warmup_cosine,
     ema_weights,
+    make_accelerator,
     preset_from_args,
 )
 
