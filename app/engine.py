@@ -25,6 +25,7 @@ import torch
 
 from echolvfm_core.echo import Echo, EchoLoadError
 from echolvfm_core.ef import EF_REQUEST_RANGE
+from echolvfm_core.io import to_uint8, write_mp4
 
 from . import video as vid
 
@@ -428,7 +429,12 @@ class StudioEngine:
             EchoLoadError: the input is not a readable echo loop (the message says why).
         """
         from echolvfm_core.io import load_echo, sample_echo_path
-        from echolvfm_core.preprocess import find_sector, preprocess, resample_time, square_window
+        from echolvfm_core.preprocess import (
+            find_sector,
+            preprocess,
+            resample_time,
+            square_window,
+        )
 
         if source is None:
             source, name = sample_echo_path(), name or "Built-in sample (apical 4CH cine)"
@@ -449,7 +455,7 @@ class StudioEngine:
         rgb = vid.draw_contours(rgb, np.repeat(display_mask[None], len(rgb), axis=0), colour=(90, 170, 255))
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        video = vid.write_h264(vid.even(rgb), out / f"{secrets.token_hex(8)}.mp4", fps)
+        video = write_mp4(vid.even(rgb), out / f"{secrets.token_hex(8)}.mp4", fps, **vid.APP_VIDEO)
         cine = self._cine(pre, fps, display_mask)
         model_echo = pre.echo
         longest = self.max_frames()
@@ -507,7 +513,10 @@ class StudioEngine:
             labels: the segmenter's labels of ``frames`` when they were already segmented (as a full measurement
                 segments them), so they are not segmented again.
         """
-        from echolvfm_core.estimators.segmentation import SegmentationError, measure_labels
+        from echolvfm_core.estimators.segmentation import (
+            SegmentationError,
+            measure_labels,
+        )
 
         m = Measurement()
         with self._run_lock:
@@ -764,7 +773,7 @@ class StudioEngine:
         twice the model grid); the DICOM keeps the model-grid pixels and is marked by its tags (derived image,
         synthetic series description, see :func:`echolvfm_core.io.write_dicom`).
         """
-        from echolvfm_core.io import write_dicom, write_gif, write_mp4
+        from echolvfm_core.io import write_dicom, write_gif
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -776,7 +785,7 @@ class StudioEngine:
             frames = vid.loop_to_length(result.display, case.cine.display.shape[0])
             echo = case.echo.replace(frames=frames, fps=result.fps, labels=None, labelled=(), synthetic=True,
                                      source_format="synthetic", spacing_mm=None)
-            beat = vid.caption(vid.to_uint8(result.display), label)
+            beat = vid.caption(to_uint8(result.display, clip=True), label)
             return [
                 Path(write_mp4(vid.loop_to_length(beat, len(frames)), out / f"{stem}.mp4", fps=result.fps)),
                 Path(write_gif(beat, out / f"{stem}.gif", fps=result.fps)),
@@ -784,7 +793,7 @@ class StudioEngine:
             ]
         echo = case.echo.replace(frames=result.frames, labels=None, labelled=(), synthetic=True,
                                  source_format="synthetic")
-        marked = vid.caption(vid.resize_frames(vid.to_uint8(result.frames), PANEL_SIZE), label)
+        marked = vid.caption(vid.resize_frames(to_uint8(result.frames, clip=True), PANEL_SIZE), label)
         return [
             Path(write_mp4(marked, out / f"{stem}.mp4", fps=result.fps)),
             Path(write_gif(marked, out / f"{stem}.gif", fps=result.fps)),
@@ -804,7 +813,7 @@ class StudioEngine:
                 frames' own (a rendered beat, at the input's resolution: the browser loops it, so both play in
                 step at real speed).
         """
-        left, right = vid.to_uint8(original), vid.to_uint8(frames)
+        left, right = to_uint8(original, clip=True), to_uint8(frames, clip=True)
         if size is not None:
             left, right = vid.resize_frames(left, size), vid.resize_frames(right, size)
         if masks is not None:  # coloured outlines need RGB
@@ -816,4 +825,5 @@ class StudioEngine:
         vid.caption(left, "Original", white)
         vid.caption(right, label, white)
         out_dir.mkdir(parents=True, exist_ok=True)
-        return vid.write_h264(vid.even(vid.side_by_side(left, right)), out_dir / f"{secrets.token_hex(8)}.mp4", fps)
+        return write_mp4(vid.even(vid.side_by_side(left, right)), out_dir / f"{secrets.token_hex(8)}.mp4", fps,
+                         **vid.APP_VIDEO)

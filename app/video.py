@@ -1,21 +1,20 @@
-"""Frame composition for the Studio's videos: 8-bit conversion, resizing, LV contours, captions, side-by-side panels,
-and the H.264 writer of what the app shows.
+"""Frame composition for the Studio's videos: resizing, LV contours, captions, side-by-side panels.
 
-Clips are uint8, either grey (T, H, W) or RGB (T, H, W, 3); :func:`to_uint8` converts model frames (float32 in
-[0, 1]). The slider's critical path stays grey (a tenth of the work of RGB) and turns RGB only for the coloured LV
-contours. The downloadable files (the generated loop alone as MP4, GIF and DICOM marked synthetic) are written by
-:mod:`echolvfm_core.io`.
+Clips are uint8, either grey (T, H, W) or RGB (T, H, W, 3), converted from model frames (float32 in [0, 1]) by
+:func:`echolvfm_core.io.to_uint8` with ``clip`` and written by :func:`echolvfm_core.io.write_mp4` (x264
+"ultrafast" for what runs on every slider release, see :data:`APP_VIDEO`). The slider's critical path stays grey
+(a tenth of the work of RGB) and turns RGB only for the coloured LV contours. The downloadable files (the
+generated loop alone as MP4, GIF and DICOM marked synthetic) are written by :mod:`echolvfm_core.io` too.
 """
 from __future__ import annotations
 
-from fractions import Fraction
-from pathlib import Path
-
-import av
 import cv2
 import numpy as np
 
+from echolvfm_core.io import to_uint8
+
 __all__ = [
+    "APP_VIDEO",
     "CONTOUR_RGB",
     "caption",
     "draw_contours",
@@ -25,24 +24,18 @@ __all__ = [
     "resize_masks",
     "side_by_side",
     "to_rgb",
-    "to_uint8",
-    "write_h264",
 ]
 
 #: Colour of LV contours (RGB).
 CONTOUR_RGB = (255, 200, 0)
 
-
-def to_uint8(frames: np.ndarray) -> np.ndarray:
-    """(T, H, W) float grey levels in [0, 1] -> (T, H, W) uint8 (rounded, clipped)."""
-    if frames.ndim != 3:
-        raise ValueError(f"expected grey frames (T, H, W); got shape {frames.shape}.")
-    return np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
+#: x264 settings of the videos the app shows (speed over size: one is written on every slider release).
+APP_VIDEO = {"crf": 20, "preset": "ultrafast"}
 
 
 def to_rgb(frames: np.ndarray) -> np.ndarray:
     """Grey (T, H, W), uint8 or float in [0, 1] -> (T, H, W, 3) uint8 RGB."""
-    grey = frames if frames.dtype == np.uint8 else to_uint8(frames)
+    grey = to_uint8(frames, clip=True)
     if grey.ndim != 3:
         raise ValueError(f"expected grey frames (T, H, W); got shape {frames.shape}.")
     return np.repeat(grey[..., None], 3, axis=-1)
@@ -116,26 +109,3 @@ def loop_to_length(frames: np.ndarray, length: int) -> np.ndarray:
     if length < 1:
         raise ValueError(f"length must be at least 1; got {length}.")
     return frames[np.arange(length) % frames.shape[0]]
-
-
-def write_h264(clip: np.ndarray, path: str | Path, fps: float, crf: int = 20) -> Path:
-    """Write a uint8 clip, grey (T, H, W) or RGB (T, H, W, 3), as a browser-playable H.264 MP4 (yuv420p, moov atom
-    first). Speed over size: the x264 "ultrafast" preset, since this runs on every slider release. H and W must
-    be even."""
-    grey = clip.ndim == 3
-    if clip.dtype != np.uint8 or not (grey or (clip.ndim == 4 and clip.shape[-1] == 3)):
-        raise ValueError(f"expected uint8 frames (T, H, W) or (T, H, W, 3); got {clip.dtype} {clip.shape}.")
-    if clip.shape[1] % 2 or clip.shape[2] % 2:
-        raise ValueError(f"H.264 in yuv420p needs even frame sides; got {clip.shape[2]} x {clip.shape[1]}.")
-    if not fps > 0:
-        raise ValueError(f"fps must be positive; got {fps}.")
-    path = Path(path)
-    fmt = "gray" if grey else "rgb24"
-    with av.open(str(path), "w", format="mp4", options={"movflags": "+faststart"}) as container:
-        stream = container.add_stream("libx264", rate=Fraction(round(float(fps) * 1000), 1000))
-        stream.width, stream.height, stream.pix_fmt = clip.shape[2], clip.shape[1], "yuv420p"
-        stream.options = {"preset": "ultrafast", "crf": str(crf)}
-        for frame in clip:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format=fmt)))
-        container.mux(stream.encode())
-    return path

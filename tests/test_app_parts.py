@@ -9,13 +9,14 @@ from test_app_server import ASSETS
 from app import video as vid
 from app.engine import StudioEngine
 from app.figures import EFReadout, area_figure, ef_figure
+from echolvfm_core.io import to_uint8, write_mp4
 
 
 def test_side_by_side_with_contours_and_caption():
     grey = np.zeros((3, 16, 16), np.float32)
     mask = np.zeros((3, 8, 8), bool)
     mask[:, 2:6, 2:6] = True
-    small = vid.resize_frames(vid.to_uint8(grey), 32)
+    small = vid.resize_frames(to_uint8(grey, clip=True), 32)
     rgb = vid.to_rgb(small)
     assert rgb.shape == (3, 32, 32, 3) and rgb.dtype == np.uint8
     drawn = vid.draw_contours(rgb, mask)
@@ -37,11 +38,12 @@ def test_loop_to_length_repeats_cyclically():
 
 
 @pytest.mark.parametrize("colour", [False, True])
-def test_write_h264_is_browser_playable(tmp_path, colour):
+def test_app_videos_are_browser_playable(tmp_path, colour):
+    """The app's settings of the one H.264 writer: grey or RGB, black stays black and white white."""
     grey = np.zeros((5, 32, 48), np.uint8)
     grey[:, :, 24:] = 255
     clip = vid.to_rgb(grey) if colour else grey
-    path = vid.write_h264(clip, tmp_path / "x.mp4", fps=25.0)
+    path = write_mp4(clip, tmp_path / "x.mp4", fps=25.0, **vid.APP_VIDEO)
     with av.open(str(path)) as c:
         s = c.streams.video[0]
         assert s.codec_context.name == "h264" and s.codec_context.pix_fmt == "yuv420p"
@@ -49,8 +51,6 @@ def test_write_h264_is_browser_playable(tmp_path, colour):
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
     assert len(frames) == 5
     assert frames[0][16, 4].max() <= 3 and frames[0][16, 40].min() >= 252  # black stays black, white white
-    with pytest.raises(ValueError, match="even"):
-        vid.write_h264(np.zeros((2, 31, 48), np.uint8), tmp_path / "odd.mp4", fps=25.0)
 
 
 def test_ef_figure_shows_interval_and_requested_line():

@@ -149,3 +149,13 @@ def test_writers_validate_input(tmp_path, frames, fps, match):
 def test_loop_dicom_needs_fps(tmp_path):
     with pytest.raises(ValueError, match="fps must be a positive number"):
         write_dicom(Echo(frames=loop(t=3), fps=None), tmp_path / "x.dcm")
+
+
+def test_to_uint8_checks_by_default_and_clips_a_models_overshoot_when_asked():
+    from echolvfm_core.io import to_uint8
+
+    frames = np.array([[[-0.01, 0.5, 1.02]]], dtype=np.float32)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        to_uint8(frames)
+    assert to_uint8(frames, clip=True).tolist() == [[[0, 128, 255]]]
+    assert to_uint8(np.array([[[0.0, 1.0]]])).tolist() == [[[0, 255]]]

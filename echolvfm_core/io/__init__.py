@@ -2,12 +2,12 @@
 
 ``load_echo(path)`` reads a DICOM, NIfTI (plain or CAMUS) or video file into an :class:`~echolvfm_core.echo.Echo`;
 ``read_camus`` and ``read_echonet`` iterate over data-set folders; ``write_mp4``, ``write_gif`` and ``write_dicom``
-write loops. Heavy libraries (pydicom, nibabel, imageio, PyAV) are imported only when a function needs them.
+write loops (``to_uint8`` is their 8-bit conversion, the app's too). Heavy libraries (pydicom, nibabel, imageio, PyAV) are imported only when a function needs them.
 """
 from .camus import CamusPatient, CamusView, read_camus
 from .echonet import EchoNetRecord, read_echonet
 from .load import detect_kind, load_echo, sample_cine_path, sample_echo_path
-from .writers import write_dicom, write_gif, write_mp4
+from .writers import to_uint8, write_dicom, write_gif, write_mp4
 
 __all__ = [
     "load_echo",
@@ -22,4 +22,5 @@ __all__ = [
     "write_mp4",
     "write_gif",
     "write_dicom",
+    "to_uint8",
 ]

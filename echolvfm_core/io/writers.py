@@ -24,10 +24,11 @@ ANONYMOUS_NAME = "ANONYMOUS^SYNTHETIC"
 MP4_CRF = 17
 
 
-def to_uint8(frames: np.ndarray) -> np.ndarray:
+def to_uint8(frames: np.ndarray, clip: bool = False) -> np.ndarray:
     """Validate frames and return them as uint8 of the same shape ((T, H, W) or (T, H, W, 3)).
 
-    Floats must lie in [0, 1] and are rounded to the nearest of 256 levels; uint8 is returned unchanged.
+    Floats are rounded to the nearest of 256 levels; uint8 is returned unchanged. Floats must lie in [0, 1], or with
+    ``clip`` (a model's output, which may overshoot by a little) are clipped to it without that check.
     """
     a = np.asarray(frames)
     if a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[-1] != 3):
@@ -38,6 +39,8 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
         return a
     if not np.issubdtype(a.dtype, np.floating):
         raise ValueError(f"frames must be float in [0, 1] or uint8; got {a.dtype}.")
+    if clip:
+        return np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
     if not np.all(np.isfinite(a)):
         raise ValueError("frames hold NaN or infinite values; they must be finite floats in [0, 1].")
     lo, hi = float(a.min()), float(a.max())
@@ -59,22 +62,20 @@ def _frames_and_fps(frames: np.ndarray | Echo, fps: float | None) -> tuple[np.nd
     return to_uint8(frames), _check_fps(fps)
 
 
-def _rgb(frames_u8: np.ndarray) -> np.ndarray:
-    return frames_u8 if frames_u8.ndim == 4 else np.repeat(frames_u8[..., None], 3, axis=-1)
-
-
-def _rate(fps: float) -> Fraction:
+def stream_rate(fps: float) -> Fraction:
     """fps as a fraction with a denominator of at most 1001 (30000/1001 stays exact)."""
     return Fraction(fps).limit_denominator(1001)
 
 
-def write_mp4(frames: np.ndarray | Echo, path: str | Path, fps: float | None = None) -> Path:
+def write_mp4(frames: np.ndarray | Echo, path: str | Path, fps: float | None = None, crf: int = MP4_CRF,
+              preset: str = "medium") -> Path:
     """Write an H.264 MP4 (libx264, yuv420p, no audio, fast-start) playable in browsers.
 
     Args:
         frames: (T, H, W) or (T, H, W, 3), float in [0, 1] or uint8; or an :class:`Echo`.
         path: output file (parent folder must exist).
         fps: frames per second (> 0); required unless ``frames`` is an Echo with an fps.
+        crf, preset: x264's quality and speed (the app writes a video on every slider release with "ultrafast").
 
     Odd heights / widths are padded by one pixel (edge copy) at the bottom / right, as yuv420p needs even sizes.
     Returns the path written.
@@ -82,19 +83,18 @@ def write_mp4(frames: np.ndarray | Echo, path: str | Path, fps: float | None = N
     import av
 
     u8, fps = _frames_and_fps(frames, fps)
-    rgb = _rgb(u8)
-    pad_h, pad_w = rgb.shape[1] % 2, rgb.shape[2] % 2
+    pad_h, pad_w = u8.shape[1] % 2, u8.shape[2] % 2
     if pad_h or pad_w:
-        rgb = np.pad(rgb, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+        u8 = np.pad(u8, ((0, 0), (0, pad_h), (0, pad_w)) + ((0, 0),) * (u8.ndim - 3), mode="edge")
+    fmt = "gray" if u8.ndim == 3 else "rgb24"
     path = Path(path)
-    rate = _rate(fps)
     with av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
-        stream = container.add_stream("libx264", rate=rate)
-        stream.width, stream.height = rgb.shape[2], rgb.shape[1]
+        stream = container.add_stream("libx264", rate=stream_rate(fps))
+        stream.width, stream.height = u8.shape[2], u8.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(MP4_CRF), "preset": "medium"}
-        for frame in rgb:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+        stream.options = {"crf": str(crf), "preset": preset}
+        for frame in u8:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format=fmt)):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

@@ -92,10 +92,10 @@ def _encode(frames: np.ndarray, fps: float, path: Path) -> list:
     keyframe), in stream order."""
     import av
 
-    from ..io.writers import _rate
+    from ..io.writers import stream_rate
 
     with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=_rate(fps))
+        stream = container.add_stream("libx264", rate=stream_rate(fps))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.options = dict(ENCODER_OPTIONS)
