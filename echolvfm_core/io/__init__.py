@@ -2,7 +2,8 @@
 
 ``load_echo(path)`` reads a DICOM, NIfTI (plain or CAMUS) or video file into an :class:`~echolvfm_core.echo.Echo`;
 ``read_camus`` and ``read_echonet`` iterate over data-set folders; ``write_mp4``, ``write_gif`` and ``write_dicom``
-write loops (``to_uint8`` is their 8-bit conversion, the app's too). Heavy libraries (pydicom, nibabel, imageio, PyAV) are imported only when a function needs them.
+write loops (``to_uint8`` is their 8-bit conversion, the app's too). Heavy libraries (pydicom, nibabel, imageio,
+PyAV) are imported only when a function needs them.
 """
 from .camus import CamusPatient, CamusView, read_camus
 from .echonet import EchoNetRecord, read_echonet
