@@ -453,3 +453,28 @@ def test_model_card_shows_the_objective_the_seed_spread_and_the_linear_baseline(
     assert "| Rec | 0.700 | 5.50 |" in card and "best of k |" not in card  # evaluated without rejection
     assert "standard deviation over seeds is 1.20 points" in card and "40.0x" in card
     assert "| linear, 25 midpoint steps, guidance 2, Gen | 0.700 | 5.50 | 7.00 | 3000 |" in card
+
+
+def test_model_card_shows_the_realism_of_rendered_counterfactuals(tmp_path):
+    """`evaluate --sections realism --card` keeps a summary beside the generation section, and the card shows it."""
+    from dataclasses import asdict
+
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "training_config.json").write_text(json.dumps(asdict(gen_train.train_preset("cpu_meanflow"))))
+    (final / "metrics.json").write_text(json.dumps({"preset": "cpu_meanflow", "parameters": 1e6, "steps": 10}))
+    ratios = {"hf_share": 1.04, "gradient": 0.99, "bits_per_pixel": 1.0, "frame_change": 0.86}
+    cine = {"frames": 120, "fps": 30.0003, "side": 513, "method": "lv_area", "heart_rate_bpm": 62.1,
+            "beats": [{}, {}, {}], "renders": [{"requested": 30.0}], "ratios_mean": ratios,
+            "measured_mean": {"30.0": 27.84, "50.0": 50.47, "70.0": None}}
+    realism = {"n_patients": 49, "ratios_pooled": ratios, "ratios_paired_median": ratios,
+               "c2st": {"accuracy": 0.694, "ci95": [0.597, 0.776], "n_test": 98, "n_train": 80},
+               "ef_adherence": {"rec": {"r2": 0.77, "mae": 5.09}, "gen": {"r2": 0.9, "mae": 5.66}},
+               "acquired_cines": {"color3d": cine}}
+    summary = generator_card.realism_summary(realism)
+    assert "renders" not in summary["acquired_cines"]["color3d"] and summary["acquired_cines"]["color3d"]["beats"] == 3
+    (final / generator_card.EVALUATION_FILE).write_text(json.dumps({"realism": {"split": "valid", **summary}}))
+    card = generator_card.write_model_card(final).read_text()
+    assert "## Realism of rendered counterfactuals (valid split)" in card and "Not measured yet" in card
+    assert "| frame-to-frame change | 0.86 | 0.86 | 0.8-1.25 |" in card and "accuracy 0.694 (95 % interval" in card
+    assert "| color3d | 120 frames, 30 fps, 513 px | 3 (lv_area) | 1.04 / 0.99 / 0.86 / 1.00 | 27.8 / 50.5 / - |" in card

@@ -83,12 +83,18 @@ def run(args: argparse.Namespace) -> int:
         log.info("%s: %s", name, metrics[name])
     metrics["not_evaluated"] = missing
     metrics["skipped"] = skipped
-    if args.card and "generation" in metrics:
-        from ..pipelines.generator_card import EVALUATION_FILE, write_model_card
+    if args.card and ("generation" in metrics or "realism" in metrics):
+        from ..pipelines.generator_card import EVALUATION_FILE, realism_summary, write_model_card
 
         folder = models / SECTIONS["generation"]
-        keep = {k: metrics[k] for k in ("split", "data", "seed", "generation")}
-        (folder / EVALUATION_FILE).write_text(json.dumps(keep, indent=2))
+        path = folder / EVALUATION_FILE
+        keep = json.loads(path.read_text()) if path.is_file() else {}  # a section measured earlier stays
+        if "generation" in metrics:
+            keep.update({k: metrics[k] for k in ("split", "data", "seed", "generation")})
+        if "realism" in metrics:
+            keep["realism"] = {"split": metrics["split"], "data": metrics["data"],
+                               **realism_summary(metrics["realism"])}
+        path.write_text(json.dumps(keep, indent=2))
         if (folder / "metrics.json").is_file():
             write_model_card(folder)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -1,13 +1,14 @@
 """The generator's model card, ``MODEL_CARD.md`` next to the saved model: what it is, its training objective and
-data, and the EF adherence that ``echolvfm evaluate --sections generation --card`` measured
-(:mod:`echolvfm_core.pipelines.evaluation`), written again whenever training, evaluation or ``calibrate-gain`` adds
-to the folder."""
+data, the EF adherence that ``echolvfm evaluate --sections generation --card`` measured
+(:mod:`echolvfm_core.pipelines.evaluation`) and the realism of its rendered counterfactuals that ``--sections realism
+--card`` measured (:mod:`echolvfm_core.pipelines.realism_eval`), written again whenever training, evaluation or
+``calibrate-gain`` adds to the folder."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-__all__ = ["EVALUATION_FILE", "write_model_card"]
+__all__ = ["EVALUATION_FILE", "realism_summary", "write_model_card"]
 
 #: Where ``echolvfm evaluate --card`` keeps the generation section next to the model.
 EVALUATION_FILE = "evaluation.json"
@@ -34,7 +35,7 @@ def write_model_card(final: Path) -> Path:
     ev_path = final / EVALUATION_FILE
     evaluation = json.loads(ev_path.read_text()) if ev_path.is_file() else None
     flow, model = cfg["flow"], cfg["model"]
-    if evaluation is None:
+    if evaluation is None or "generation" not in evaluation:
         measured = ("Not measured yet: run `echolvfm evaluate --prepared DATA --models MODELS --sections generation "
                     "--card` with this folder as `MODELS/generator`.")
     else:
@@ -52,6 +53,7 @@ drawn from [10, 90] at least 5 points away; EF measured back by the bundled segm
 
 ES SSIM (Rec, generated frame at the real ES index vs the real ES frame): {gen["es_ssim"]:.3f}.
 Paper targets (GPU-trained, EchoNet-Dynamic): Rec R^2 >= 0.6 and MAE <= 7, Gen MAE <= 12.{_spread_and_baseline(gen)}"""
+    realism = "" if evaluation is None or "realism" not in evaluation else _realism(evaluation["realism"])
     final_loss = metrics.get("final_loss") or {}
     linear = cfg.get("objective", "meanflow") == "linear"
     if linear:
@@ -94,7 +96,7 @@ Objective: {_linear_objective(flow) if linear else _objective(flow)}{init}
 
 ## EF adherence (valid split)
 {measured}
-
+{realism}
 ## Training
 {metrics.get("steps")} steps, batch {cfg["batch_size"]}, AdamW lr {cfg["lr"]:g} (warm-up {cfg["warmup"]}, cosine),
 EMA {cfg["ema_decay"]:g}, seed {metrics.get("seed")}, device {metrics.get("device")},
@@ -121,6 +123,54 @@ can sit far from the request (docs/models.md reports the built-in DICOM sample).
     path = final / "MODEL_CARD.md"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def realism_summary(realism: dict) -> dict:
+    """The numbers of an ``evaluate --sections realism`` result that the card shows (not every rendering)."""
+    keep = ("n_patients", "ratios_pooled", "ratios_paired_median", "c2st", "ef_adherence")
+    cines = {name: {k: c[k] for k in ("frames", "fps", "side", "method", "heart_rate_bpm", "ratios_mean",
+                                       "measured_mean") if k in c} | {"beats": len(c.get("beats", []))}
+             for name, c in realism.get("acquired_cines", {}).items()}
+    return {**{k: realism[k] for k in keep if k in realism}, "acquired_cines": cines}
+
+
+def _realism(r: dict) -> str:
+    """The card's realism section from :func:`realism_summary`."""
+    pooled, paired, c2st = r["ratios_pooled"], r["ratios_paired_median"], r["c2st"]
+    rows = "\n".join(f"| {label} | {pooled[k]:.2f} | {paired[k]:.2f} | {target} |" for k, label, target in (
+        ("hf_share", "high-frequency share (> 0.25 cycles/pixel)", "0.85-1.15"),
+        ("gradient", "mean gradient", "0.85-1.15"),
+        ("bits_per_pixel", "H.264 bits per pixel", "0.85-1.15"),
+        ("frame_change", "frame-to-frame change", "0.8-1.25")))
+    ef = r.get("ef_adherence", {})
+    adherence = "".join(f" {name.capitalize()} R^2 {a['r2']:.2f}, MAE {a['mae']:.2f};" for name, a in ef.items())
+    cines = "\n".join(
+        f"| {name} | {c['frames']} frames, {c['fps']:.0f} fps, {c['side']} px | {c['beats']} ({c['method']}) | "
+        + " / ".join(f"{c['ratios_mean'][k]:.2f}" for k in ("hf_share", "gradient", "frame_change", "bits_per_pixel"))
+        + " | " + " / ".join("-" if v is None else f"{v:.1f}" for v in c["measured_mean"].values()) + " |"
+        for name, c in r.get("acquired_cines", {}).items() if c.get("ratios_mean"))
+    return f"""
+## Realism of rendered counterfactuals ({r["split"]} split)
+The Studio shows a counterfactual as the acquired frames moved by this generator's displacement field
+(`echolvfm_core/pipelines/render.py`); `echolvfm evaluate --sections realism` measured, on {r["n_patients"]} CAMUS
+patients (still ED images rendered at a Gen EF), generated over real:
+
+| statistic | pooled | paired (median) | target |
+|---|---|---|---|
+{rows}
+
+Classifier two-sample test (a small CNN on patches, trained on training-split patients, scored on these):
+accuracy {c2st["accuracy"]:.3f} (95 % interval {c2st["ci95"][0]:.3f}-{c2st["ci95"][1]:.3f}, {c2st["n_test"]} images;
+0.5 = indistinguishable). EF of the rendered loops by the segmenter:{adherence.rstrip(";")}.
+
+Acquired cines, every beat against its own counterfactuals (each beat's motion gain calibrated on the beat, EF read
+on its key frames, as in the app; a loop without a whole beat, method "whole_loop", cannot be re-timed to another EF
+and the app shows its decoded loop instead):
+
+| cine | input | beats | HF / gradient / frame change / bits per pixel | EF measured at 30 / 50 / 70 % |
+|---|---|---|---|---|
+{cines}
+"""
 
 
 def _spread_and_baseline(gen: dict) -> str:
