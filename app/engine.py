@@ -702,6 +702,8 @@ class StudioEngine:
                 beat = renderer.prepare(display, cine.mask, cine.fps, ed=0, source_ef=original.ef, es=es)
                 key = key_frames(len(display), beat.es, cine.fps)
                 renderer.calibrate(beat, lambda g, es: self._measured_ef(g, case.echo, key))
+                # every whole EF of the slider at this seed: a slider move then only warps and measures
+                renderer.prefetch(beat, range(int(EF_RANGE[0]), int(EF_RANGE[1]) + 1), seed)
                 cine.prepared[index] = beat
             prepared = cine.prepared[index]
             seeds = [seed + i for i in range(reject_k)]

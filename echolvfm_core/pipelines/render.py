@@ -72,8 +72,9 @@ class PreparedBeat:
         taper: (S, S, 1) float32, 0 on the fan's edge rising to 1 at :data:`EDGE_TAPER` of the side inside it: the
             motion is faded out there, so the sector's edge (the scanner's, with its darker border and the
             preprocessing's stepped cut) stays where it was acquired instead of filling with stretched tissue.
-        source_fields: per noise seed, the generator's field at ``source_ef`` (filled by
-            :meth:`BeatRenderer.render`: the same for every requested EF, so a slider move runs the generator once).
+        fields: the generator's fields computed so far, per (seed, EF) (:meth:`BeatRenderer.field`): the one at
+            ``source_ef`` serves every request, and :meth:`BeatRenderer.prefetch` can fill a slider's whole range
+            at once, so that a slider move then only warps.
     """
 
     display: np.ndarray
@@ -87,7 +88,7 @@ class PreparedBeat:
     frames: int
     es: int | None = None
     gain: float = 1.0
-    source_fields: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    fields: dict[tuple[int, float], np.ndarray] = field(default_factory=dict, repr=False)
     filled: np.ndarray = field(init=False, repr=False)
     taper: np.ndarray = field(init=False, repr=False)
 
@@ -229,9 +230,9 @@ class BeatRenderer:
     def render(self, beat: PreparedBeat, ef: float, seed: int = 0) -> RenderedBeat:
         """The beat's heart at EF ``ef`` (%), at the beat's resolution and frame rate."""
         t0 = time.perf_counter()
-        fields = self.motion(beat, [ef], seed)[0]
+        fields = self.field(beat, ef, seed)
         if not beat.still:
-            self._source_field(beat, seed)
+            self.field(beat, beat.source_ef, seed)
         t1 = time.perf_counter()
         out = self._render_fields(beat, fields, seed, ef)
         out.timings_ms = {"flow": (t1 - t0) * 1e3, "warp": (time.perf_counter() - t1) * 1e3}
@@ -243,7 +244,7 @@ class BeatRenderer:
             delta, pos = beat.gain * fields, _phase_positions(beat.frames, fields.shape[1])
             es = min(beat.frames - 1, round(_contraction_peak(fields) * beat.frames / fields.shape[1]))
         else:
-            source = self._source_field(beat, seed)
+            source = self.field(beat, beat.source_ef, seed)
             delta = beat.gain * (fields - source)
             pos = _phase_positions(beat.frames, delta.shape[1], beat.es, _contraction_peak(source))
             es = beat.es
@@ -267,18 +268,16 @@ class BeatRenderer:
         Returns:
             gain -> mean absolute error (EF points) over ``requests`` (inf where the instrument failed).
         """
-        small = replace(beat, display=to_model_grid(beat.display, self.grid), gain=1.0, source_fields={},
+        small = replace(beat, display=to_model_grid(beat.display, self.grid), gain=1.0,
                         mask=cv2.resize(beat.mask.astype(np.uint8), (self.grid, self.grid),
                                         interpolation=cv2.INTER_NEAREST) > 0)
-        if not beat.still:
-            small.source_fields[int(seed)] = self._source_field(beat, seed)
-        fields = {ef: self.motion(beat, [ef], seed)[0] for ef in requests}
+        self.prefetch(beat, [*requests, *([] if beat.still else [beat.source_ef])], seed)  # shared with ``small``
         errors = {}
         for gain in gains:
             small.gain, err = float(gain), []
             for ef in requests:
                 try:
-                    out = self._render_fields(small, fields[ef], seed, ef)
+                    out = self._render_fields(small, self.field(beat, ef, seed), seed, ef)
                     err.append(abs(measure_ef(out.frames, out.es) - ef))
                 except ValueError:
                     err.append(float("inf"))
@@ -286,11 +285,21 @@ class BeatRenderer:
         beat.gain = min(errors, key=errors.get)
         return errors
 
-    def _source_field(self, beat: PreparedBeat, seed: int) -> np.ndarray:
-        """The generator's field at the beat's own EF for ``seed`` (computed once per beat and seed)."""
-        if int(seed) not in beat.source_fields:
-            beat.source_fields[int(seed)] = self.motion(beat, [beat.source_ef], seed)[0]
-        return beat.source_fields[int(seed)]
+    def field(self, beat: PreparedBeat, ef: float, seed: int) -> np.ndarray:
+        """(2, L, h, w) the generator's field at EF ``ef`` for noise ``seed``, computed once per beat."""
+        key = (int(seed), round(float(ef), 3))
+        if key not in beat.fields:
+            beat.fields[key] = self.motion(beat, [ef], seed)[0]
+        return beat.fields[key]
+
+    def prefetch(self, beat: PreparedBeat, efs: Sequence[float], seed: int = 0, batch: int = 16) -> None:
+        """Compute the fields of many EFs for ``seed`` at once, ``batch`` to a network call (e.g. every whole EF of
+        the app's slider when a beat is first shown: about a second on 2 CPU cores, then a slider move only warps)."""
+        todo = sorted({round(float(e), 3) for e in efs} - {ef for s, ef in beat.fields if s == int(seed)})
+        for i in range(0, len(todo), batch):
+            chunk = todo[i : i + batch]
+            for ef, f in zip(chunk, self.motion(beat, chunk, seed)):
+                beat.fields[(int(seed), ef)] = f
 
     @staticmethod
     def _warp(beat: PreparedBeat, per_frame: np.ndarray) -> np.ndarray:
