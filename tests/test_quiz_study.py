@@ -226,9 +226,10 @@ def test_a_study_of_the_built_in_cine_shows_nothing_at_file_level(tmp_path):
         pytest.skip("pydicom-data (the 120-frame cine) is not installed")
     if not (root / "generator" / "config.json").is_file():
         pytest.skip("no bundled generator")
-    pool = acquired_pool(["color3d", "sample"], SegmentationEF.from_pretrained(root / "segmenter"))
+    seg = SegmentationEF.from_pretrained(root / "segmenter")
+    pool = acquired_pool(["color3d", "sample"], seg)
     assert len(pool) == 3 and "first 30 frames of the color3d cine" in pool.skipped[0]
-    synth = BeatSynth(BeatRenderer(load_generator(root / "generator"), EchoCodec.from_pretrained(root / "vae")))
+    synth = BeatSynth(BeatRenderer(load_generator(root / "generator"), EchoCodec.from_pretrained(root / "vae")), seg)
     study = create_study(pool.beats, 20, {"bundled": synth}, out_dir=tmp_path, real_pool_source=pool.source,
                          calibration_n=4)
     assert len(study.cases) == 24

@@ -161,7 +161,7 @@ def create(args: argparse.Namespace) -> int:
                                     EchoCodec.from_pretrained(folder / "vae", device=args.device))
         except ValueError as exc:
             raise CommandError(f"{folder / 'generator'}: {exc}") from None
-        generators[model_version(folder / "generator")] = BeatSynth(renderer)
+        generators[model_version(folder / "generator")] = BeatSynth(renderer, seg)
 
     def detect(real, synthetic, real_groups, synthetic_groups):
         return automatic_reader(real, synthetic, real_groups, synthetic_groups, seed=args.seed).to_dict()

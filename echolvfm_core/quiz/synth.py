@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..pipelines.render import beat_ef, key_frames
 from .pool import PoolBeat
 
 __all__ = ["BeatSynth", "model_version"]
@@ -35,15 +36,21 @@ class BeatSynth:
 
     Args:
         renderer: a :class:`~echolvfm_core.pipelines.render.BeatRenderer` over the generator and its codec.
+        seg: the segmenter (:class:`~echolvfm_core.estimators.segmentation.SegmentationEF`); when given, each beat's
+            motion gain is calibrated on the beat as the app does (:meth:`BeatRenderer.calibrate`), so a study
+            shows the counterfactuals the app shows.
     """
 
-    def __init__(self, renderer):
+    def __init__(self, renderer, seg=None):
         self.renderer = renderer
+        self.seg = seg
         self._prepared: dict[int, object] = {}
 
     def __call__(self, beat: PoolBeat, ef: float, seed: int) -> np.ndarray:
         key = id(beat)
         if key not in self._prepared:  # a beat gives several cases: encode it once
-            self._prepared[key] = (beat, self.renderer.prepare(beat.frames, beat.mask, beat.fps, ed=0,
-                                                               source_ef=beat.ef, es=beat.es))
+            prepared = self.renderer.prepare(beat.frames, beat.mask, beat.fps, ed=0, source_ef=beat.ef, es=beat.es)
+            if self.seg is not None:
+                self.renderer.calibrate(prepared, lambda g, es: beat_ef(self.seg, g, key_frames(len(g), es, beat.fps)))
+            self._prepared[key] = (beat, prepared)
         return self.renderer.render(self._prepared[key][1], float(ef), seed=int(seed)).frames
