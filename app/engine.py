@@ -199,7 +199,7 @@ class LoadedCase:
     video: Path
     measurement: Measurement
     latents: torch.Tensor | None = None
-    cine: "CineView | None" = None
+    cine: CineView | None = None
 
     @property
     def n_frames(self) -> int:

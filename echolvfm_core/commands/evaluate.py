@@ -205,6 +205,7 @@ def _realism(folder: Path, loops, args) -> dict:
     C2ST trained on --realism-train-patients training patients, and the built-in acquired cines."""
     import numpy as np
 
+    from ..cli import CommandError
     from ..ef import EF_REQUEST_RANGE
     from ..estimators.segmentation import SegmentationEF
     from ..io import load_echo, read_camus, sample_cine_path, sample_echo_path
@@ -213,8 +214,6 @@ def _realism(folder: Path, loops, args) -> dict:
     from ..pipelines.counterfactual import load_generator
     from ..pipelines.realism_eval import evaluate_camus_realism, evaluate_cine_realism
     from ..pipelines.render import BeatRenderer
-
-    from ..cli import CommandError
 
     root = folder.parent
     if not (root / "segmenter" / "config.json").is_file():

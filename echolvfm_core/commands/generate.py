@@ -57,9 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from echolvfm_core.cli import CommandError
+    from echolvfm_core.ef import check_requested_ef
     from echolvfm_core.io import load_echo, write_gif, write_mp4
     from echolvfm_core.pipelines.counterfactual import CounterfactualPipeline, default_models_dir
-    from echolvfm_core.ef import check_requested_ef
     from echolvfm_core.preprocess import preprocess, resample_time
 
     try:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -86,7 +86,7 @@ class EFPosterior:
     steps: int
 
     @classmethod
-    def from_samples(cls, raw: np.ndarray, seed: int, steps: int) -> "EFPosterior":
+    def from_samples(cls, raw: np.ndarray, seed: int, steps: int) -> EFPosterior:
         """Summarise raw EF draws (%, unclipped) into a posterior clipped to [0, 100]."""
         raw = np.asarray(raw, dtype=np.float64).reshape(-1)
         if raw.size == 0 or not np.all(np.isfinite(raw)):
@@ -211,7 +211,7 @@ class EFPosteriorEstimator:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
-                        **kwargs) -> "EFPosteriorEstimator":
+                        **kwargs) -> EFPosteriorEstimator:
         """Load a folder with the model (``config.json`` + weights) and ``scheduler_config.json`` (default: the
         bundled ``assets/ef_regressor``)."""
         path = Path(path) if path is not None else default_ef_regressor_dir()

@@ -11,9 +11,9 @@ expert or phantom labels, which checks the EF path without a network.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -262,7 +262,7 @@ class SegmentationEF:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
-                        **kwargs) -> "SegmentationEF":
+                        **kwargs) -> SegmentationEF:
         """Load a ``save_pretrained`` folder (default: the bundled ``assets/segmenter``)."""
         path = Path(path) if path is not None else default_segmenter_dir()
         if not (path / "config.json").is_file():

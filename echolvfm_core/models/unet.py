@@ -399,7 +399,7 @@ class EchoVelocityUNet(ModelMixin, ConfigMixin):
         self.set_jvp_flash(True)
 
     @classmethod
-    def from_preset(cls, name: str | UNetConfig, **overrides) -> "EchoVelocityUNet":
+    def from_preset(cls, name: str | UNetConfig, **overrides) -> EchoVelocityUNet:
         """A freshly initialised network of preset ``name`` (or a :class:`UNetConfig`), fields overridable."""
         cfg = unet_preset(name) if isinstance(name, str) else name
         return cls(**{**asdict(cfg), **overrides})

@@ -128,7 +128,7 @@ class CounterfactualPipeline:
 
     @classmethod
     def from_pretrained(cls, models: str | Path | None = None, device: str | torch.device | None = None,
-                        segmenter: bool = True) -> "CounterfactualPipeline":
+                        segmenter: bool = True) -> CounterfactualPipeline:
         """Load ``models/generator``, ``models/vae`` and (when present and ``segmenter``) ``models/segmenter``.
 
         ``models`` defaults to :func:`default_models_dir`. Raises FileNotFoundError when the generator or the VAE

@@ -243,7 +243,7 @@ class LatentLoops:
                     "ed_index": self.ed_index.tolist(), "patient": self.patient, "loop_id": self.loop_id}, path)
 
     @classmethod
-    def load(cls, path: Path) -> "LatentLoops":
+    def load(cls, path: Path) -> LatentLoops:
         d = torch.load(path, weights_only=True)
         return cls(d["latents"], np.asarray(d["ef"], np.float64), np.asarray(d["ed_index"], np.int64),
                    list(d["patient"]), list(d["loop_id"]), d["fingerprint"])
