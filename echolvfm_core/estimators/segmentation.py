@@ -201,7 +201,10 @@ def measure_labels(labels: np.ndarray, spacing_mm: tuple[float, float] | None = 
     if cyclic:
         start = int(np.argmax(area))
         m = measure_labels(np.roll(lab, -start, axis=0), spacing_mm)
-        back = lambda i: (i + start) % len(lab)
+
+        def back(i):
+            return (i + start) % len(lab)
+
         return replace(m, labels=lab, lv_area=area, ed_index=back(m.ed_index), es_index=back(m.es_index),
                        beats=tuple((back(e), back(s)) for e, s in m.beats))
     present = area > 0

@@ -57,6 +57,9 @@ logger = logging.getLogger(__name__)
 #: A study needs at least this many beats in its pool: one for each arm.
 MIN_POOL_BEATS = 2
 
+#: The video spec of a study that states none (VideoSpec is frozen, so one instance serves every call).
+_DEFAULT_SPEC = VideoSpec()
+
 #: A generator, injected: (pool beat, requested EF in %, seed) -> float32 (N, S, S) frames of the beat's heart at
 #: that EF, at the beat's size and frame count.
 SynthFn = Callable[[PoolBeat, float, int], np.ndarray]
@@ -201,7 +204,7 @@ def create_study(
     ef_range: tuple[float, float] = (20.0, 75.0),
     seed: int = 0,
     calibration_n: int = 4,
-    spec: VideoSpec = VideoSpec(),
+    spec: VideoSpec = _DEFAULT_SPEC,
     store: QuizStore | None = None,
     detector: DetectFn | None = None,
     max_detectability: float | None = None,
