@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 #: section name -> model sub-folder it needs under --models
 SECTIONS = {"vae": "vae", "segmentation": "segmenter", "ef_regression": "ef_regressor",
-            "ef_regression_jepa": "ef_regressor_jepa", "generation": "generator", "jepa": "jepa", "realism": "generator"}
+            "ef_regression_jepa": "ef_regressor_jepa", "generation": "generator", "jepa": "jepa",
+            "realism": "generator"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -25,7 +25,8 @@ def _indices(text: str) -> list[int] | str:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated frame indices such as 0,5, or ed; got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated frame indices such as 0,5, or ed; got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("give at least one frame index")
     return values
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     if args.reject > 1 and not has_segmenter:
         raise CommandError(f"--reject needs a segmenter in {models / 'segmenter'} to measure the candidates' EF.")
     if args.observed == "ed" and not has_segmenter:
-        raise CommandError(f"--observed ed needs a segmenter in {models / 'segmenter'} to find the end-diastolic frame.")
+        raise CommandError(
+            f"--observed ed needs a segmenter in {models / 'segmenter'} to find the end-diastolic frame.")
 
     echo = load_echo(args.path)
     pipe = CounterfactualPipeline.from_pretrained(models, device=args.device)

@@ -44,7 +44,8 @@ def _summary(ms: list[float]) -> dict:
 
 
 def _env(device: torch.device) -> dict:
-    return {"device": str(device), "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+    return {"device": str(device), "torch_threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine()}
 
 
 def _loop(frames: int, size: int, seed: int) -> np.ndarray:

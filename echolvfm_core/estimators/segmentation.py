@@ -324,7 +324,8 @@ class SegmentationEF:
         """
         f = self._check_frames(frames)
         if f.shape[0] < 2:
-            raise EchoLoadError("EF measurement needs a loop of at least 2 frames, but the input is a single still frame.")
+            raise EchoLoadError(
+                "EF measurement needs a loop of at least 2 frames, but the input is a single still frame.")
         return measure_labels(self.segment(f), spacing_mm, cyclic)
 
     #: Alias of :meth:`measure`.

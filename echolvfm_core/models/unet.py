@@ -1,4 +1,5 @@
-"""Spatio-temporal velocity U-Net of the EchoLVFM generator (network only; the flows live in :mod:`echolvfm_core.flows`).
+"""Spatio-temporal velocity U-Net of the EchoLVFM generator (network only; the flows live in
+:mod:`echolvfm_core.flows`).
 
 Call signature (the flows rely on exactly this)::
 
@@ -436,7 +437,8 @@ class EchoVelocityUNet(ModelMixin, ConfigMixin):
         if not self.config.context_channels and context is not None:
             raise ValueError("This network takes no context (context_channels = 0).")
         if frame_mask.shape != (b, frames) or frame_mask.dtype != torch.bool:
-            raise ValueError(f"frame_mask must be bool ({b}, {frames}); got {frame_mask.dtype} {tuple(frame_mask.shape)}.")
+            raise ValueError(
+                f"frame_mask must be bool ({b}, {frames}); got {frame_mask.dtype} {tuple(frame_mask.shape)}.")
         for name, v in (("t", t), ("h", h), ("ef", ef)):
             if v.shape != (b,):
                 raise ValueError(f"{name} must have shape ({b},); got {tuple(v.shape)}.")
