@@ -77,7 +77,8 @@ def test_without_a_measured_ef_video_and_names_say_unmeasured(loaded):
     callbacks, session = loaded  # the tiny segmenter finds no LV in the generated loop
     _, _, line, summary = callbacks.generate(session, 45, "ed", 4, 12, 3, False, 4, False)
     assert summary["measured_ef"] is None and "Requested EF **45 %** · not measured ·" in line
-    assert all(Path(f).name.startswith("counterfactual_ef45-asked_unmeasured_seed3_") for f in callbacks.export(session))
+    assert all(Path(f).name.startswith("counterfactual_ef45-asked_unmeasured_seed3_")
+               for f in callbacks.export(session))
 
 
 @pytest.mark.parametrize("mode, k, follows", [("ed", 4, True), ("first_k", 1, True), ("first_k", 4, False),
