@@ -2,8 +2,8 @@
 
 :func:`benchmark_app` measures what a user waits for after releasing the EF slider: the time from sending the
 ``/counterfactual`` request (the slider's release event) with ``gradio_client`` until the side-by-side MP4 has been
-generated, written, sent and downloaded by the client, i.e. is playable. The case is loaded once (``/load_sample``), so, as
-in the app, each request runs only the one-step generator, the decoder and the video writer on cached latents.
+generated, written, sent and downloaded by the client, i.e. is playable. The case is loaded once (``/load_sample``),
+so, as in the app, each request runs only the one-step generator, the decoder and the video writer on cached latents.
 
     from app.bench import benchmark_app
     benchmark_app(models="assets", n=20)          # starts the app on a free local port, returns a dict

@@ -121,8 +121,13 @@ class Measurement:
 def _rolled(m: Measurement, shift: int) -> Measurement:
     """The measurement of the same loop started ``shift`` frames later (per-frame arrays and phase indices moved)."""
     n = len(m.lv_area) if m.lv_area is not None else None
-    roll = lambda a: None if a is None else np.roll(a, -shift, axis=0)
-    phase = lambda i: None if i is None or n is None else (int(i) - shift) % n
+
+    def roll(a):
+        return None if a is None else np.roll(a, -shift, axis=0)
+
+    def phase(i):
+        return None if i is None or n is None else (int(i) - shift) % n
+
     return replace(m, lv_area=roll(m.lv_area), lv_masks=roll(m.lv_masks), ed_index=phase(m.ed_index),
                    es_index=phase(m.es_index))
 
@@ -200,7 +205,7 @@ class LoadedCase:
     video: Path
     measurement: Measurement
     latents: torch.Tensor | None = None
-    cine: "CineView | None" = None
+    cine: CineView | None = None
 
     @property
     def n_frames(self) -> int:
@@ -389,7 +394,9 @@ class StudioEngine:
         measure = None
         if rejection:
             seg = self.model("segmenter")
-            measure = lambda frames: float(seg.measure(frames).ef)
+
+            def measure(frames):
+                return float(seg.measure(frames).ef)
         return CounterfactualPipeline(flow, codec, measure_ef=measure)
 
     def max_frames(self) -> int | None:
@@ -737,7 +744,10 @@ class StudioEngine:
         if key is None:
             return self.measure(frames, like, masks_only=True)
         m = self.measure(frames[list(key)], like, masks_only=True)
-        at = lambda i: None if i is None else int(key[i])
+
+        def at(i):
+            return None if i is None else int(key[i])
+
         return replace(m, lv_area=None, lv_masks=None, ed_index=at(m.ed_index), es_index=at(m.es_index),
                        key_frames=key)
 

@@ -90,8 +90,8 @@ def image_period(frames: np.ndarray, fps: float, mask: np.ndarray | None = None)
     The loop (T, H, W) is shrunk to at most 32 x 32, mean-removed per pixel inside ``mask``, and the correlation
     between frames ``lag`` apart is averaged over the loop; the first local maximum over the allowed lags that
     climbs more than 0.1 above the lowest correlation at shorter lags is the cycle (later ones are its multiples;
-    a slow drift of the probe lowers the whole curve, not that rise), refined to a fraction of a frame by a parabola through it and its neighbours. None
-    when the loop is shorter than 1.5 allowed cycles or no maximum rises enough.
+    a slow drift of the probe lowers the whole curve, not that rise), refined to a fraction of a frame by a parabola
+    through it and its neighbours. None when the loop is shorter than 1.5 allowed cycles or no maximum rises enough.
     """
     x = np.asarray(frames, dtype=np.float32)
     t = x.shape[0]

@@ -49,7 +49,7 @@ class LoadLimits:
     max_bytes: int = 1024**3
 
     @classmethod
-    def from_env(cls) -> "LoadLimits":
+    def from_env(cls) -> LoadLimits:
         import os
 
         d = cls()
@@ -147,11 +147,11 @@ class Echo:
     def is_loop(self) -> bool:
         return self.n_frames > 1
 
-    def require_loop(self, what: str = "This step") -> "Echo":
+    def require_loop(self, what: str = "This step") -> Echo:
         """Return self, or raise :class:`EchoLoadError` when the echo is a single still frame."""
         if not self.is_loop:
             raise EchoLoadError(f"{what} needs a loop of at least 2 frames, but the input is a single still frame.")
         return self
 
-    def replace(self, **changes) -> "Echo":
+    def replace(self, **changes) -> Echo:
         return replace(self, **changes)

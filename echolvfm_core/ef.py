@@ -154,7 +154,9 @@ def _extremes(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return points[int(np.argmin(proj))], points[int(np.argmax(proj))]
 
 
-def _geometry_mm(frame: np.ndarray, sr: float, sc: float, index: int) -> tuple[LVGeometry, np.ndarray, np.ndarray, np.ndarray, float]:
+def _geometry_mm(
+    frame: np.ndarray, sr: float, sc: float, index: int
+) -> tuple[LVGeometry, np.ndarray, np.ndarray, np.ndarray, float]:
     """Geometry of one (H, W) map plus cavity points in mm, base (mm), unit axis toward the apex, half pixel extent."""
     cavity = frame == _LV
     if not cavity.any():
@@ -179,7 +181,8 @@ def _geometry_mm(frame: np.ndarray, sr: float, sc: float, index: int) -> tuple[L
         axis = apex - base
         norm = np.linalg.norm(axis)
         if norm == 0:
-            raise ValueError(f"label map {index}: the LV cavity is a single pixel row at the annulus; cannot find an apex.")
+            raise ValueError(
+                f"label map {index}: the LV cavity is a single pixel row at the annulus; cannot find an apex.")
         axis = axis / norm
     else:
         annulus_from = "axis"
@@ -325,7 +328,9 @@ def ef_from_pair(
     ed = _as_stack(ed_labels, "ED labels")
     es = _as_stack(es_labels, "ES labels")
     if ed.shape != es.shape or ed.shape[0] != 1:
-        raise ValueError(f"ED and ES label maps must be single (H, W) maps of one size; got {ed.shape[1:] if ed.shape[0] == 1 else ed.shape} and {es.shape[1:] if es.shape[0] == 1 else es.shape}.")
+        raise ValueError(f"ED and ES label maps must be single (H, W) maps of one size; got "
+                         f"{ed.shape[1:] if ed.shape[0] == 1 else ed.shape} and "
+                         f"{es.shape[1:] if es.shape[0] == 1 else es.shape}.")
     vols = lv_volumes(np.concatenate([ed, es]), spacing_mm, method)
     ef = ejection_fraction(vols[0], vols[1])
     return EFResult(ef, float(vols[0]), float(vols[1]), 0, 1, vols, (ef,), method, _unit(spacing_mm))
@@ -377,7 +382,8 @@ def detect_ed_es(area: np.ndarray, prominence: float = 0.25, smooth: int = 3) ->
         seg = x[lo_i:hi_i]
         return lo_i + int(np.argmax(seg) if kind == "ed" else np.argmin(seg))
 
-    events = sorted({(refine(int(i) - 1, "ed"), "ed") for i in maxima} | {(refine(int(i) - 1, "es"), "es") for i in minima})
+    events = sorted({(refine(int(i) - 1, "ed"), "ed") for i in maxima}
+                    | {(refine(int(i) - 1, "es"), "es") for i in minima})
     # Enforce alternation: of consecutive events of one kind keep the most extreme (on the raw curve).
     merged: list[tuple[int, str]] = []
     for idx, kind in events:

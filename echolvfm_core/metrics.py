@@ -56,7 +56,8 @@ def interval_coverage(lower: np.ndarray, upper: np.ndarray, truth: np.ndarray) -
     """Fraction of cases with ``lower <= truth <= upper``; all arrays (B,)."""
     lo, hi, y = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (lower, upper, truth))
     if not (len(lo) == len(hi) == len(y)) or len(y) == 0:
-        raise ValueError(f"lower, upper and truth must be non-empty and of one length; got {len(lo)}, {len(hi)}, {len(y)}.")
+        raise ValueError(
+            f"lower, upper and truth must be non-empty and of one length; got {len(lo)}, {len(hi)}, {len(y)}.")
     return float(np.mean((lo <= y) & (y <= hi)))
 
 
@@ -76,7 +77,8 @@ def _image_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Two image stacks as float64 (N, H, W) in [0, 1]; raises on shape or range mismatch."""
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if x.shape != y.shape or x.ndim not in (2, 3) or x.size == 0:
-        raise ValueError(f"Expected two non-empty image stacks (N, H, W) or (H, W) of one shape; got {x.shape} and {y.shape}.")
+        raise ValueError(
+            f"Expected two non-empty image stacks (N, H, W) or (H, W) of one shape; got {x.shape} and {y.shape}.")
     for name, v in (("reference", x), ("test", y)):
         if not np.all(np.isfinite(v)) or v.min() < 0.0 or v.max() > 1.0:
             raise ValueError(f"The {name} images must be finite grey levels in [0, 1].")

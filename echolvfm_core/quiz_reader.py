@@ -81,7 +81,8 @@ def automatic_reader(real: Sequence[np.ndarray], synthetic: Sequence[np.ndarray]
             return sample_patches(f, fan, _PATCHES, rng)
         except ValueError:
             raise ValueError(f"The automatic reader needs {PATCH} x {PATCH} patches inside the fan of every case, "
-                             f"and a case of {f.shape[2]} x {f.shape[1]} pixels has none; show larger videos.") from None
+                             f"and a case of {f.shape[2]} x {f.shape[1]} pixels has none; show larger videos."
+                             ) from None
 
     xr, xs = [patches(f) for f in real], [patches(f) for f in synthetic]
     n_groups = min(len(set(real_groups)), len(set(synthetic_groups)))

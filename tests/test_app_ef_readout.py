@@ -39,7 +39,10 @@ def measures_58(monkeypatch):
 def test_caption_states_both_efs_and_fits_a_panel():
     assert counterfactual_caption(30, 57.6) == "SYNTHETIC EF 30 asked, 58 measured"
     assert counterfactual_caption(30, None) == "SYNTHETIC EF 30 asked, unmeasured"
-    width = lambda text: cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, PANEL_SIZE / 560.0, 1)[0][0]
+
+    def width(text):
+        return cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, PANEL_SIZE / 560.0, 1)[0][0]
+
     widest = max(width(counterfactual_caption(a, m)) for a in (10, 48, 88, 90) for m in (None, 0.0, 88.0, 99.4))
     assert widest + 10 <= PANEL_SIZE  # vid.caption's strip (text + 10 px) is cut at the panel's edge
 
@@ -58,7 +61,10 @@ def test_video_and_export_state_the_measured_ef_beside_the_requested_one(loaded,
     # The right panel's caption is the new one, not the old "SYNTHETIC  EF 30 %" (compared in the bottom 16 rows, inside
     # the caption's black strip).
     panel = _first_frame(Path(video))[:, PANEL_SIZE + 4 :][-16:].astype(float)
-    drawn = lambda text: vid.caption(np.zeros((1, PANEL_SIZE, PANEL_SIZE), np.uint8), text)[0][-16:].astype(float)
+
+    def drawn(text):
+        return vid.caption(np.zeros((1, PANEL_SIZE, PANEL_SIZE), np.uint8), text)[0][-16:].astype(float)
+
     now, before = (np.abs(panel - drawn(t)).mean() for t in ("SYNTHETIC EF 30 asked, 58 measured",
                                                               "SYNTHETIC  EF 30 %"))
     assert now < 0.6 * before, (now, before)
@@ -71,7 +77,8 @@ def test_without_a_measured_ef_video_and_names_say_unmeasured(loaded):
     callbacks, session = loaded  # the tiny segmenter finds no LV in the generated loop
     _, _, line, summary = callbacks.generate(session, 45, "ed", 4, 12, 3, False, 4, False)
     assert summary["measured_ef"] is None and "Requested EF **45 %** · not measured ·" in line
-    assert all(Path(f).name.startswith("counterfactual_ef45-asked_unmeasured_seed3_") for f in callbacks.export(session))
+    assert all(Path(f).name.startswith("counterfactual_ef45-asked_unmeasured_seed3_")
+               for f in callbacks.export(session))
 
 
 @pytest.mark.parametrize("mode, k, follows", [("ed", 4, True), ("first_k", 1, True), ("first_k", 4, False),

@@ -341,8 +341,9 @@ def test_label_loss_prefers_the_true_labels_and_skips_unknown_clips():
     mixed = labels.clone()
     mixed[1] = -1
     # an unknown clip's predictions, however wrong, change nothing
-    torch.testing.assert_close(label_loss(torch.cat([right[:1], -right[1:]]), torch.cat([areas[:1], areas[1:].flip(-1)]),
-                                          mixed), label_loss(right[:1], areas[:1], labels[:1]))
+    torch.testing.assert_close(label_loss(torch.cat([right[:1], -right[1:]]),
+                                          torch.cat([areas[:1], areas[1:].flip(-1)]), mixed),
+                               label_loss(right[:1], areas[:1], labels[:1]))
 
 
 @pytest.mark.parametrize("area_features", [False, True])
@@ -368,7 +369,8 @@ def test_label_supervision_trains_the_heads(loops, tmp_path, area_features):
 def test_fit_writes_model_scheduler_metrics(loops, tmp_path):
     mean, sd = label_stats(np.array([p.ef for p in loops]))
     cfg = train_preset("tiny")
-    cfg = dataclasses.replace(cfg, steps=3, checkpoint_every=2, model=dataclasses.replace(cfg.model, ef_mean=mean, ef_std=sd))
+    cfg = dataclasses.replace(cfg, steps=3, checkpoint_every=2,
+                              model=dataclasses.replace(cfg.model, ef_mean=mean, ef_std=sd))
     metrics = fit(ClipSampler(_dataset(loops), cfg.model, cfg), cfg, tmp_path, seed=0, valid_loops=_dataset(loops))
     v = metrics["valid_alpha1"]
     assert set(v) == {"mae", "rmse", "r2", "crps", "coverage90", "n"} and v["n"] == 2
@@ -425,7 +427,8 @@ def test_fit_with_ema_and_calibration(loops, tmp_path):
     """The EMA weights are the ones saved; held-out loops set the saved spread_scale, reported in the metrics."""
     mean, sd = label_stats(np.array([p.ef for p in loops]))
     cfg = train_preset("tiny")
-    cfg = dataclasses.replace(cfg, steps=3, checkpoint_every=0, model=dataclasses.replace(cfg.model, ef_mean=mean, ef_std=sd))
+    cfg = dataclasses.replace(cfg, steps=3, checkpoint_every=0,
+                              model=dataclasses.replace(cfg.model, ef_mean=mean, ef_std=sd))
     fit(ClipSampler(_dataset(loops), cfg.model, cfg), cfg, tmp_path / "raw", seed=0)
     metrics = fit(ClipSampler(_dataset(loops), cfg.model, cfg), dataclasses.replace(cfg, ema_decay=0.9),
                   tmp_path / "ema", seed=0, calibration_loops=_dataset(loops))
@@ -487,7 +490,8 @@ def test_tiny_model_learns_tight_posteriors_for_loops_and_a_wide_one_for_noise(l
 
 # ---------------------------------------------------------------------------------------------------- bundled
 @pytest.mark.skipif(not (default_ef_regressor_dir() / "config.json").is_file(),
-                    reason="no bundled EF posterior model in assets/ef_regressor (train with `echolvfm train ef-regressor`)")
+                    reason="no bundled EF posterior model in assets/ef_regressor "
+                           "(train with `echolvfm train ef-regressor`)")
 def test_bundled_posterior_is_wider_for_noise_than_for_a_clean_loop():
     """Needs the trained, bundled weights: pure noise carries no EF information, a phantom loop does."""
     est = EFPosteriorEstimator.from_pretrained()
@@ -513,7 +517,8 @@ def test_train_command_writes_model_card_and_loads(tmp_path):
     data = tmp_path / "prepared"
     prepare(None, data, PrepareConfig(phantom=6, loops_per_patient=2), progress=False)
     out = tmp_path / "ef"
-    args = ["train", "ef-regressor", "--data", str(data), "--preset", "tiny", "--steps", "2", "--seed", "3", "--out", str(out)]
+    args = ["train", "ef-regressor", "--data", str(data), "--preset", "tiny", "--steps", "2", "--seed", "3",
+            "--out", str(out)]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     train_efs = [r["ef"] for r in PreparedLoops(data, split="train").manifest]
@@ -523,7 +528,8 @@ def test_train_command_writes_model_card_and_loads(tmp_path):
     assert est.model.config.ef_std == pytest.approx(np.std(train_efs, ddof=1))
     # the metrics use the posterior's default noise seed, not the training seed: they are what evaluate reports
     valid = PreparedLoops(data, split="valid")
-    again = evaluate_ef_regression(est, [valid[i] for i in range(len(valid)) if abs(float(valid.manifest[i]["alpha"]) - 1) < 1e-6])
+    again = evaluate_ef_regression(
+        est, [valid[i] for i in range(len(valid)) if abs(float(valid.manifest[i]["alpha"]) - 1) < 1e-6])
     # to float32 precision: with two loops R^2 divides by a tiny spread and amplifies rounding (seen at 2e-6 relative)
     assert again == pytest.approx(metrics["valid_alpha1"], rel=1e-4, abs=1e-4)
 
@@ -563,7 +569,8 @@ def test_jepa_backbone_is_frozen_and_its_pooling_trains(loops):
     assert not model.encoder.vit.training  # frozen: inference mode even while the rest trains
     clips = torch.rand(3, 1, 8, 32, 32)
     loss = diffusion_loss(model, make_train_scheduler(), clips, torch.tensor([30.0, 50.0, 70.0]),
-                          torch.full((3,), float("nan")), torch.full((3,), -1), 4, 0.5, torch.Generator().manual_seed(0))[0]
+                          torch.full((3,), float("nan")), torch.full((3,), -1), 4, 0.5,
+                          torch.Generator().manual_seed(0))[0]
     loss.backward()
     assert all(p.grad is None for p in model.encoder.vit.parameters())
     assert model.encoder.query.grad is not None and float(model.encoder.query.grad.abs().sum()) > 0

@@ -21,7 +21,8 @@ def test_evaluate_without_models_writes_no_numbers(camus_root, tmp_path):
     assert "Not evaluated (model absent)" in (out / "report.md").read_text()
 
 
-@pytest.mark.skipif(not (ASSETS / "vae" / "config.json").is_file() or not (ASSETS / "segmenter" / "config.json").is_file(),
+@pytest.mark.skipif(not (ASSETS / "vae" / "config.json").is_file()
+                    or not (ASSETS / "segmenter" / "config.json").is_file(),
                     reason="bundled VAE and segmenter are needed")
 def test_evaluate_bundled_vae_and_segmenter_on_two_valid_patients(camus_root, tmp_path):
     out = tmp_path / "eval"
@@ -40,7 +41,8 @@ def test_evaluate_rejects_unknown_section(tmp_path, capsys):
     assert "unknown sections" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (ASSETS / "vae" / "config.json").is_file() or not (ASSETS / "segmenter" / "config.json").is_file(),
+@pytest.mark.skipif(not (ASSETS / "vae" / "config.json").is_file()
+                    or not (ASSETS / "segmenter" / "config.json").is_file(),
                     reason="bundled VAE and segmenter are needed")
 def test_calibrate_gain_writes_the_best_candidate_into_flow_json(camus_root, tmp_path):
     """A random warp generator on one training patient: every candidate is measured, the smallest MAE is chosen and
@@ -75,7 +77,8 @@ def test_calibrate_gain_writes_the_best_candidate_into_flow_json(camus_root, tmp
     assert main(["calibrate-gain", "--prepared", str(data), "--models", str(models)]) == 2
 
 
-@pytest.mark.skipif(not (ASSETS / "vae" / "config.json").is_file() or not (ASSETS / "segmenter" / "config.json").is_file(),
+@pytest.mark.skipif(not (ASSETS / "vae" / "config.json").is_file()
+                    or not (ASSETS / "segmenter" / "config.json").is_file(),
                     reason="bundled VAE and segmenter are needed")
 def test_evaluate_generation_reports_the_seed_spread_and_the_linear_baseline(camus_root, tmp_path):
     """One valid patient, tiny random generators: the one-step rows, the seed spread and the baseline's rows without
@@ -99,7 +102,8 @@ def test_evaluate_generation_reports_the_seed_spread_and_the_linear_baseline(cam
     save_generator(EchoVelocityUNet(**tiny), tmp_path / "linear", "linear", LinearFlowConfig(residual=True))
     base = ["evaluate", "--camus", str(camus_root), "--out", str(tmp_path / "eval"), "--models", str(models),
             "--sections", "generation", "--max-patients", "1", "--loops-per-patient", "1", "--spread-seeds", "2"]
-    assert main([*base, "--baseline", str(tmp_path / "linear"), "--baseline-guidance", "3", "--baseline-seeds", "1"]) == 0
+    assert main([*base, "--baseline", str(tmp_path / "linear"), "--baseline-guidance", "3",
+                 "--baseline-seeds", "1"]) == 0
     gen = json.loads((tmp_path / "eval" / "metrics.json").read_text())["generation"]
     assert gen["n"] == 1 and gen["steps"] == 1 and gen["ms_per_video"] > 0
     assert gen["seed_spread"]["n"] == 1 and gen["seed_spread"]["seeds"] == 2

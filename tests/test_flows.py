@@ -105,7 +105,8 @@ def test_full_meanflow_step_on_tiny_unet_reaches_every_parameter(tiny_net):
     assert torch.isfinite(out.loss)
     out.loss.backward()
     # null_ef is the classifier-free-guidance embedding: only the linear flow's EF dropout uses it.
-    missing = [n for n, p in tiny_net.named_parameters() if n != "null_ef" and (p.grad is None or p.grad.abs().sum() == 0)]
+    missing = [n for n, p in tiny_net.named_parameters()
+               if n != "null_ef" and (p.grad is None or p.grad.abs().sum() == 0)]
     assert not missing
     assert all(torch.isfinite(p.grad).all() for p in tiny_net.parameters() if p.grad is not None)
 
@@ -448,7 +449,8 @@ def test_warp_prediction_moves_the_anchor_by_the_network_displacement():
     torch.testing.assert_close(gained.sample(batch.cond, steps=1, generator=torch.Generator().manual_seed(0)),
                                (moved2 + residual) * pad, atol=1e-5, rtol=1e-5)
     exact_gained = MeanFlow(WarpNet(residual, disp), exact.config, motion_gain=2.0)
-    assert exact_gained(VideoBatch(expected, batch.cond), generator=torch.Generator().manual_seed(0)).parts["mse"] < 1e-8
+    assert exact_gained(VideoBatch(expected, batch.cond),
+                        generator=torch.Generator().manual_seed(0)).parts["mse"] < 1e-8
     with pytest.raises(ValueError, match="motion_gain"):
         MeanFlowConfig(motion_gain=2.0)
     with pytest.raises(ValueError, match="residual"):

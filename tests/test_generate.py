@@ -166,11 +166,14 @@ def test_cli_generate_observes_the_end_diastolic_frame_the_segmenter_finds(model
 
 
 def test_cli_generate_errors(models_dir, sample_path, tmp_path, capsys):
-    assert main(["generate", str(sample_path), "--ef", "30", "--out", str(tmp_path / "x.avi"), "--models", str(models_dir)]) == 2
+    assert main(["generate", str(sample_path), "--ef", "30", "--out", str(tmp_path / "x.avi"),
+                 "--models", str(models_dir)]) == 2
     assert "--out must end in" in capsys.readouterr().err
-    assert main(["generate", str(sample_path), "--ef", "30", "--out", str(tmp_path / "x.mp4"), "--models", str(tmp_path)]) == 2
+    assert main(["generate", str(sample_path), "--ef", "30", "--out", str(tmp_path / "x.mp4"),
+                 "--models", str(tmp_path)]) == 2
     assert "No generator" in capsys.readouterr().err
-    assert main(["generate", str(sample_path), "--ef", "130", "--out", str(tmp_path / "x.mp4"), "--models", str(models_dir)]) == 2
+    assert main(["generate", str(sample_path), "--ef", "130", "--out", str(tmp_path / "x.mp4"),
+                 "--models", str(models_dir)]) == 2
     assert "ef must be" in capsys.readouterr().err
 
 
@@ -253,7 +256,8 @@ def test_clip_sampler_gives_the_known_motion_of_single_frame_clips():
         length = int(batch.cond.frame_mask[k].sum())
         scale = [deformations[int(v) // 100].scale[int(v) % 100] for v in target[:length]]
         expected = (torch.tensor(scale) - deformations[source // 100].scale[source % 100]) * 0.3
-        torch.testing.assert_close(batch.displacement[k, 0, :length], expected[:, None, None].expand(-1, hw, hw).float())
+        torch.testing.assert_close(batch.displacement[k, 0, :length],
+                                   expected[:, None, None].expand(-1, hw, hw).float())
         assert not batch.displacement[k, 1].any() and not batch.displacement[k, :, length:].any()
     with pytest.raises(ValueError, match="one entry per loop"):
         gen_train.ClipSampler(loops, obs, deformations=deformations[:2])

@@ -231,7 +231,8 @@ def test_camus_clinical_orientation_all_patients(camus_root):
 
 
 def _zero_nifti_gz(path, shape) -> None:
-    """A valid gzip NIfTI of uint8 zeros of ``shape`` (x, y, t), streamed: it is small on disk, huge once read (489 kB for 1024 x 1024 x 480)."""
+    """A valid gzip NIfTI of uint8 zeros of ``shape`` (x, y, t), streamed: it is small on disk, huge once read
+    (489 kB for 1024 x 1024 x 480)."""
     import gzip
 
     header = nib.Nifti1Header()

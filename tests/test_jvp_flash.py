@@ -134,7 +134,8 @@ def _meanflow_check() -> dict:
             _, dudt = torch.func.jvp(fn, (z, r, t), (dz, torch.zeros_like(r), torch.ones_like(t)))
         loss = flow(batch, generator=torch.Generator().manual_seed(2)).loss
         loss.backward()
-        results.append((dudt, loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
+        results.append((dudt, loss.detach(),
+                        {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
     (d_flash, l_flash, g_flash), (d_math, l_math, g_math) = results
     grad = max(float((g_flash[n] - g_math[n]).abs().max() / g_math[n].abs().max().clamp_min(1e-12)) for n in g_math)
     return {"calls": calls, "dudt": float((d_flash - d_math).abs().max()), "dudt_scale": float(d_math.abs().max()),

@@ -71,7 +71,8 @@ def test_frame0_is_ed_and_es_phase_is_es(phantom_pair):
     assert np.array_equal(loop.frames[timing.es_index], phantom_pair.es_image)
     assert np.array_equal(loop.labels[timing.es_index], phantom_pair.es_labels)
     # The alpha = 1 loop's EF is the pair's EF.
-    assert loop_ef(loop.labels) == pytest.approx(ef_from_pair(phantom_pair.ed_labels, phantom_pair.es_labels).ef, abs=1.0)
+    assert loop_ef(loop.labels) == pytest.approx(ef_from_pair(phantom_pair.ed_labels, phantom_pair.es_labels).ef,
+                                                 abs=1.0)
     # The LV area falls through systole and rises through diastole (up to a pixel-level wobble).
     area = lv_areas(loop.labels)
     tol = 0.01 * area[0]

@@ -27,7 +27,8 @@ def measured_ef(sample: LoopSample) -> float:
 @pytest.fixture(scope="module")
 def phantom_folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("prep") / "phantom"
-    assert main(["prepare", "--out", str(out), "--phantom", "3", "--loops-per-patient", "2", "--workers", "1", "--quiet"]) == 0
+    assert main(["prepare", "--out", str(out), "--phantom", "3", "--loops-per-patient", "2", "--workers", "1",
+                 "--quiet"]) == 0
     return out
 
 
@@ -69,7 +70,8 @@ def test_preview_writes_montage_and_mp4s(phantom_folder, tmp_path):
     picture = Image.open(out / "montage.png")
     assert picture.width > 5 * 224 and picture.height >= 2 * 224
     assert len(list(out.glob("*.mp4"))) == 2
-    assert main(["preview", "--data", str(phantom_folder), "--out", str(out), "--alphas", "0.5", "1"]) == 2  # no CAMUS pair
+    # no CAMUS pair
+    assert main(["preview", "--data", str(phantom_folder), "--out", str(out), "--alphas", "0.5", "1"]) == 2
 
 
 def test_frame_picks_keep_ed_and_es():
@@ -93,7 +95,8 @@ def test_not_a_prepared_folder(tmp_path):
 @pytest.mark.camus
 def test_real_frames_only_prepare(camus_root, tmp_path):
     out = tmp_path / "real"
-    args = ["prepare", "--camus", str(camus_root), "--out", str(out), "--loops-per-patient", "0", "--patients", "1", "2", "3"]
+    args = ["prepare", "--camus", str(camus_root), "--out", str(out), "--loops-per-patient", "0",
+            "--patients", "1", "2", "3"]
     assert main([*args, "--workers", "1", "--quiet"]) == 0
     ds = PreparedLoops(out)
     assert len(ds) == 0
@@ -107,7 +110,8 @@ def test_real_frames_only_prepare(camus_root, tmp_path):
 @pytest.mark.camus
 def test_camus_prepare_with_loops(camus_root, tmp_path):
     out = tmp_path / "loops"
-    config = PrepareConfig(loops_per_patient=2, phantom=1, patients=("1", "2"), registration=RegistrationConfig(iterations=40))
+    config = PrepareConfig(loops_per_patient=2, phantom=1, patients=("1", "2"),
+                           registration=RegistrationConfig(iterations=40))
     prepare(camus_root, out, config, progress=False)
     ds = PreparedLoops(out, source="camus")
     assert len(ds) == 4

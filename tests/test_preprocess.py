@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -12,7 +11,8 @@ from echolvfm_core.echo import ClinicalInfo, Echo, EchoLoadError
 from echolvfm_core.preprocess import CropGeometry, find_sector, preprocess, resample_time
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-CAMUS = Path(os.environ.get("ECHOLVFM_CAMUS", Path(__file__).resolve().parents[1].parent / "shared/data/camus_4ch_edes"))
+CAMUS = Path(os.environ.get("ECHOLVFM_CAMUS",
+                           Path(__file__).resolve().parents[1].parent / "shared/data/camus_4ch_edes"))
 
 
 def fan_mask(h: int, w: int, apex=(12, 160), radius=190, half_angle_deg=40.0) -> np.ndarray:

@@ -101,7 +101,8 @@ def test_arms_split_by_beat_balanced_and_provenance(built):
     assert (len(real_beats), len(synth_beats)) == (3, 2) and not real_beats & synth_beats
     # every case says where it came from; no beat is shown in both arms
     assert {re.match(r"(phantom \d+ beat 1)", c.source).group(1) for c in cases if c.truth == "real"} == real_beats
-    assert {re.match(r"(phantom \d+ beat 1)", c.source).group(1) for c in cases if c.truth == "synthetic"} == synth_beats
+    assert {re.match(r"(phantom \d+ beat 1)", c.source).group(1) for c in cases
+            if c.truth == "synthetic"} == synth_beats
     # synthetic cases: requested EF in range, dealt evenly over the two generators, each rendered once
     synth = [c for c in cases if c.truth == "synthetic"]
     assert sorted(c.ef for c in synth) == sorted(ef for _, ef, _ in a.calls + b.calls)

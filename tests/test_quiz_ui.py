@@ -90,7 +90,8 @@ def test_create_prints_the_id_and_records_model_seed_and_provenance(study, model
     assert s.record.seed == 5 and re.search(r"generator sha256:[0-9a-f]{12}$", s.record.model_version)
     assert s.record.real_pool_source == f"{POOL_LABEL}: 10 cines cut into 10 whole beats"
     assert sorted((c.block, c.truth) for c in s.cases) == sorted(
-        [("calibration", "real"), ("calibration", "synthetic")] + [("scored", "real")] * 3 + [("scored", "synthetic")] * 3)
+        [("calibration", "real"), ("calibration", "synthetic")] + [("scored", "real")] * 3
+        + [("scored", "synthetic")] * 3)
     assert all(25 <= c.ef <= 70 and c.method == s.record.model_version for c in s.cases if c.truth == "synthetic")
     assert all(s.video_path(c).is_file() for c in s.cases)
     assert len({s.video_path(c).stat().st_size for c in s.cases}) == 1

@@ -69,9 +69,11 @@ def test_texture_statistics_see_blur_and_c2st_separates_only_what_differs():
     mask = np.ones((64, 64), bool)
     real = [_speckle(rng) for _ in range(24)]
     blurred = [np.stack([cv2.GaussianBlur(f, (0, 0), 1.5) for f in im]) for im in real]
-    stats = rz.ratios([rz.loop_stats(b, mask, 30.0) for b in blurred[:4]], [rz.loop_stats(r, mask, 30.0) for r in real[:4]])
+    stats = rz.ratios([rz.loop_stats(b, mask, 30.0) for b in blurred[:4]],
+                      [rz.loop_stats(r, mask, 30.0) for r in real[:4]])
     assert stats["hf_share"] < 0.3 and stats["gradient"] < 0.6 and stats["bits_per_pixel"] < 0.8
-    same = rz.ratios([rz.loop_stats(r, mask, 30.0) for r in real[4:8]], [rz.loop_stats(r, mask, 30.0) for r in real[:4]])
+    same = rz.ratios([rz.loop_stats(r, mask, 30.0) for r in real[4:8]],
+                     [rz.loop_stats(r, mask, 30.0) for r in real[:4]])
     assert all(0.85 < v < 1.15 for k, v in same.items() if k != "frame_change")
 
     def patches(images):

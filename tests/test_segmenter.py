@@ -92,7 +92,8 @@ def test_training_steps_lower_the_loss(phantom):
 
 
 def test_fit_writes_model_metrics_and_resumes(phantom, tmp_path):
-    sampler = FrameSampler(phantom.frames[[0, phantom.es_index]], phantom.labels[[0, phantom.es_index]], loops=[phantom])
+    sampler = FrameSampler(phantom.frames[[0, phantom.es_index]], phantom.labels[[0, phantom.es_index]],
+                           loops=[phantom])
     cfg = dataclasses.replace(train_preset("tiny"), steps=3, checkpoint_every=2)
     real_valid = type("RealFrames", (), dict(images=sampler.real_images, labels=sampler.real_labels,
                                              patients=["p", "p"], phases=["ED", "ES"]))
@@ -222,7 +223,8 @@ def test_a_spurious_blob_does_not_change_the_ef(phantom, tta):
     assert np.array_equal(seg.segment(blobbed), seg.segment(frames))
     assert seg.measure(blobbed).ef == seg.measure(frames).ef
     raw = SegmentationEF(BrightIsLV(), tta=tta, cleanup=False)
-    assert (raw.segment(blobbed)[0] == 1).sum() > (raw.segment(frames)[0] == 1).sum()  # the blob is there before cleanup
+    # the blob is there before cleanup
+    assert (raw.segment(blobbed)[0] == 1).sum() > (raw.segment(frames)[0] == 1).sum()
 
 
 def test_estimator_bad_inputs(phantom):

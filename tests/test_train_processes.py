@@ -1,4 +1,5 @@
-"""Generator training in two processes: ``accelerate launch`` of ``echolvfm train generator --preset tiny``, gloo on CPU.
+"""Generator training in two processes: ``accelerate launch`` of ``echolvfm train generator --preset tiny``, gloo on
+CPU.
 
 accelerate's ``--cpu --num_processes 2`` starts a single process (its CPU launcher spreads processes only through
 mpirun with a hostfile), so the test launches through torchrun (``--multi_gpu``) and ``--device cpu`` makes each

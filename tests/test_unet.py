@@ -70,7 +70,8 @@ def test_padded_frames_do_not_influence_real_frames(tiny):
         x2 = {k: v.clone() for k, v in x.items()}
         x2["z"][1, :, 4:] = 50 * torch.randn_like(x2["z"][1, :, 4:])
         out2 = tiny(**x2)
-        alone = tiny(**{k: v[1:, :, :4] if v.ndim == 5 else (v[1:, :4] if v.ndim == 2 else v[1:]) for k, v in x.items()})
+        alone = tiny(**{k: v[1:, :, :4] if v.ndim == 5 else (v[1:, :4] if v.ndim == 2 else v[1:])
+                        for k, v in x.items()})
     assert torch.equal(out[:, :, :4], out2[:, :, :4])
     assert torch.equal(out[0], out2[0])
     torch.testing.assert_close(out[1:, :, :4], alone, atol=1e-5, rtol=1e-4)

@@ -104,7 +104,8 @@ def test_stats_normalise_and_reload_identically(codec, tmp_path):
     assert stats.source == "measured" and len(stats.mean) == 4
     # known answer: the stats are the per-channel moments of the posterior means
     raw = codec.encode_frames(torch.cat([x[:5], (x[5:] * 255).round() / 255])[:, None])
-    torch.testing.assert_close(torch.tensor(stats.mean, dtype=torch.float32), raw.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(stats.mean, dtype=torch.float32), raw.mean(dim=(0, 2, 3)), atol=1e-5,
+                               rtol=1e-4)
     codec.set_stats(stats)
     z = codec.encode(x[None])
     torch.testing.assert_close(z.mean(dim=(0, 2, 3, 4)), torch.zeros(4), atol=0.05, rtol=0)
@@ -170,7 +171,8 @@ def test_evaluate_and_bench(codec):
     m = evaluate_vae(codec, frames)
     assert m["n"] == 4 and -1 <= m["ssim"] <= 1 and m["psnr"] > 0
     recon = codec.decode_frames(codec.encode_frames(torch.from_numpy(frames).float()[:, None] / 255))[:, 0].numpy()
-    assert m["ssim"] == pytest.approx(ssim(frames / 255.0, recon)) and m["psnr"] == pytest.approx(psnr(frames / 255.0, recon))
+    assert m["ssim"] == pytest.approx(ssim(frames / 255.0, recon))
+    assert m["psnr"] == pytest.approx(psnr(frames / 255.0, recon))
     b = bench_codec(codec, frames=4, repeats=2)
     assert b["encode_ms"] > 0 and b["decode_ms"] > 0 and b["latent_shape"] == [4, 4, 28, 28]
     assert b["device"] == "cpu" and b["torch_threads"] == 1
@@ -213,7 +215,8 @@ def test_frame_pool_mixes_and_crops():
     x = pool.sample(8, g)
     assert x.shape == (8, 1, 16, 16) and int((x.amax(dim=(1, 2, 3)) == 1).sum()) == 2
     assert pool.sample(3, g, crop=8).shape == (3, 1, 8, 8)
-    assert torch.equal(pool.sample(4, torch.Generator().manual_seed(5)), pool.sample(4, torch.Generator().manual_seed(5)))
+    assert torch.equal(pool.sample(4, torch.Generator().manual_seed(5)),
+                       pool.sample(4, torch.Generator().manual_seed(5)))
     assert FramePool(real).loop_fraction == 0.0 and FramePool(real[:0], loops).loop_fraction == 1.0
     with pytest.raises(ValueError, match="no real frames and no loops"):
         FramePool(real[:0])
@@ -268,7 +271,8 @@ def replace_cfg(cfg: VAETrainConfig, **kw) -> VAETrainConfig:
 @pytest.fixture(scope="module")
 def phantom_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("vae") / "prepared"
-    assert main(["prepare", "--out", str(out), "--phantom", "4", "--loops-per-patient", "2", "--workers", "1", "--quiet"]) == 0
+    assert main(["prepare", "--out", str(out), "--phantom", "4", "--loops-per-patient", "2", "--workers", "1",
+                 "--quiet"]) == 0
     return out
 
 

@@ -7,8 +7,8 @@ generates loops from the ED frames of the chosen split's patients (alpha = 1 loo
 bundled segmenter (one pass), keeps the gain whose measured EFs are closest to the requests (mean absolute error)
 and writes it into the generator's ``flow.json`` (``motion_gain``), with every candidate's numbers in
 ``calibration.json`` beside it (read by the model card). A generated loop the segmenter cannot measure is left out
-of its gain's MAE and listed under ``skipped`` there, with its patient. Calibrate on the training split: the valid split is the
-evaluation's.
+of its gain's MAE and listed under ``skipped`` there, with its patient. Calibrate on the training split: the valid
+split is the evaluation's.
 """
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 #: section name -> model sub-folder it needs under --models
 SECTIONS = {"vae": "vae", "segmentation": "segmenter", "ef_regression": "ef_regressor",
-            "ef_regression_jepa": "ef_regressor_jepa", "generation": "generator", "jepa": "jepa", "realism": "generator"}
+            "ef_regression_jepa": "ef_regressor_jepa", "generation": "generator", "jepa": "jepa",
+            "realism": "generator"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -211,6 +212,7 @@ def _realism(folder: Path, loops, args) -> dict:
     C2ST trained on --realism-train-patients training patients, and the built-in acquired cines."""
     import numpy as np
 
+    from ..cli import CommandError
     from ..ef import EF_REQUEST_RANGE
     from ..estimators.segmentation import SegmentationEF
     from ..io import load_echo, read_camus, sample_cine_path, sample_echo_path
@@ -219,8 +221,6 @@ def _realism(folder: Path, loops, args) -> dict:
     from ..pipelines.counterfactual import load_generator
     from ..pipelines.realism_eval import evaluate_camus_realism, evaluate_cine_realism
     from ..pipelines.render import BeatRenderer
-
-    from ..cli import CommandError
 
     root = folder.parent
     if not (root / "segmenter" / "config.json").is_file():

@@ -25,7 +25,8 @@ def _indices(text: str) -> list[int] | str:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated frame indices such as 0,5, or ed; got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated frame indices such as 0,5, or ed; got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("give at least one frame index")
     return values
@@ -57,9 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from echolvfm_core.cli import CommandError
+    from echolvfm_core.ef import check_requested_ef
     from echolvfm_core.io import load_echo, write_gif, write_mp4
     from echolvfm_core.pipelines.counterfactual import CounterfactualPipeline, default_models_dir
-    from echolvfm_core.ef import check_requested_ef
     from echolvfm_core.preprocess import preprocess, resample_time
 
     try:
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     if args.reject > 1 and not has_segmenter:
         raise CommandError(f"--reject needs a segmenter in {models / 'segmenter'} to measure the candidates' EF.")
     if args.observed == "ed" and not has_segmenter:
-        raise CommandError(f"--observed ed needs a segmenter in {models / 'segmenter'} to find the end-diastolic frame.")
+        raise CommandError(
+            f"--observed ed needs a segmenter in {models / 'segmenter'} to find the end-diastolic frame.")
 
     echo = load_echo(args.path)
     pipe = CounterfactualPipeline.from_pretrained(models, device=args.device)

@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     report = prepare(args.camus, args.out, config, progress=not args.quiet)
     counts = report["counts"]
     print(
-        f"prepared {counts['patients']} patients, {counts['loops_camus']} CAMUS loops, {counts['loops_phantom']} phantom "
+        f"prepared {counts['patients']} patients, {counts['loops_camus']} CAMUS loops, "
+        f"{counts['loops_phantom']} phantom "
         f"loops in {report['timing_s']['total_s']:.0f} s, {report['data_bytes'] / 1e6:.1f} MB -> {args.out}"
     )
     valid = counts["by_split"].get("valid", {})

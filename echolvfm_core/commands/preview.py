@@ -62,13 +62,15 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for s in samples:
         origin = "CAMUS anatomy" if s.source == "camus" else "phantom"
-        caption = f"EF {s.ef:.0f}%\nalpha {s.alpha:g}\n{s.patient} ({s.split})\n{origin}\n{len(s.frames)} fr, {s.fps:.0f} fps"
+        caption = (f"EF {s.ef:.0f}%\nalpha {s.alpha:g}\n{s.patient} ({s.split})\n{origin}\n"
+                   f"{len(s.frames)} fr, {s.fps:.0f} fps")
         rows.append((s.frames, s.labels, s.es_index, caption))
     picture = montage(rows, columns=args.columns, scale=args.scale)
     path = Path(args.montage) if args.montage else out / "montage.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     # A 256-colour palette (grey levels plus the contour and caption colours) keeps the PNG small.
-    Image.fromarray(picture).quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
+    Image.fromarray(picture).quantize(colors=256, method=Image.Quantize.MEDIANCUT,
+                                      dither=Image.Dither.NONE).save(path, optimize=True)
     print(f"montage -> {path} ({path.stat().st_size / 1e3:.0f} kB)")
     if not args.no_mp4:
         for s in samples:

@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(record))
         return 0
     print(f"EF (area-length): {m.ef:.1f} %   (Simpson, single plane: {m.ef_simpson:.1f} %)")
-    print(f"ED frame {m.ed_index}, ES frame {m.es_index}; EDV {m.edv:.1f} {m.volume_unit}, ESV {m.esv:.1f} {m.volume_unit}")
+    print(f"ED frame {m.ed_index}, ES frame {m.es_index}; "
+          f"EDV {m.edv:.1f} {m.volume_unit}, ESV {m.esv:.1f} {m.volume_unit}")
     b2b = record.get("beat_to_beat")
     if b2b and b2b["beats_measured"] > 1:
         hr = b2b["heart_rate_bpm"]

@@ -13,7 +13,8 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("vae-stats", help="measure and save a VAE's latent mean / sd on a prepared data set")
-    p.add_argument("--vae", required=True, metavar="PATH", help="diffusers AutoencoderKL folder (or a folder with vae/)")
+    p.add_argument("--vae", required=True, metavar="PATH",
+                   help="diffusers AutoencoderKL folder (or a folder with vae/)")
     p.add_argument("--data", required=True, metavar="PREPARED", help="folder written by `echolvfm prepare`")
     p.add_argument("--split", default="train", help="split whose frames are used (default: train)")
     p.add_argument("--loops", type=int, default=100, help="prepared loops whose frames join the real frames")
@@ -54,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         where = args.out
     else:
         where = str(write_latent_stats(args.vae, stats))
-    print(f"VAE: {codec.image_channels}-channel, {codec.latent_channels} latent channels, {codec.downsample}x downsampling")
+    print(f"VAE: {codec.image_channels}-channel, {codec.latent_channels} latent channels, "
+          f"{codec.downsample}x downsampling")
     print(f"frames: {len(real)} real + {len(loops)} from loops ({args.split} split)")
     print("latents_mean: " + ", ".join(f"{v:.4f}" for v in stats.mean))
     print("latents_std:  " + ", ".join(f"{v:.4f}" for v in stats.std))

@@ -236,7 +236,8 @@ class CardiacPair:
             raise ValueError("give both ed_fine and es_fine, or neither.")
         if self.ed_fine is not None:
             fine = self.ed_fine.shape
-            if self.es_fine.shape != fine or len(fine) != 2 or fine[0] != fine[1] or fine[0] % shape[0] or fine[0] < 2 * shape[0]:
+            if (self.es_fine.shape != fine or len(fine) != 2 or fine[0] != fine[1] or fine[0] % shape[0]
+                    or fine[0] < 2 * shape[0]):
                 raise ValueError(
                     f"ed_fine and es_fine must be square grids k times the model grid {shape} (k >= 2 integer); "
                     f"got {fine} and {self.es_fine.shape}."
@@ -580,7 +581,8 @@ def _warp_source(pair: CardiacPair, which: str) -> np.ndarray:
     return pair._filled[which]
 
 
-def _warp_grey(pair: CardiacPair, which: str, vel: torch.Tensor, scale: torch.Tensor, config: RegistrationConfig) -> torch.Tensor:
+def _warp_grey(pair: CardiacPair, which: str, vel: torch.Tensor, scale: torch.Tensor,
+               config: RegistrationConfig) -> torch.Tensor:
     """Warp the ED or ES image by ``exp(scale v)`` for each scale: (n, 1, kS, kS) float in [0, 1] on the fine grid,
     zero outside the sources' fan (so the fan's edge looks as in the real frames)."""
     src = _warp_source(pair, which)

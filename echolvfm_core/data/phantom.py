@@ -202,7 +202,8 @@ def _shapes(g: _Grid, f: _Frame) -> dict[str, np.ndarray]:
     behind = (t > L + 2.1 * la_a) & (t < L + 2.1 * la_a + 0.045 * g.radius) & (np.abs(u - 0.5 * rv_c) < 2.2 * b)
     peri = lat | behind
     valves = _valves(g, f, L, b, rv_t0, rv_c, rv_b)
-    return {"cavity": cavity, "myo": myo, "la": la, "rv": rv, "rv_wall": rv_wall, "ra": ra, "peri": peri, "valves": valves}
+    return {"cavity": cavity, "myo": myo, "la": la, "rv": rv, "rv_wall": rv_wall, "ra": ra, "peri": peri,
+            "valves": valves}
 
 
 def _segment_distance(g: _Grid, p0: np.ndarray, p1: np.ndarray) -> np.ndarray:
@@ -226,14 +227,16 @@ def _valves(g: _Grid, f: _Frame, L: float, b: float, rv_t0: float, rv_c: float, 
             hinge = np.array([base_t, centre + side * half])
             closed = np.array([base_t + 0.08 * b, centre]) - hinge
             opened = np.array([-length * 0.9, -side * 0.25 * length])
-            direction = (1 - f.valve_open) * closed / np.linalg.norm(closed) + f.valve_open * opened / np.linalg.norm(opened)
+            direction = ((1 - f.valve_open) * closed / np.linalg.norm(closed)
+                         + f.valve_open * opened / np.linalg.norm(opened))
             direction /= max(np.linalg.norm(direction), 1e-9)
             reach = min(length, np.linalg.norm(closed)) if f.valve_open < 0.5 else length
             out |= _segment_distance(g, hinge, hinge + direction * reach) <= thick
     return out
 
 
-def _frame_params(anatomy: PhantomAnatomy, g: _Grid, s: float, kl: float, kb: float, valve_open: float, ef: float) -> _Frame:
+def _frame_params(anatomy: PhantomAnatomy, g: _Grid, s: float, kl: float, kb: float, valve_open: float,
+                  ef: float) -> _Frame:
     thicken = 1.0 + 0.9 * ef / 100.0 * s
     return _Frame(
         length=anatomy.length * g.radius * (1 - s * (1 - kl)),
@@ -362,7 +365,8 @@ def _echogenicity(shapes: dict[str, np.ndarray], g: _Grid) -> np.ndarray:
     return e
 
 
-def _image(anatomy: PhantomAnatomy, g: _Grid, echo_map: np.ndarray, phases: np.ndarray, kl: float, kb: float) -> np.ndarray:
+def _image(anatomy: PhantomAnatomy, g: _Grid, echo_map: np.ndarray, phases: np.ndarray, kl: float,
+           kb: float) -> np.ndarray:
     """Speckle, attenuation, dropout, clutter and log compression: uint8 (T, S, S)."""
     size = g.size
     gen = torch.Generator().manual_seed(anatomy.seed * 7919 + 17)
@@ -410,7 +414,8 @@ def _motion_grid(anatomy: PhantomAnatomy, g: _Grid, phases: np.ndarray, kl: floa
     du = weight * (u / (1 - s * (1 - kb)) - u)
     scale = 2.0 / (g.size - 1)
     disp = np.stack([dt * g.axis[1] + du * g.normal[1], dt * g.axis[0] + du * g.normal[0]], axis=1) * scale
-    disp = F.interpolate(torch.from_numpy(disp.astype(np.float32)), size=(g.size, g.size), mode="bilinear", align_corners=True)
+    disp = F.interpolate(torch.from_numpy(disp.astype(np.float32)), size=(g.size, g.size), mode="bilinear",
+                         align_corners=True)
     lin = torch.linspace(-1, 1, g.size)
     yy_t, xx_t = torch.meshgrid(lin, lin, indexing="ij")
     return torch.stack([xx_t, yy_t], dim=-1)[None] + disp.permute(0, 2, 3, 1)

@@ -145,7 +145,8 @@ def _load_patients(root: str, patient_ids: list[str], size: int, fine: int | Non
         try:
             sector = find_sector(frames)  # one fan for both frames, so both get the same crop
             pre = preprocess(
-                Echo(frames=frames, labels=labels, spacing_mm=ed.spacing_mm, source_format=ed.source_format, labelled=(0, 1)),
+                Echo(frames=frames, labels=labels, spacing_mm=ed.spacing_mm, source_format=ed.source_format,
+                     labelled=(0, 1)),
                 size=size,
                 display_size=size * fine if fine else size,
                 sector=sector,
@@ -196,7 +197,8 @@ def _register_and_measure(
     for i in range(len(images)):
         objects[i] = cardiac_pair(pairs, i)
         ag = pair_agreement(objects[i], config)
-        agreements.append({"ssim_raw": ag.ssim_raw, "ssim_es": ag.ssim_es, "ssim_mid": ag.ssim_mid, "dice_es": ag.dice_es})
+        agreements.append({"ssim_raw": ag.ssim_raw, "ssim_es": ag.ssim_es, "ssim_mid": ag.ssim_mid,
+                           "dice_es": ag.dice_es})
         core = binary_erosion(masks[i], iterations=SHARPNESS_MARGIN)  # speckle, not the fan's edge
         real_sharp = sharpness(images[i], core)
         per_loop = []
@@ -302,7 +304,8 @@ def prepare(
     workers = config.workers
     threads = max(1, (os.cpu_count() or 1) // workers)
     executor = (
-        ProcessPoolExecutor(workers, mp_context=_spawn(), initializer=_init_worker, initargs=(threads,)) if workers > 1 else None
+        ProcessPoolExecutor(workers, mp_context=_spawn(), initializer=_init_worker, initargs=(threads,))
+        if workers > 1 else None
     )
     timings: dict[str, float] = {}
     try:
@@ -313,7 +316,8 @@ def prepare(
             t0 = time.perf_counter()
             ids = _camus_ids(camus, config.patients)
             chunks = [ids[i : i + 8] for i in range(0, len(ids), 8)]
-            bar = tqdm(total=len(ids), desc="read + preprocess", unit="patient", disable=not progress, dynamic_ncols=True)
+            bar = tqdm(total=len(ids), desc="read + preprocess", unit="patient", disable=not progress,
+                       dynamic_ncols=True)
             fine = config.fine_factor if k > 0 else None
             for result in _map(executor, _load_patients, [(str(camus), c, s, fine) for c in chunks]):
                 for item in result:
@@ -349,7 +353,8 @@ def prepare(
                 loop_id = f"{x.patient}_a{j}"
                 recipes[loop_id] = recipe
                 mine.append((loop_id, recipe))
-                rows.append({"loop_id": loop_id, "patient": x.patient, "split": splits[i], "source": "camus", "alpha": alpha, "fps": round(fps, 4)})
+                rows.append({"loop_id": loop_id, "patient": x.patient, "split": splits[i], "source": "camus",
+                             "alpha": alpha, "fps": round(fps, 4)})
             pair_recipes.append(mine)
 
         pairs: dict[str, np.ndarray] = {
@@ -414,10 +419,12 @@ def prepare(
                 for q in range(m):
                     ef_req = round(float(rng.uniform(edges[q], edges[q + 1])), 2)
                     timing, fps = sample_timing(rng)
-                    recipe = {"anatomy_seed": anatomy_seed, "requested_ef": ef_req, "fps": round(fps, 4), "timing": timing.to_dict()}
+                    recipe = {"anatomy_seed": anatomy_seed, "requested_ef": ef_req, "fps": round(fps, 4),
+                              "timing": timing.to_dict()}
                     loop_id = f"{name}_e{q}"
                     recipes[loop_id] = recipe
-                    phantom_rows.append({"loop_id": loop_id, "patient": name, "split": phantom_split[name], "source": "phantom", "alpha": 1.0, "fps": round(fps, 4)})
+                    phantom_rows.append({"loop_id": loop_id, "patient": name, "split": phantom_split[name],
+                                         "source": "phantom", "alpha": 1.0, "fps": round(fps, 4)})
                     tasks.append((loop_id, recipe, s))
                     count += 1
             bar = tqdm(total=len(tasks), desc="phantoms", unit="loop", disable=not progress, dynamic_ncols=True)
@@ -434,7 +441,8 @@ def prepare(
     all_rows = []
     for r in rows + phantom_rows:
         m = measures[r["loop_id"]]
-        all_rows.append({**r, "ef": round(m["ef"], 4), "ed_index": 0, "es_index": m["es_index"], "n_frames": m["n_frames"]})
+        all_rows.append({**r, "ef": round(m["ef"], 4), "ed_index": 0, "es_index": m["es_index"],
+                         "n_frames": m["n_frames"]})
     _write_manifest(out / "manifest.csv", all_rows)
     np.savez_compressed(out / "pairs.npz", **pairs)
     (out / "recipes.json").write_text(json.dumps(recipes))
@@ -474,7 +482,8 @@ def _report(pairs, splits, agreements, rows, measures, recipes, skipped, timings
     alpha1 = [r for r in camus_rows if r["alpha"] == 1.0]
     index = {str(p): i for i, p in enumerate(pairs["patient"])}
     alpha1_err = [r["ef"] - float(pairs["ef_grid"][index[r["patient"]]]) for r in alpha1]
-    alpha1_maxmin_err = [measures[r["loop_id"]]["ef_maxmin"] - float(pairs["ef_grid"][index[r["patient"]]]) for r in alpha1]
+    alpha1_maxmin_err = [measures[r["loop_id"]]["ef_maxmin"] - float(pairs["ef_grid"][index[r["patient"]]])
+                         for r in alpha1]
     maxmin_gap = [measures[r["loop_id"]]["ef_maxmin"] - r["ef"] for r in rows]
     phantom_rows = [r for r in rows if r["source"] == "phantom"]
     phantom_err = [r["ef"] - recipes[r["loop_id"]]["requested_ef"] for r in phantom_rows]
@@ -517,7 +526,8 @@ def _report(pairs, splits, agreements, rows, measures, recipes, skipped, timings
         },
         "ef_maxmin_minus_ef_all_loops": {**_summary(maxmin_gap), "max_abs": _max_abs(maxmin_gap)},
         "ef_grid_minus_native": {
-            "note": "EF of the real labels at the model grid minus at the native resolution in mm (area-length): the cost of resampling",
+            "note": "EF of the real labels at the model grid minus at the native resolution in mm (area-length): "
+                    "the cost of resampling",
             **_summary(grid_vs_native),
             "max_abs": _max_abs(grid_vs_native),
         },

@@ -179,7 +179,8 @@ class PreparedLoops:
         cache_size: rendered loops kept in memory (LRU); 0 disables the cache.
     """
 
-    def __init__(self, root: str | Path, split: str | None = None, source: str | None = None, cache_size: int = 256) -> None:
+    def __init__(self, root: str | Path, split: str | None = None, source: str | None = None,
+                 cache_size: int = 256) -> None:
         self.root = Path(root)
         meta_path = self.root / "meta.json"
         if not meta_path.exists():
@@ -201,7 +202,8 @@ class PreparedLoops:
         self._pair_index = {str(p): i for i, p in enumerate(self._pairs["patient"])}
         self._recipes = json.loads((self.root / "recipes.json").read_text())
         rows = _read_manifest(self.root / "manifest.csv")
-        self.manifest = [r for r in rows if (split is None or r["split"] == split) and (source is None or r["source"] == source)]
+        self.manifest = [r for r in rows
+                         if (split is None or r["split"] == split) and (source is None or r["source"] == source)]
         self._by_patient: dict[str, list[int]] = {}
         for i, r in enumerate(self.manifest):
             self._by_patient.setdefault(r["patient"], []).append(i)
@@ -249,10 +251,12 @@ class PreparedLoops:
         if row["source"] == "phantom":
             loop = render_phantom_recipe(recipe, self.size)
             return loop.frames, loop.labels
-        loop = render_camus_recipe(self._pairs, recipe, self.registration, self.blend_width, pair_objects=self._pair_objects)
+        loop = render_camus_recipe(self._pairs, recipe, self.registration, self.blend_width,
+                                   pair_objects=self._pair_objects)
         return loop.frames, loop.labels
 
-    def counterfactual(self, patient: str, alpha: float, timing: CycleTiming | None = None, fps: float = 30.0) -> LoopSample:
+    def counterfactual(self, patient: str, alpha: float, timing: CycleTiming | None = None,
+                       fps: float = 30.0) -> LoopSample:
         """Render a CAMUS patient's pair at any ``alpha`` (not only the prepared ones), EF measured on its labels.
 
         Args:
@@ -262,13 +266,15 @@ class PreparedLoops:
             fps: frame rate stored in the sample.
         """
         if "velocity" not in self._pairs:
-            raise ValueError(f"{self.root} was prepared without loops (--loops-per-patient 0); it holds no registrations.")
+            raise ValueError(
+                f"{self.root} was prepared without loops (--loops-per-patient 0); it holds no registrations.")
         if patient not in self._pair_index:
             raise KeyError(f"no CAMUS patient {patient!r} in {self.root}.")
         timing = timing or CycleTiming(30)
         i = self._pair_index[patient]
         recipe = {"pair": i, "alpha": float(alpha), "timing": timing.to_dict()}
-        loop = render_camus_recipe(self._pairs, recipe, self.registration, self.blend_width, pair_objects=self._pair_objects)
+        loop = render_camus_recipe(self._pairs, recipe, self.registration, self.blend_width,
+                                   pair_objects=self._pair_objects)
         ef, es, _ = loop_measures(loop.labels, loop.es_index)
         return LoopSample(
             frames=loop.frames, labels=loop.labels, ef=ef, ed_index=0, es_index=es, fps=float(fps), patient=patient,
@@ -353,7 +359,8 @@ def cardiac_pair(pairs: dict, i: int) -> CardiacPair:
 
 
 def render_camus_recipe(
-    pairs: dict, recipe: dict, config: RegistrationConfig, blend_width: float, images: bool = True, pair_objects: dict | None = None
+    pairs: dict, recipe: dict, config: RegistrationConfig, blend_width: float, images: bool = True,
+    pair_objects: dict | None = None
 ):
     """Render the CAMUS loop of ``recipe`` (pair index, timing, alpha) from the loaded ``pairs.npz``; with
     ``pair_objects``, each pair is built once and kept there."""
@@ -367,7 +374,8 @@ def render_camus_recipe(
 
 def render_phantom_recipe(recipe: dict, size: int):
     """Render the phantom loop of ``recipe`` (anatomy seed, requested EF, timing, fps) at ``size`` pixels."""
-    return render_phantom(int(recipe["anatomy_seed"]), float(recipe["requested_ef"]), CycleTiming(**recipe["timing"]), float(recipe["fps"]), size)
+    return render_phantom(int(recipe["anatomy_seed"]), float(recipe["requested_ef"]), CycleTiming(**recipe["timing"]),
+                          float(recipe["fps"]), size)
 
 
 def loop_measures(labels: np.ndarray, es_phase: int) -> tuple[float, int, float]:

@@ -38,7 +38,8 @@ def overlay_contours(frames: np.ndarray, labels: np.ndarray | None, scale: int =
         grey = cv2.resize(frames[i], (w * scale, h * scale), interpolation=cv2.INTER_CUBIC) if scale > 1 else frames[i]
         rgb = np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
         if labels is not None:
-            lab = cv2.resize(labels[i], (w * scale, h * scale), interpolation=cv2.INTER_NEAREST) if scale > 1 else labels[i]
+            lab = (cv2.resize(labels[i], (w * scale, h * scale), interpolation=cv2.INTER_NEAREST) if scale > 1
+                   else labels[i])
             for value, colour in CONTOUR_COLOURS.items():
                 mask = (lab == value).astype(np.uint8)
                 if mask.any():

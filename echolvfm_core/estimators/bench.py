@@ -13,7 +13,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -44,7 +44,8 @@ def _summary(ms: list[float]) -> dict:
 
 
 def _env(device: torch.device) -> dict:
-    return {"device": str(device), "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+    return {"device": str(device), "torch_threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine()}
 
 
 def _loop(frames: int, size: int, seed: int) -> np.ndarray:

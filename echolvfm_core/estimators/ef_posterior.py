@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -86,7 +86,7 @@ class EFPosterior:
     steps: int
 
     @classmethod
-    def from_samples(cls, raw: np.ndarray, seed: int, steps: int) -> "EFPosterior":
+    def from_samples(cls, raw: np.ndarray, seed: int, steps: int) -> EFPosterior:
         """Summarise raw EF draws (%, unclipped) into a posterior clipped to [0, 100]."""
         raw = np.asarray(raw, dtype=np.float64).reshape(-1)
         if raw.size == 0 or not np.all(np.isfinite(raw)):
@@ -128,7 +128,8 @@ def clip_indices(n_frames: int, num_frames: int, offset: float = 0.0, cycles: fl
     return np.floor(pos).astype(np.int64) % n_frames
 
 
-def video_clip(frames: np.ndarray | torch.Tensor, num_frames: int, size: int, indices: np.ndarray | None = None) -> torch.Tensor:
+def video_clip(frames: np.ndarray | torch.Tensor, num_frames: int, size: int,
+               indices: np.ndarray | None = None) -> torch.Tensor:
     """The encoder's input: a loop (T, H, W) in [0, 1] -> float32 (1, num_frames, size, size).
 
     Frames are picked by ``indices`` (default :func:`clip_indices` over the whole loop) and resized with area
@@ -211,7 +212,7 @@ class EFPosteriorEstimator:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
-                        **kwargs) -> "EFPosteriorEstimator":
+                        **kwargs) -> EFPosteriorEstimator:
         """Load a folder with the model (``config.json`` + weights) and ``scheduler_config.json`` (default: the
         bundled ``assets/ef_regressor``)."""
         path = Path(path) if path is not None else default_ef_regressor_dir()
@@ -230,9 +231,11 @@ class EFPosteriorEstimator:
     def _check_frames(self, frames: np.ndarray) -> np.ndarray:
         f = np.asarray(frames)
         if f.ndim == 3 and f.shape[0] < 2:
-            raise EchoLoadError("The EF posterior needs a loop of at least 2 frames, but the input is a single still frame.")
+            raise EchoLoadError(
+                "The EF posterior needs a loop of at least 2 frames, but the input is a single still frame.")
         if f.ndim == 3 and f.shape[1] != f.shape[2]:
-            raise ValueError(f"frames must be square (the model grid of preprocess()); got {f.shape[1]} x {f.shape[2]}.")
+            raise ValueError(
+                f"frames must be square (the model grid of preprocess()); got {f.shape[1]} x {f.shape[2]}.")
         return check_grey_stack(f)
 
     @torch.no_grad()
@@ -306,7 +309,8 @@ def conformal_spread_scale(means, p05, p95, truth, level: float = 0.9) -> float:
     return float(np.quantile(needed, q, method="higher"))
 
 
-def evaluate_ef_regression(estimator: EFPosteriorEstimator, loops: Iterable, seed: int = 0, details: bool = False) -> dict:
+def evaluate_ef_regression(estimator: EFPosteriorEstimator, loops: Iterable, seed: int = 0,
+                           details: bool = False) -> dict:
     """Accuracy and calibration of the posterior on loops with known EF (e.g. ``alpha == 1`` prepared loops).
 
     Args:

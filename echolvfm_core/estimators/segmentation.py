@@ -11,9 +11,9 @@ expert or phantom labels, which checks the EF path without a network.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -201,7 +201,10 @@ def measure_labels(labels: np.ndarray, spacing_mm: tuple[float, float] | None = 
     if cyclic:
         start = int(np.argmax(area))
         m = measure_labels(np.roll(lab, -start, axis=0), spacing_mm)
-        back = lambda i: (i + start) % len(lab)
+
+        def back(i):
+            return (i + start) % len(lab)
+
         return replace(m, labels=lab, lv_area=area, ed_index=back(m.ed_index), es_index=back(m.es_index),
                        beats=tuple((back(e), back(s)) for e, s in m.beats))
     present = area > 0
@@ -262,7 +265,7 @@ class SegmentationEF:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
-                        **kwargs) -> "SegmentationEF":
+                        **kwargs) -> SegmentationEF:
         """Load a ``save_pretrained`` folder (default: the bundled ``assets/segmenter``)."""
         path = Path(path) if path is not None else default_segmenter_dir()
         if not (path / "config.json").is_file():
@@ -321,7 +324,8 @@ class SegmentationEF:
         """
         f = self._check_frames(frames)
         if f.shape[0] < 2:
-            raise EchoLoadError("EF measurement needs a loop of at least 2 frames, but the input is a single still frame.")
+            raise EchoLoadError(
+                "EF measurement needs a loop of at least 2 frames, but the input is a single still frame.")
         return measure_labels(self.segment(f), spacing_mm, cyclic)
 
     #: Alias of :meth:`measure`.

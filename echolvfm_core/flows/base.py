@@ -71,7 +71,7 @@ class Conditioning:
     @classmethod
     def from_latents(
         cls, latents: torch.Tensor, observed: torch.Tensor, frame_mask: torch.Tensor, ef: torch.Tensor
-    ) -> "Conditioning":
+    ) -> Conditioning:
         """Conditioning that observes ``latents`` (B, C, T, h, w) at ``observed`` (B, T) frames only.
 
         Raises ValueError when an observed frame is padding or a clip observes no frame or has no real frame.
@@ -89,7 +89,7 @@ class Conditioning:
     def batch_size(self) -> int:
         return int(self.cond.shape[0])
 
-    def to(self, device=None, dtype=None) -> "Conditioning":
+    def to(self, device=None, dtype=None) -> Conditioning:
         return Conditioning(
             self.cond.to(device=device, dtype=dtype),
             self.observed.to(device),
@@ -97,7 +97,7 @@ class Conditioning:
             self.ef.to(device=device, dtype=dtype),
         )
 
-    def repeat(self, n: int) -> "Conditioning":
+    def repeat(self, n: int) -> Conditioning:
         """Each clip repeated ``n`` times in a row (B*n clips), e.g. for candidates of rejection sampling."""
         return Conditioning(
             self.cond.repeat_interleave(n, 0),
@@ -135,7 +135,7 @@ class VideoBatch:
                 raise ValueError(f"displacement must be ({b}, 2, {t}, {h}, {w}) and displacement_known ({b},); got "
                                  f"{tuple(self.displacement.shape)} and {tuple(self.displacement_known.shape)}.")
 
-    def to(self, device=None, dtype=None) -> "VideoBatch":
+    def to(self, device=None, dtype=None) -> VideoBatch:
         disp = known = None
         if self.displacement is not None:
             disp = self.displacement.to(device=device, dtype=dtype)

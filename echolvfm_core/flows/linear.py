@@ -49,7 +49,8 @@ class LinearFlowConfig:
 
 
 class LinearFlow(nn.Module):
-    """Flow-matching wrapper: ``forward(batch, step, generator) -> FlowLoss``; ``sample(cond, steps, solver, guidance)``."""
+    """Flow-matching wrapper: ``forward(batch, step, generator) -> FlowLoss``;
+    ``sample(cond, steps, solver, guidance)``."""
 
     def __init__(self, net: nn.Module, config: LinearFlowConfig | None = None, **overrides):
         super().__init__()

@@ -42,13 +42,13 @@ from .base import (
     Conditioning,
     FlowLoss,
     VideoBatch,
-    frame_weights,
     anchor_latents,
+    frame_weights,
     initial_noise,
     network_context,
-    warp_latents,
     per_video_mse,
     sample_logit_normal,
+    warp_latents,
 )
 
 __all__ = ["MeanFlow", "MeanFlowConfig"]

@@ -200,7 +200,9 @@ def read_dicom(path: str | Path, limits: LoadLimits | None = None) -> Echo:
             f"{what} is not a DICOM file (no DICOM header found); give a DICOM, NIfTI or video file."
         ) from exc
     except (OSError, EOFError, ValueError, KeyError, TypeError, struct.error) as exc:
-        raise EchoLoadError(f"{what} is a corrupt or truncated DICOM file and could not be read ({reason(exc, path)}).") from exc
+        raise EchoLoadError(
+            f"{what} is a corrupt or truncated DICOM file and could not be read ({reason(exc, path)})."
+        ) from exc
 
     if any("End of file reached" in str(w.message) for w in caught):
         raise EchoLoadError(f"{what} is a truncated DICOM file (it ends before its data does); give the complete file.")
@@ -231,8 +233,8 @@ def read_dicom(path: str | Path, limits: LoadLimits | None = None) -> Echo:
         arr, meta = get_decoder(syntax).as_array(ds, as_rgb=False)
     except Exception as exc:  # NotImplementedError (no decoder), ValueError, RuntimeError, plugin-specific errors
         raise EchoLoadError(
-            f"{what} has pixel data that could not be decoded ({type(exc).__name__}: {reason(exc, path)}); the file may be "
-            "truncated or use an unsupported compression."
+            f"{what} has pixel data that could not be decoded ({type(exc).__name__}: {reason(exc, path)}); "
+            "the file may be truncated or use an unsupported compression."
         ) from exc
     photometric = str(meta.get("photometric_interpretation") or ds.get("PhotometricInterpretation", "")).upper()
     grey = _grey_frames(ds, np.asarray(arr), photometric.strip(), frames, what)

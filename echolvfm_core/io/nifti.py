@@ -56,7 +56,9 @@ def read_nifti_stack(
     try:
         img = nib.load(str(path))
     except (ImageFileError, OSError, EOFError, ValueError) as exc:
-        raise EchoLoadError(f"{what} is not a readable NIfTI file ({reason(exc, path)}); give a .nii or .nii.gz image.") from exc
+        raise EchoLoadError(
+            f"{what} is not a readable NIfTI file ({reason(exc, path)}); give a .nii or .nii.gz image."
+        ) from exc
     shape = tuple(int(s) for s in img.shape)
     while len(shape) > 2 and shape[-1] == 1:
         shape = shape[:-1]

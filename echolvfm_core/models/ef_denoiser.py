@@ -42,8 +42,9 @@ class EFDenoiserConfig:
     :class:`~echolvfm_core.models.jepa.JEPAConfig` fields of the encoder, whose clip shape must be
     ``num_frames`` x ``frame_size``, and optionally ``motion``: pool the tokens' change over the clip, see
     :class:`~echolvfm_core.models.jepa.JEPAClipEncoder`) and ``frozen_backbone``. ``label_classes`` > 0 gives the
-    (2+1)D encoder its training-only label heads (:class:`~echolvfm_core.models.video_encoder.VideoEncoder`); ``area_features``
-    also feeds the statistics of the label areas over the clip to the features (heads used at inference too).
+    (2+1)D encoder its training-only label heads (:class:`~echolvfm_core.models.video_encoder.VideoEncoder`);
+    ``area_features`` also feeds the statistics of the label areas over the clip to the features (heads used at
+    inference too).
     ``spread_scale`` widens (> 1) or narrows the posterior draws about their mean at inference; training sets it on
     held-out patients (:func:`~echolvfm_core.estimators.ef_posterior.conformal_spread_scale`), 1 = the raw draws.
     """
@@ -171,7 +172,8 @@ class EFDenoiser(ModelMixin, ConfigMixin):
         c = self.config
         expected = (1, c.num_frames, c.frame_size, c.frame_size)
         if video.ndim != 5 or tuple(video.shape[1:]) != expected:
-            raise ValueError(f"EFDenoiser.encode expects video (B, {', '.join(map(str, expected))}); got {tuple(video.shape)}.")
+            raise ValueError(
+                f"EFDenoiser.encode expects video (B, {', '.join(map(str, expected))}); got {tuple(video.shape)}.")
         return self.encoder(video, maps=True) if maps else self.encoder(video)
 
     def condition(
@@ -188,7 +190,8 @@ class EFDenoiser(ModelMixin, ConfigMixin):
             raise ValueError(f"age and sex must be (B,) = ({b},); got {tuple(age.shape)} and {tuple(sex.shape)}.")
         known = torch.isfinite(age)
         age_in = torch.where(known, (age - _AGE_CENTRE) / _AGE_SCALE, torch.zeros_like(age))
-        age_emb = torch.where(known[:, None], self.age_proj(age_in[:, None].to(cond.dtype)), self.age_null.to(cond.dtype))
+        age_emb = torch.where(known[:, None], self.age_proj(age_in[:, None].to(cond.dtype)),
+                              self.age_null.to(cond.dtype))
         sex_idx = torch.where(sex < 0, torch.full_like(sex, 2), sex)
         return cond + age_emb + self.sex_embed(sex_idx)
 
@@ -213,7 +216,8 @@ class EFDenoiser(ModelMixin, ConfigMixin):
             cond = self.condition(features, age, sex)
         b = sample.shape[0]
         if sample.ndim != 1 or cond.shape[0] not in (1, b):
-            raise ValueError(f"sample must be (B,) with B = cond's batch ({cond.shape[0]}) or any B for batch-1 cond; got {tuple(sample.shape)}.")
+            raise ValueError(f"sample must be (B,) with B = cond's batch ({cond.shape[0]}) or any B for batch-1 cond; "
+                             f"got {tuple(sample.shape)}.")
         timestep = timestep.reshape(-1)
         if timestep.shape[0] not in (1, b):
             raise ValueError(f"timestep must be (B,) = ({b},) or (1,); got {tuple(timestep.shape)}.")

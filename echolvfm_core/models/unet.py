@@ -1,4 +1,5 @@
-"""Spatio-temporal velocity U-Net of the EchoLVFM generator (network only; the flows live in :mod:`echolvfm_core.flows`).
+"""Spatio-temporal velocity U-Net of the EchoLVFM generator (network only; the flows live in
+:mod:`echolvfm_core.flows`).
 
 Call signature (the flows rely on exactly this)::
 
@@ -399,7 +400,7 @@ class EchoVelocityUNet(ModelMixin, ConfigMixin):
         self.set_jvp_flash(True)
 
     @classmethod
-    def from_preset(cls, name: str | UNetConfig, **overrides) -> "EchoVelocityUNet":
+    def from_preset(cls, name: str | UNetConfig, **overrides) -> EchoVelocityUNet:
         """A freshly initialised network of preset ``name`` (or a :class:`UNetConfig`), fields overridable."""
         cfg = unet_preset(name) if isinstance(name, str) else name
         return cls(**{**asdict(cfg), **overrides})
@@ -436,7 +437,8 @@ class EchoVelocityUNet(ModelMixin, ConfigMixin):
         if not self.config.context_channels and context is not None:
             raise ValueError("This network takes no context (context_channels = 0).")
         if frame_mask.shape != (b, frames) or frame_mask.dtype != torch.bool:
-            raise ValueError(f"frame_mask must be bool ({b}, {frames}); got {frame_mask.dtype} {tuple(frame_mask.shape)}.")
+            raise ValueError(
+                f"frame_mask must be bool ({b}, {frames}); got {frame_mask.dtype} {tuple(frame_mask.shape)}.")
         for name, v in (("t", t), ("h", h), ("ef", ef)):
             if v.shape != (b,):
                 raise ValueError(f"{name} must have shape ({b},); got {tuple(v.shape)}.")

@@ -76,7 +76,8 @@ class VAEConfig:
             raise ValueError("block_out_channels needs at least one level.")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
-            raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every width; {bad} are not multiples.")
+            raise ValueError(
+                f"norm_num_groups={self.norm_num_groups} must divide every width; {bad} are not multiples.")
 
     @property
     def downsample(self) -> int:
@@ -158,7 +159,8 @@ def _stats_from_config(config) -> LatentStats:
     mean, std = config.get("latents_mean"), config.get("latents_std")
     if mean is not None and std is not None:
         if len(mean) != c or len(std) != c:
-            raise ValueError(f"latents_mean / latents_std in the VAE config need {c} values; got {len(mean)} / {len(std)}.")
+            raise ValueError(
+                f"latents_mean / latents_std in the VAE config need {c} values; got {len(mean)} / {len(std)}.")
         return LatentStats(tuple(float(v) for v in mean), tuple(float(v) for v in std), "measured")
     shift = float(config.get("shift_factor") or 0.0)
     scale = float(config.get("scaling_factor") or 1.0)
@@ -294,7 +296,8 @@ class EchoCodec:
                     c = c.expand(-1, 3, -1, -1)
                 c = c.contiguous(memory_format=torch.channels_last)
                 out.append(self.vae.encode(c).latent_dist.mean.float())
-        return torch.cat(out) if out else x.new_zeros((0, self.latent_channels, *(s // self.downsample for s in x.shape[-2:])))
+        return torch.cat(out) if out else x.new_zeros(
+            (0, self.latent_channels, *(s // self.downsample for s in x.shape[-2:])))
 
     def decode_frames(self, z: torch.Tensor) -> torch.Tensor:
         """Raw (unnormalised) latents (N, C, h, w) -> grey frames (N, 1, H, W) in [0, 1] (float32, VAE device)."""

@@ -27,7 +27,8 @@ class R2Plus1DBlock(nn.Module):
         super().__init__()
         s, t = spatial_stride, temporal_stride
         self.spatial1 = nn.Conv3d(in_channels, out_channels, (1, 3, 3), stride=(1, s, s), padding=(0, 1, 1), bias=False)
-        self.temporal1 = nn.Conv3d(out_channels, out_channels, (3, 1, 1), stride=(t, 1, 1), padding=(1, 0, 0), bias=False)
+        self.temporal1 = nn.Conv3d(out_channels, out_channels, (3, 1, 1), stride=(t, 1, 1), padding=(1, 0, 0),
+                                   bias=False)
         self.norm1 = nn.GroupNorm(_groups(out_channels), out_channels)
         self.spatial2 = nn.Conv3d(out_channels, out_channels, (1, 3, 3), padding=(0, 1, 1), bias=False)
         self.temporal2 = nn.Conv3d(out_channels, out_channels, (3, 1, 1), padding=(1, 0, 0), bias=False)
@@ -121,7 +122,8 @@ class VideoEncoder(nn.Module):
             self.area_head = nn.Linear(prev, label_classes)
         if area_features:
             n_stats = 2 * (label_classes - 1) + 1
-            self.area_proj = nn.Sequential(nn.Linear(n_stats, feature_dim), nn.SiLU(), nn.Linear(feature_dim, feature_dim))
+            self.area_proj = nn.Sequential(nn.Linear(n_stats, feature_dim), nn.SiLU(),
+                                           nn.Linear(feature_dim, feature_dim))
 
     def forward(self, video: torch.Tensor, maps: bool = False):
         """Clip features (B, feature_dim); with ``maps`` also label logits (B, K, T, H / 4, W / 4) and label areas

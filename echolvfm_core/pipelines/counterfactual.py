@@ -7,8 +7,9 @@
 
 Observed frame ``k`` of the input is placed at position ``k`` of the generated clip (same timeline); the clip has
 ``length`` frames (default: the input's, at most the network's ``max_frames``; ``max_frames`` for a still). Only
-the observed frames are encoded. A models folder holds ``generator/`` (:class:`~echolvfm_core.models.unet.EchoVelocityUNet` +
-``flow.json``), ``vae/`` (:class:`~echolvfm_core.models.vae.EchoCodec`) and optionally ``segmenter/``
+the observed frames are encoded. A models folder holds ``generator/``
+(:class:`~echolvfm_core.models.unet.EchoVelocityUNet` + ``flow.json``), ``vae/``
+(:class:`~echolvfm_core.models.vae.EchoCodec`) and optionally ``segmenter/``
 (:class:`~echolvfm_core.estimators.segmentation.SegmentationEF`, the ``measure_ef`` of rejection sampling).
 """
 from __future__ import annotations
@@ -128,7 +129,7 @@ class CounterfactualPipeline:
 
     @classmethod
     def from_pretrained(cls, models: str | Path | None = None, device: str | torch.device | None = None,
-                        segmenter: bool = True) -> "CounterfactualPipeline":
+                        segmenter: bool = True) -> CounterfactualPipeline:
         """Load ``models/generator``, ``models/vae`` and (when present and ``segmenter``) ``models/segmenter``.
 
         ``models`` defaults to :func:`default_models_dir`. Raises FileNotFoundError when the generator or the VAE
@@ -168,7 +169,8 @@ class CounterfactualPipeline:
             lat = source[0] if source.ndim == 5 and source.shape[0] == 1 else source
             c = self.net.config.latent_channels
             if lat.ndim != 4 or lat.shape[0] != c:
-                raise ValueError(f"Latent input must be ({c}, T, h, w) or (1, {c}, T, h, w); got {tuple(source.shape)}.")
+                raise ValueError(
+                    f"Latent input must be ({c}, T, h, w) or (1, {c}, T, h, w); got {tuple(source.shape)}.")
             self._check_observed(observed, lat.shape[1])
             return lat[:, list(observed)].float(), int(lat.shape[1])
         frames = source.frames if isinstance(source, Echo) else np.asarray(source)
@@ -229,7 +231,8 @@ class CounterfactualPipeline:
         t_start = time.perf_counter()
         ef = float(ef)
         if not np.isfinite(ef) or not EF_RANGE[0] <= ef <= EF_RANGE[1]:
-            raise ValueError(f"ef must be an ejection fraction in % between {EF_RANGE[0]:g} and {EF_RANGE[1]:g}; got {ef}.")
+            raise ValueError(
+                f"ef must be an ejection fraction in % between {EF_RANGE[0]:g} and {EF_RANGE[1]:g}; got {ef}.")
         if n < 1 or reject < 1:
             raise ValueError(f"n and reject must be >= 1; got n={n}, reject={reject}.")
         if reject > 1 and (self.codec is None or self.measure_ef is None):

@@ -250,7 +250,10 @@ def _calibration(final: Path) -> str:
     if not path.is_file():
         return ""
     cal = json.loads(path.read_text())
-    fmt = lambda v: "-" if v is None else f"{v:.1f}"
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.1f}"
+
     rows = "\n".join(f"| {c['gain']:g} | {fmt(c['mae'])} | " + " | ".join(map(fmt, c["mean_measured"].values())) + " |"
                      for c in cal["candidates"])
     heads = " | ".join(f"mean measured at {e:g} %" for e in cal["efs"])

@@ -38,7 +38,8 @@ from scipy import ndimage
 
 from ..flows import Conditioning, MeanFlow
 
-__all__ = ["CALIBRATION_GAINS", "BeatRenderer", "PreparedBeat", "RenderedBeat", "beat_ef", "key_frames", "to_model_grid"]
+__all__ = ["CALIBRATION_GAINS", "BeatRenderer", "PreparedBeat", "RenderedBeat", "beat_ef", "key_frames",
+           "to_model_grid"]
 
 #: Width, as a share of the side, of the band inside the fan's edge where the motion fades out.
 EDGE_TAPER = 0.025

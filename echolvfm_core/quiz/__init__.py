@@ -5,8 +5,9 @@ Setup cuts beats of acquired cines (:mod:`echolvfm_core.quiz.pool`) into cases, 
 (:mod:`echolvfm_core.quiz.synth`) and shows every case through one presentation
 (:mod:`echolvfm_core.quiz.present`). The UI layer creates a :class:`ReaderSession` per request from the database
 path, study ID and reader ID, shows :meth:`ReaderSession.next_case` (a :class:`CaseView`, which never holds the
-truth) and passes the reader's click to :meth:`ReaderSession.answer`. Statistics come from :func:`echolvfm_core.quiz_stats.summarize` over
-:meth:`QuizStore.answer_records`; :mod:`echolvfm_core.quiz.report` turns them into the report dict and its text.
+truth) and passes the reader's click to :meth:`ReaderSession.answer`. Statistics come from
+:func:`echolvfm_core.quiz_stats.summarize` over :meth:`QuizStore.answer_records`; :mod:`echolvfm_core.quiz.report`
+turns them into the report dict and its text.
 """
 from .store import (
     AnswerRow,

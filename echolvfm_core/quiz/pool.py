@@ -107,7 +107,8 @@ def beats_of(echo: Echo, name: str, seg, kind: str = ACQUIRED) -> tuple[list[Poo
     for i, b in enumerate(found.beats):
         whole = found.method != "whole_loop"
         if whole:
-            d, g, where = display[b.start : b.stop], grid[b.start : b.stop], f"beat {i + 1} (frames {b.start}-{b.stop - 1})"
+            d, g, where = (display[b.start : b.stop], grid[b.start : b.stop],
+                           f"beat {i + 1} (frames {b.start}-{b.stop - 1})")
         else:
             d, g = np.roll(display, -b.ed, axis=0), np.roll(grid, -b.ed, axis=0)
             where = f"whole loop of {b.n_frames} frames from frame {b.ed} (no complete beat found)"

@@ -4,11 +4,11 @@ Setup (:func:`create_study`) splits the pool's beats between the arms (a beat, a
 shown either as real or as synthetic, never both), cuts the cases (a window of one beat played cyclically, from a
 start phase spread over the beat), renders the synthetic ones (the generator's counterfactual of a synthetic-arm
 beat at an EF drawn from the EF range), passes every case through one presentation
-(:func:`echolvfm_core.quiz.present.present_frames` and :func:`~echolvfm_core.quiz.present.encode_study`: same window length, frame
-rate, size, grey levels, encoder, frame sizes and byte count), runs the automatic reader on the served files and
-stores the study in a :class:`~echolvfm_core.quiz.store.QuizStore`. A reader's progress lives only in the database, so a
-:class:`ReaderSession` can be rebuilt at any time (another request, another worker, after a server restart) and
-continues at the first unanswered case.
+(:func:`echolvfm_core.quiz.present.present_frames` and :func:`~echolvfm_core.quiz.present.encode_study`: same window
+length, frame rate, size, grey levels, encoder, frame sizes and byte count), runs the automatic reader on the served
+files and stores the study in a :class:`~echolvfm_core.quiz.store.QuizStore`. A reader's progress lives only in the
+database, so a :class:`ReaderSession` can be rebuilt at any time (another request, another worker, after a server
+restart) and continues at the first unanswered case.
 
 What the browser may receive is exactly :class:`CaseView` (no truth, no EF, no source) and, after an answer,
 :class:`AnswerFeedback` (the truth only for calibration cases, whose purpose is feedback).
@@ -56,6 +56,9 @@ logger = logging.getLogger(__name__)
 
 #: A study needs at least this many beats in its pool: one for each arm.
 MIN_POOL_BEATS = 2
+
+#: The video spec of a study that states none (VideoSpec is frozen, so one instance serves every call).
+_DEFAULT_SPEC = VideoSpec()
 
 #: A generator, injected: (pool beat, requested EF in %, seed) -> float32 (N, S, S) frames of the beat's heart at
 #: that EF, at the beat's size and frame count.
@@ -201,7 +204,7 @@ def create_study(
     ef_range: tuple[float, float] = (20.0, 75.0),
     seed: int = 0,
     calibration_n: int = 4,
-    spec: VideoSpec = VideoSpec(),
+    spec: VideoSpec = _DEFAULT_SPEC,
     store: QuizStore | None = None,
     detector: DetectFn | None = None,
     max_detectability: float | None = None,

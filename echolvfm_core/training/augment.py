@@ -79,7 +79,8 @@ def augment_batch(
     apply = torch.rand(b, generator=g) < cfg.p_geometry
     ang = torch.where(apply, _uniform(b, -cfg.max_rotation, cfg.max_rotation, g), torch.zeros(b)) * math.pi / 180
     scale = torch.where(apply, _uniform(b, *cfg.scale_range, g), torch.ones(b))
-    shift = torch.where(apply[:, None], _uniform(2 * b, -cfg.max_shift, cfg.max_shift, g).view(b, 2) * 2, torch.zeros(b, 2))
+    shift = torch.where(apply[:, None], _uniform(2 * b, -cfg.max_shift, cfg.max_shift, g).view(b, 2) * 2,
+                        torch.zeros(b, 2))
     if bool(apply.any()):
         cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
         a = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], 1)  # (B, 2, 2) output -> input

@@ -56,7 +56,8 @@ def load_checkpoint(accelerator: Accelerator, out: Path) -> dict:
 
 def progress(accelerator: Accelerator, total: int, initial: int = 0, desc: str = "train") -> tqdm:
     """A tqdm bar shown only on the main process."""
-    return tqdm(total=total, initial=initial, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, disable=not accelerator.is_local_main_process,
+                dynamic_ncols=True)
 
 
 @torch.no_grad()
@@ -188,7 +189,8 @@ class TrainingRun:
 
 
 def warmup_cosine(warmup: int, steps: int, floor: float = 0.05):
-    """LambdaLR factor: linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` of the peak at ``steps``."""
+    """LambdaLR factor: linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` of the peak at
+    ``steps``."""
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -227,7 +227,8 @@ class ClipSampler:
             if lab is not None:
                 labels.append(torch.from_numpy(lab[idx]).long())
             efs.append(ef)
-            ages.append(float(age) if age is not None and float(torch.rand(1, generator=g)) >= c.p_drop_age else math.nan)
+            ages.append(float(age) if age is not None and float(torch.rand(1, generator=g)) >= c.p_drop_age
+                        else math.nan)
             code = SEX_CODES.get(str(sex).upper()[:1], -1) if sex is not None else -1
             sexes.append(code if float(torch.rand(1, generator=g)) >= c.p_drop_sex else -1)
         x = torch.cat(clips)  # (B, F, s, s)
@@ -442,7 +443,8 @@ def calibration_split(manifest: list[dict], n_patients: int, seed: int) -> tuple
     patients = sorted({r["patient"] for r in manifest if r["source"] == "camus"})
     if n_patients < 0 or (n_patients and n_patients >= len(patients)):
         raise ValueError(f"calibration_patients must be between 0 and {len(patients) - 1}; got {n_patients}.")
-    held = set(np.random.default_rng(seed).choice(patients, size=n_patients, replace=False).tolist()) if n_patients else set()
+    held = (set(np.random.default_rng(seed).choice(patients, size=n_patients, replace=False).tolist()) if n_patients
+            else set())
     is_held = [r["source"] == "camus" and r["patient"] in held for r in manifest]
     return [i for i, h in enumerate(is_held) if not h], [i for i, h in enumerate(is_held) if h]
 
@@ -472,10 +474,14 @@ def _calibration_text(cal: dict | None, data: dict) -> str:
         return ""
     b, a = cal["before"], cal["after"]
     return f"""
-- Calibration: all loops of {data.get("calibration_patients")} training patients (drawn with the seed) were held out of training;
-  on their {cal["n"]} alpha = 1 loops (the kind the posterior is judged on) the posterior's draws are scaled about their mean by `spread_scale` {cal["spread_scale"]:.3f}
-  (split conformal, 90 % interval; `config.json`). On those loops: coverage90 {b["coverage90"]:.2f} -> {a["coverage90"]:.2f},
-  CRPS {b["crps"]:.2f} -> {a["crps"]:.2f}, MAE {b["mae"]:.2f} -> {a["mae"]:.2f} (the mean moves only where draws are clipped)."""
+- Calibration: all loops of {data.get("calibration_patients")} training patients (drawn with the seed) were held out \
+of training;
+  on their {cal["n"]} alpha = 1 loops (the kind the posterior is judged on) the posterior's draws are scaled about \
+their mean by `spread_scale` {cal["spread_scale"]:.3f}
+  (split conformal, 90 % interval; `config.json`). On those loops: coverage90 {b["coverage90"]:.2f} -> \
+{a["coverage90"]:.2f},
+  CRPS {b["crps"]:.2f} -> {a["crps"]:.2f}, MAE {b["mae"]:.2f} -> {a["mae"]:.2f} (the mean moves only where draws are \
+clipped)."""
 
 
 def _label_text(cfg: EFTrainConfig) -> str:
@@ -510,15 +516,19 @@ def write_model_card(final: Path, args: argparse.Namespace, cfg: EFTrainConfig, 
     text = f"""# EF posterior by diffusion regression ({args.preset} preset)
 
 A conditional DDPM over the z-scored ejection fraction (training labels: mean {cfg.model.ef_mean:.2f} %, sd
-{cfg.model.ef_std:.2f} %), noise (epsilon) prediction, conditioned on features of a {cfg.model.num_frames}-frame clip ({cfg.model.frame_size} x {cfg.model.frame_size}) from
+{cfg.model.ef_std:.2f} %), noise (epsilon) prediction, conditioned on features of a \
+{cfg.model.num_frames}-frame clip ({cfg.model.frame_size} x {cfg.model.frame_size}) from
 {_backbone_text(cfg.model, args)} and, when known, age and sex (learned null embeddings, modality dropout).
 Inference: DDIM, 10 steps x 40 trajectories, clipped to [0, 100] %. {used_by}
 {metrics.get("params", 0) / 1e6:.2f} M parameters; DDPM schedule in `scheduler_config.json`.
 
 ## Data
 - Prepared folder `{args.data}` (`echolvfm prepare`): loops synthesised from real CAMUS apical 4CH ED / ES pairs at
-  several deformation strengths (EF labels measured on the warped labels, area-length){", plus phantom loops" if data.get("phantom_loops") else ""}.
-- Training split: {data.get("train_loops")} loops ({data.get("phantom_loops")} of them phantoms) from {data.get("train_patients")} CAMUS patients, all strengths{f" ({cfg.p_real_motion:.0%} of clips from the alpha = 1 loops)" if cfg.p_real_motion else ""}; random
+  several deformation strengths (EF labels measured on the warped labels, \
+area-length){", plus phantom loops" if data.get("phantom_loops") else ""}.
+- Training split: {data.get("train_loops")} loops ({data.get("phantom_loops")} of them phantoms) from \
+{data.get("train_patients")} CAMUS patients, all \
+strengths{f" ({cfg.p_real_motion:.0%} of clips from the alpha = 1 loops)" if cfg.p_real_motion else ""}; random
   phase / 1-{cfg.max_cycles:g} cycles for half of the clips, ultrasound augmentation, {cfg.p_uninformative:.0%} of clips
   replaced by noise or a still frame with the loop's label kept (uninformative input -> broad posterior).
   No age or sex in this data: the model has only seen them as unknown.
@@ -535,13 +545,15 @@ posterior's 5-95 % interval.
 
 ## Training
 {cfg.steps} steps, batch {cfg.batch_size} clips x {cfg.noise_draws} noise draws, AdamW lr {cfg.lr:g}, auxiliary
-regression weight {cfg.aux_weight:g}{f", EMA of the weights {cfg.ema_decay:g} (saved)" if cfg.ema_decay else ""}, seed {args.seed}, device {metrics.get("device")}, {metrics.get("seconds", 0) / 60:.1f} min.{_label_text(cfg)}
+regression weight {cfg.aux_weight:g}{f", EMA of the weights {cfg.ema_decay:g} (saved)" if cfg.ema_decay else ""}, \
+seed {args.seed}, device {metrics.get("device")}, {metrics.get("seconds", 0) / 60:.1f} min.{_label_text(cfg)}
 Configuration: `training_config.json`.
 
 ## Reproduce
 ```bash
 echolvfm prepare --camus CAMUS_DIR --out {args.data}{data.get('prepare_flags', '')}
-echolvfm train ef-regressor --data {args.data} --preset {args.preset} --seed {args.seed}{steps}{backbone} --out {args.out}
+echolvfm train ef-regressor --data {args.data} --preset {args.preset} --seed {args.seed}{steps}{backbone} \
+--out {args.out}
 ```
 
 ## Limits
@@ -585,7 +597,8 @@ def train(args: argparse.Namespace) -> int:
         "prepare_flags": f" --loops-per-patient {meta.get('loops_per_patient')} --phantom {meta.get('phantom')} "
                          f"--seed {meta.get('seed')}",
         "train_loops": len(train_idx),
-        "train_patients": len({train_ds.manifest[i]["patient"] for i in train_idx if train_ds.manifest[i]["source"] == "camus"}),
+        "train_patients": len({train_ds.manifest[i]["patient"] for i in train_idx
+                               if train_ds.manifest[i]["source"] == "camus"}),
         "phantom_loops": sum(train_ds.manifest[i]["source"] == "phantom" for i in train_idx),
         "calibration_patients": cfg.calibration_patients,
         "valid_loops": len(valid),

@@ -243,7 +243,7 @@ class LatentLoops:
                     "ed_index": self.ed_index.tolist(), "patient": self.patient, "loop_id": self.loop_id}, path)
 
     @classmethod
-    def load(cls, path: Path) -> "LatentLoops":
+    def load(cls, path: Path) -> LatentLoops:
         d = torch.load(path, weights_only=True)
         return cls(d["latents"], np.asarray(d["ef"], np.float64), np.asarray(d["ed_index"], np.int64),
                    list(d["patient"]), list(d["loop_id"]), d["fingerprint"])
@@ -402,7 +402,8 @@ def _preview_batch(loops: LatentLoops, cfg: GeneratorTrainConfig, n: int = 4) ->
         obs.append(o)
         fms.append(fm)
         efs.append(float(loops.ef[i]))
-    return VideoBatch(torch.stack(xs), Conditioning(torch.stack(conds), torch.stack(obs), torch.stack(fms), torch.tensor(efs)))
+    return VideoBatch(torch.stack(xs),
+                      Conditioning(torch.stack(conds), torch.stack(obs), torch.stack(fms), torch.tensor(efs)))
 
 
 def save_sample_grid(flow: MeanFlow | LinearFlow, batch: VideoBatch, codec, path: Path, seed: int = 0,
@@ -506,7 +507,8 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
         step = run.step
         g = torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + accelerator.process_index)
         batch = sampler.batch(per_process, g).to(accelerator.device)
-        noise_gen = torch.Generator(accelerator.device).manual_seed(seed * 1_000_033 + step * 31 + accelerator.process_index)
+        noise_gen = torch.Generator(accelerator.device).manual_seed(
+            seed * 1_000_033 + step * 31 + accelerator.process_index)
         flow.train()
         with accelerator.autocast():
             loss = flow(batch, step=step, generator=noise_gen)

@@ -372,22 +372,30 @@ def write_model_card(out: Path, args: argparse.Namespace, cfg: JEPATrainConfig, 
     text = f"""# EchoJEPA encoder ({args.preset} preset)
 
 A V-JEPA-style video ViT (Bardes et al. 2024) trained self-supervised on echo loops: clips of {m.num_frames} frames at
-{m.frame_size} x {m.frame_size}, tubelets of {m.tubelet} frames x {m.patch} x {m.patch} pixels ({data['tokens']} tokens), encoder width {m.dim}, {m.depth} blocks,
+{m.frame_size} x {m.frame_size}, tubelets of {m.tubelet} frames x {m.patch} x {m.patch} pixels \
+({data['tokens']} tokens), encoder width {m.dim}, {m.depth} blocks,
 {m.heads} heads; predictor width {m.pred_dim}, {m.pred_depth} blocks. Mask families: {_describe_masks(cfg.masks)};
-L1 loss on layer-normed features of an EMA target encoder (momentum {cfg.ema[0]} -> {cfg.ema[1]}). The bundled encoder is the EMA
-target encoder. {metrics['train']['encoder_params'] / 1e6:.2f} M encoder parameters ({metrics['train']['params'] / 1e6:.2f} M with the predictor).
+L1 loss on layer-normed features of an EMA target encoder (momentum {cfg.ema[0]} -> {cfg.ema[1]}). The bundled \
+encoder is the EMA
+target encoder. {metrics['train']['encoder_params'] / 1e6:.2f} M encoder parameters \
+({metrics['train']['params'] / 1e6:.2f} M with the predictor).
 `probe/` holds the attentive EF probe, `real_stats.npz` the feature statistics of the training split's CAMUS loops
 (the reference of `fvd_jepa` / `fid_jepa` in `echolvfm evaluate`).
 
 ## Data
 - Prepared folder `{args.data}` (`echolvfm prepare`): loops synthesised from real CAMUS apical 4CH ED / ES pairs
   (several deformation strengths) plus phantom loops.
-- Self-supervised training: {data['train_loops']} training-split loops ({data['loops_per_patient']} of every patient; {data['train_phantoms']} phantoms,
+- Self-supervised training: {data['train_loops']} training-split loops ({data['loops_per_patient']} of every \
+patient; {data['train_phantoms']} phantoms,
   {data['train_patients']} CAMUS patients), 16 frames over 1-{cfg.max_cycles:g} cycles from a random phase, zoomed
-  {a.scale_range[0]:g}-{a.scale_range[1]:g}x about the apex, rotated up to {a.max_rotation:g} degrees and shifted up to {a.max_shift:.0%} (V-JEPA's random resized crops), plus ultrasound augmentation ({'with' if a.p_speckle else 'without'} per-frame speckle).
+  {a.scale_range[0]:g}-{a.scale_range[1]:g}x about the apex, rotated up to {a.max_rotation:g} degrees and shifted \
+up to {a.max_shift:.0%} (V-JEPA's random resized crops), plus ultrasound augmentation \
+({'with' if a.p_speckle else 'without'} per-frame speckle).
   No labels.
-- Probes: trained on the {r['n_train']} training-split CAMUS loops' EF labels (frozen encoder), measured on the valid split's
-  {r['n_valid']} CAMUS loops ({r['n_valid_patients']} patients, never seen in training; {r['n_valid_alpha1']} of them alpha = 1, the real ED -> ES motion).
+- Probes: trained on the {r['n_train']} training-split CAMUS loops' EF labels (frozen encoder), measured on the \
+valid split's
+  {r['n_valid']} CAMUS loops ({r['n_valid_patients']} patients, never seen in training; {r['n_valid_alpha1']} of \
+them alpha = 1, the real ED -> ES motion).
   CAMUS (Leclerc et al., IEEE TMI 2019) is for non-commercial research.
 
 ## Valid metrics (EF MAE in points)
@@ -400,18 +408,21 @@ target encoder. {metrics['train']['encoder_params'] / 1e6:.2f} M encoder paramet
 | feature effective rank (RankMe, of {m.dim}) | {j['rankme']:.1f} | {rnd['rankme']:.1f} |
 | share of feature variance that changes over the clip | {j['temporal_share']:.3f} | {rnd['temporal_share']:.3f} |
 
-Predicting the training median for every loop gives MAE {r['baseline_median_mae']:.2f}. The bundled probe (first rows) reads
+Predicting the training median for every loop gives MAE {r['baseline_median_mae']:.2f}. The bundled probe \
+(first rows) reads
 the tokens' change over the clip; the third probe reads the tokens as well (the still anatomy: how large the cavity
 is), which a ratio such as the EF needs. If the random encoder reads the EF better through it, the self-supervised
 features have lost EF information that a random projection of the pixels keeps. The last two rows are diagnostics on
 the valid tokens: a low effective rank means the features sit on a few directions (partial collapse), a small share
 of change over the clip means they describe the still anatomy more than its motion, which is what an EF needs.
-Acceptance (attentive MAE <= 8 and >= 2 points better than the random encoder): **{'met' if j['attentive_mae'] <= 8 and rnd['attentive_mae'] - j['attentive_mae'] >= 2 else 'not met'}**.
+Acceptance (attentive MAE <= 8 and >= 2 points better than the random encoder): \
+**{'met' if j['attentive_mae'] <= 8 and rnd['attentive_mae'] - j['attentive_mae'] >= 2 else 'not met'}**.
 
 Sample efficiency (attentive probe, share of training patients' labels -> valid MAE): | {curve} |
 
 Robustness (attentive probes trained on clean clips, valid clips perturbed; gain x0.6-1.5, depth attenuation
-exp(-k r) with k 0.8-1.2, speckle sigma up to 0.4, sector-edge dropout 0.1-0.3 rad plus far-field dropout half of the time):
+exp(-k r) with k 0.8-1.2, speckle sigma up to 0.4, sector-edge dropout 0.1-0.3 rad plus far-field dropout half of \
+the time):
 
 | condition | this encoder | random encoder |
 |---|---|---|
@@ -426,8 +437,10 @@ Against the training split's CAMUS loops (`real_stats.npz`, n = {data['train_cam
 | same + speckle (sigma up to 0.4) | {r['n_valid']} | {fvd['real_speckle']:.4g} | {fid['real_speckle']:.4g} |
 | valid phantom loops | {same['n']} | {fvd['phantom']:.4g} | {fid['phantom']:.4g} |
 
-Ranking real < real + speckle < phantom: **{'holds' if r['fvd_ranking_ok'] else 'does not hold'}**. With the real sets subsampled to the
-phantom set's size (mean of 10 draws, n = {same['n']}): real {same['real']:.4g}, real + speckle {same['real_speckle']:.4g}, phantom {same['phantom']:.4g}.
+Ranking real < real + speckle < phantom: **{'holds' if r['fvd_ranking_ok'] else 'does not hold'}**. With the real \
+sets subsampled to the
+phantom set's size (mean of 10 draws, n = {same['n']}): real {same['real']:.4g}, real + speckle \
+{same['real_speckle']:.4g}, phantom {same['phantom']:.4g}.
 
 `fvd_jepa` (per loop, the mean token beside the root-mean-square change of the tokens over the clip: what the loop
 shows and how it moves) and `fid_jepa` (spatial mean token per tubelet time step, i.e. per 2 frames) are Fréchet
@@ -436,8 +449,10 @@ with I3D-based FVD or Inception-based FID** published for video generators: anot
 training set. Compare only numbers computed with this encoder, and sets of similar size.
 
 ## Training
-{cfg.steps} steps, batch {cfg.batch_size} clips, AdamW lr {cfg.lr:g} (warm-up {cfg.warmup}, cosine), weight decay {cfg.weight_decay:g},
-seed {args.seed}, device {metrics['train']['device']}, {metrics['train']['seconds'] / 60:.1f} min (loss {metrics['train']['first_loss']:.4f} -> {metrics['train']['final_loss']:.4f});
+{cfg.steps} steps, batch {cfg.batch_size} clips, AdamW lr {cfg.lr:g} (warm-up {cfg.warmup}, cosine), weight decay \
+{cfg.weight_decay:g},
+seed {args.seed}, device {metrics['train']['device']}, {metrics['train']['seconds'] / 60:.1f} min \
+(loss {metrics['train']['first_loss']:.4f} -> {metrics['train']['final_loss']:.4f});
 probes and read-outs {metrics['eval_seconds'] / 60:.1f} min. Configuration: `training_config.json`.
 
 ## Reproduce

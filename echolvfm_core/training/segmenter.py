@@ -110,7 +110,8 @@ class FrameSampler:
             idx = torch.randint(0, len(self.real_images), (batch_size - n_loop,), generator=generator).numpy()
             imgs.append(self.real_images[idx])
             labs.append(self.real_labels[idx])
-        for i in torch.randint(0, len(self.loops) if self.loops is not None else 1, (n_loop,), generator=generator).tolist():
+        for i in torch.randint(0, len(self.loops) if self.loops is not None else 1, (n_loop,),
+                               generator=generator).tolist():
             loop = self.loops[i]
             t = int(torch.randint(0, len(loop.frames), (1,), generator=generator))
             imgs.append(np.asarray(loop.frames[t])[None])
@@ -200,7 +201,8 @@ def write_model_card(final: Path, args: argparse.Namespace, cfg: SegTrainConfig,
     """``final/MODEL_CARD.md``: what the model is, the data and split it saw, its valid metrics, how to reproduce."""
     v = metrics.get("valid")
     rows = (
-        "\n".join(f"| {k} | {v[k]:.4g} |" for k in ("dice_lv", "dice_myo", "dice_la", "ef_mae", "n", "n_patients", "ef_failures"))
+        "\n".join(f"| {k} | {v[k]:.4g} |"
+                  for k in ("dice_lv", "dice_myo", "dice_la", "ef_mae", "n", "n_patients", "ef_failures"))
         if v else "| (no valid split in the data folder) | |"
     )
     steps = f" --steps {args.steps}" if args.steps is not None else ""
@@ -212,9 +214,11 @@ EF (area-length and single-plane Simpson) from the LV area curve. {metrics.get("
 
 ## Data
 - Prepared folder `{args.data}` (`echolvfm prepare`): real CAMUS apical 4CH ED / ES frames with expert labels and
-  synthesised loops built from them (labels warped with the images{", plus phantom loops" if data.get("phantom_loops") else ""}).
+  synthesised loops built from them (labels warped with the \
+images{", plus phantom loops" if data.get("phantom_loops") else ""}).
 - Training split: {data.get("train_patients")} patients, {data.get("train_real_frames")} real ED / ES frames,
-  {data.get("train_loops")} loops; each batch holds {1 - cfg.loop_fraction:.0%} real frames and {cfg.loop_fraction:.0%} loop frames,
+  {data.get("train_loops")} loops; each batch holds {1 - cfg.loop_fraction:.0%} real frames and \
+{cfg.loop_fraction:.0%} loop frames,
   with ultrasound augmentation (gain, contrast, depth attenuation, rotation and scale about the apex, speckle,
   sector-edge dropout; no flips).
 - Metrics: the valid split's real ED / ES frames ({data.get("valid_real_frames")} frames), never used in training.
@@ -282,7 +286,7 @@ def train(args: argparse.Namespace) -> int:
     write_model_card(Path(args.out) / "final", args, cfg, metrics, data)
     valid = metrics.get("valid")
     if valid:
-        log.info("valid: dice_lv %.3f dice_myo %.3f dice_la %.3f ef_mae %.2f (n=%d)", valid["dice_lv"], valid["dice_myo"],
-                 valid["dice_la"], valid["ef_mae"], valid["n"])
+        log.info("valid: dice_lv %.3f dice_myo %.3f dice_la %.3f ef_mae %.2f (n=%d)", valid["dice_lv"],
+                 valid["dice_myo"], valid["dice_la"], valid["ef_mae"], valid["n"])
     log.info("model written to %s", Path(args.out) / "final")
     return 0

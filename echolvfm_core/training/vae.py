@@ -194,7 +194,8 @@ class FramePool:
         n_loop = round(batch_size * self.loop_fraction)
         parts = []
         if batch_size - n_loop:
-            parts.append(self.real[torch.randint(0, len(self.real), (batch_size - n_loop,), generator=generator).numpy()])
+            parts.append(
+                self.real[torch.randint(0, len(self.real), (batch_size - n_loop,), generator=generator).numpy()])
         if n_loop:
             parts.append(self.loops[torch.randint(0, len(self.loops), (n_loop,), generator=generator).numpy()])
         frames = np.concatenate(parts)
@@ -271,7 +272,8 @@ def model_card(cfg: VAETrainConfig, metrics: dict, data: str) -> str:
         lines.append("- not measured: the data had no real valid frames.")
     if bench:
         lines.append(f"- encode / decode of a {bench['frames']}-frame loop: {bench['encode_ms']:.0f} / "
-                     f"{bench['decode_ms']:.0f} ms (median; torch threads: {bench['torch_threads']}, {bench['device']}; "
+                     f"{bench['decode_ms']:.0f} ms (median; torch threads: {bench['torch_threads']}, "
+                     f"{bench['device']}; "
                      "on the training machine at the end of training).")
     lines += [
         "",
@@ -377,7 +379,8 @@ def train(args: argparse.Namespace) -> int:
     valid = PreparedLoops(args.data, split="valid").real_frames().images
     log.info("training frames: %d real, %d from loops; valid frames: %d", len(pool.real), len(pool.loops), len(valid))
     n_patients = len(set(real_train.patients))
-    data = (f"{len(pool.real)} real ED / ES frames ({n_patients} patients, train split) and {len(pool.loops)} frames of "
+    data = (f"{len(pool.real)} real ED / ES frames ({n_patients} patients, train split) and "
+            f"{len(pool.loops)} frames of "
             f"{min(cfg.loop_pool, len(train_ds))} prepared {'loops' if cfg.phantom else 'CAMUS loops'}")
     metrics = fit(pool, cfg, Path(args.out), seed=args.seed, device=args.device, resume=args.resume,
                   valid_images=valid if len(valid) else None, data=data)
