@@ -481,4 +481,5 @@ def test_model_card_shows_the_realism_of_rendered_counterfactuals(tmp_path):
     card = generator_card.write_model_card(final).read_text()
     assert "## Realism of rendered counterfactuals (valid split)" in card and "Not measured yet" in card
     assert "| frame-to-frame change | 0.86 | 0.86 | 0.8-1.25 |" in card and "accuracy 0.694 (95 % interval" in card
-    assert "| color3d | 120 frames, 30 fps, 513 px | 3 (lv_area) | 1.04 / 0.99 / 0.86 / 1.00 | 27.8 / 50.5 / - |" in card
+    row = "| color3d | 120 frames, 30 fps, 513 px | 3 (lv_area) | 1.04 / 0.99 / 0.86 / 1.00 | 27.8 / 50.5 / - |"
+    assert row in card
