@@ -111,7 +111,7 @@ echolvfm prepare --camus CAMUS_DIR --out {metrics.get("data")} --loops-per-patie
 ```
 then copy `OUT/final` to `assets/generator`, choose the sampling motion gain of a warp generator with
 `echolvfm calibrate-gain --prepared {metrics.get("data")}`, and run `echolvfm evaluate --prepared {metrics.get("data")}
---models assets --sections generation --card --out runs/eval_generator`.
+--models assets --sections generation,realism --card --out runs/eval_generator`.
 
 ## Limits
 Trained on synthesised motion of one data set's apical 4CH views; the generated loops are synthetic, for teaching and
