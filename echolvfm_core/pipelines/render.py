@@ -308,15 +308,18 @@ class BeatRenderer:
         grid = np.dstack(np.meshgrid(np.arange(side, dtype=np.float32), np.arange(side, dtype=np.float32)))
         # (N, h, w, 2): x, y in display pixels
         fields = np.ascontiguousarray(per_frame.transpose(0, 2, 3, 1)) * (side / per_frame.shape[-1])
+        mask = beat.mask.astype(np.float32)
         out = np.empty((beat.frames, side, side), dtype=np.float32)
-        for j in range(beat.frames):
-            src = beat.filled[0 if beat.still else j]
-            where = grid + cv2.resize(fields[j], (side, side), interpolation=cv2.INTER_LINEAR) * beat.taper
+        for j in range(beat.frames):  # in place, one frame at a time (it stays in the cache)
+            where = cv2.resize(fields[j], (side, side), interpolation=cv2.INTER_LINEAR)
+            where *= beat.taper
+            where += grid
             # Fixed-point maps (1/32 pixel, OpenCV's interpolation table step) spare remap a conversion per pixel.
             xy, frac = cv2.convertMaps(where, None, cv2.CV_16SC2)
-            out[j] = cv2.remap(src, xy, frac, cv2.INTER_LANCZOS4, borderMode=cv2.BORDER_CONSTANT)
-        np.clip(out, 0.0, 1.0, out=out)
-        out *= beat.mask
+            cv2.remap(beat.filled[0 if beat.still else j], xy, frac, cv2.INTER_LANCZOS4, dst=out[j],
+                      borderMode=cv2.BORDER_CONSTANT)
+            np.clip(out[j], 0.0, 1.0, out=out[j])
+            out[j] *= mask
         return out
 
 
