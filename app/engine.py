@@ -145,6 +145,7 @@ class CineView:
         beats: :class:`~echolvfm_core.beats.BeatSet` found on the LV area curve (or by image periodicity).
         prepared: per beat index, the beat made ready for rendering (filled on first use).
         beat_measurements: per beat index, the segmenter's measurement of the acquired beat.
+        panels: per beat index, its acquired frames as uint8 (the left panel of every counterfactual's video).
         labels: uint8 (T, 112, 112), the segmenter's labels of ``grid`` (the pass that found the beats; each beat's
             measurement reads its slice), or None without a segmenter.
     """
@@ -157,6 +158,7 @@ class CineView:
     prepared: dict = field(default_factory=dict)
     beat_measurements: dict = field(default_factory=dict)
     labels: np.ndarray | None = None
+    panels: dict = field(default_factory=dict)
 
     def beat_frames(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(display, grid) frames of beat ``index``, starting at its end-diastole. A loop without a detected cycle
@@ -726,7 +728,9 @@ class StudioEngine:
         timings["segment"] = (time.perf_counter() - t1) * 1000.0
         rendered, frames, cf_meas = renders[chosen], grids[chosen], measured[chosen]
         t1 = time.perf_counter()
-        video = self._side_by_side(display, rendered.frames, counterfactual_caption(ef, cf_meas.ef),
+        if index not in cine.panels:
+            cine.panels[index] = to_uint8(display, clip=True)
+        video = self._side_by_side(cine.panels[index], rendered.frames, counterfactual_caption(ef, cf_meas.ef),
                                    (original.lv_masks, cf_meas.lv_masks) if contours else None, cine.fps, out_dir)
         timings["video"] = (time.perf_counter() - t1) * 1000.0
         return CounterfactualResult(requested_ef=ef, frames=frames, fps=cine.fps, video=video, seed=seeds[chosen],
@@ -816,7 +820,8 @@ class StudioEngine:
     @staticmethod
     def _side_by_side(original: np.ndarray, frames: np.ndarray, label: str, masks: tuple | None, fps: float,
                       out_dir: Path, size: int | None = None) -> Path:
-        """Original | counterfactual, float (T, S, S) loops of one length, as one H.264 MP4 at ``fps``.
+        """Original | counterfactual, (T, S, S) loops of one length (float in [0, 1] or uint8), as one H.264 MP4 at
+        ``fps``.
 
         Args:
             masks: (original's, counterfactual's) LV masks (T, h, w) or None each, outlined in colour; None: grey
