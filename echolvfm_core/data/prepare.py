@@ -24,7 +24,7 @@ import numpy as np
 
 from ..echo import Echo
 from ..ef import ef_from_pair
-from ..io._common import display_name
+from ..io import display_name, to_uint8
 from .loops import (
     CardiacPair,
     CycleTiming,
@@ -112,10 +112,6 @@ class _Loaded:
     ef_grid: float
 
 
-def _u8(frames: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
-
-
 def _load_patients(root: str, patient_ids: list[str], size: int, fine: int | None) -> list[_Loaded | tuple[str, str]]:
     """Read and preprocess patients (one worker task): a _Loaded per patient, or (patient, reason) when skipped."""
     from ..echo import EchoLoadError
@@ -162,10 +158,10 @@ def _load_patients(root: str, patient_ids: list[str], size: int, fine: int | Non
             _Loaded(
                 patient=p.patient_id,
                 split=p.split,
-                images=_u8(pre.echo.frames),
+                images=to_uint8(pre.echo.frames, clip=True),
                 labels=lab.astype(np.uint8),
                 mask=pre.mask.astype(bool),
-                fine=_u8(pre.display.frames) if fine else None,
+                fine=to_uint8(pre.display.frames, clip=True) if fine else None,
                 spacing_mm=(float(spacing[0]), float(spacing[1])),
                 ef_native=float(ef_native),
                 ef_grid=float(ef_grid),

@@ -5,6 +5,7 @@
 write loops (``to_uint8`` is their 8-bit conversion, the app's too). Heavy libraries (pydicom, nibabel, imageio,
 PyAV) are imported only when a function needs them.
 """
+from ._common import display_name
 from .camus import CamusPatient, CamusView, read_camus
 from .echonet import EchoNetRecord, read_echonet
 from .load import detect_kind, load_echo, sample_cine_path, sample_echo_path
@@ -24,4 +25,5 @@ __all__ = [
     "write_gif",
     "write_dicom",
     "to_uint8",
+    "display_name",
 ]
