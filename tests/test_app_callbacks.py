@@ -139,7 +139,6 @@ def test_a_failed_load_keeps_the_last_case_and_lets_go_of_its_arrays(loaded, tmp
     """A NIfTI loop is decoded and preprocessed before it is refused (NIfTI carries no frame rate): the session keeps
     its case, and the refused loop's frames are freed when the request ends, by reference counting alone (a
     traceback caught in a reference cycle would hold them until the next full garbage collection)."""
-    import gc
     import weakref
 
     import nibabel as nib
@@ -163,19 +162,7 @@ def test_a_failed_load_keeps_the_last_case_and_lets_go_of_its_arrays(loaded, tmp
 
     monkeypatch.setattr(eio, "load_echo", recording_load_echo)
 
-    def failed_upload() -> str:
-        try:
-            callbacks.open_upload(str(path), session, None)
-        except gr.Error as exc:
-            return exc.message
-        return "loaded"
-
-    gc.disable()
-    try:
-        message = failed_upload()
-        alive = [ref() is not None for ref in decoded]
-    finally:
-        gc.enable()
+    message, alive = _message_and_survivors(lambda: callbacks.open_upload(str(path), session, None), decoded)
     assert message == "loop.nii.gz has no frame rate, so it cannot be shown as a loop."
     assert session.case is case and session.failed_load == message
     assert alive == [False]
@@ -183,7 +170,6 @@ def test_a_failed_load_keeps_the_last_case_and_lets_go_of_its_arrays(loaded, tmp
 
 def test_a_failed_request_lets_go_of_its_arrays():
     """What a callback held when it failed is freed with the error, by reference counting alone."""
-    import gc
     import weakref
 
     import numpy as np
@@ -198,17 +184,22 @@ def test_a_failed_request_lets_go_of_its_arrays():
         held.append(weakref.ref(frames))
         raise ValueError("No LV in these frames.")
 
-    def failed() -> str:
-        try:
-            request()
-        except gr.Error as exc:
-            return exc.message
-        return "done"
+    message, alive = _message_and_survivors(request, held)
+    assert message == "No LV in these frames." and alive == [False]
+
+
+def _message_and_survivors(call, refs: list) -> tuple[str, list[bool]]:
+    """Run a callback that should fail with garbage collection off: its user message, and which of the weak
+    references it recorded still point at something (freed by reference counting alone, or not)."""
+    import gc
 
     gc.disable()
     try:
-        message = failed()
-        alive = held[0]() is not None
+        try:
+            call()
+            message = "no error"
+        except gr.Error as exc:
+            message = exc.message
+        return message, [ref() is not None for ref in refs]
     finally:
         gc.enable()
-    assert message == "No LV in these frames." and not alive
