@@ -236,7 +236,9 @@ class CounterfactualResult:
 
     Attributes:
         requested_ef: EF asked for, in %.
-        frames: the generated loop, float32 (L, S, S) in [0, 1].
+        frames: the generated loop on the model grid, float32 (L, S, S) in [0, 1]; for a rendered beat None until
+            :meth:`StudioEngine.measure_result` makes it (after the video: only the EF's key frames are needed
+            before).
         fps: frame rate (that of the original).
         video: side-by-side H.264 MP4, original | counterfactual, L frames at ``fps``.
         seed: the seed that produced it (reuse it to reproduce the loop).
@@ -251,13 +253,13 @@ class CounterfactualResult:
             rejection sampling), then "segment" (segmenting the result) and "video" (composing and writing the MP4).
         candidate_efs: with rejection sampling, the segmentation EF (%) of every candidate (None: unmeasured).
         display: with the "ed" mode on a cine, the counterfactual beat at the input's resolution (N, S, S) (then
-            ``frames`` is that beat on the model grid, at the input's frame rate); None otherwise.
+            ``frames``, once made, is that beat on the model grid, at the input's frame rate); None otherwise.
         beat: index of the beat it was generated for (None: the whole resampled loop).
         original: the measurement of the acquired beat it is compared with (None: ``case.measurement``).
     """
 
     requested_ef: float
-    frames: np.ndarray
+    frames: np.ndarray | None
     fps: float
     video: Path
     seed: int
@@ -277,7 +279,7 @@ class CounterfactualResult:
             "requested_ef": round(float(self.requested_ef), 2),
             "measured_ef": None if self.segmentation is None or self.segmentation.ef is None
             else round(float(self.segmentation.ef), 2),
-            "frames": int(self.frames.shape[0]),
+            "frames": int(len(self.display) if self.frames is None else len(self.frames)),
             "seed": int(self.seed),
             "observed_frames": list(self.observed),
             "candidates": int(self.candidates),
@@ -718,15 +720,17 @@ class StudioEngine:
             seeds = [seed + i for i in range(reject_k)]
             renders = [renderer.render(prepared, ef, seed=s) for s in seeds]
         timings = {k: sum(r.timings_ms[k] for r in renders) for k in renders[0].timings_ms}
-        grids = [to_model_grid(r.frames, renderer.grid) for r in renders]
         t1 = time.perf_counter()
         key = None if contours else key_frames(len(display), prepared.es, cine.fps)
+        # only the frames the EF is read on go to the model grid now; the whole beat's copy waits for measure_result
+        grids = [to_model_grid(r.frames if key is None else r.frames[list(key)], renderer.grid) for r in renders]
         measured = [self.measure_frames(g, case.echo, key) for g in grids]  # their EF goes on the video
         candidate_efs = [m.ef for m in measured] if reject_k > 1 else None
         dist = [abs(m.ef - ef) if m.ef is not None else float("inf") for m in measured]
         chosen = int(np.argmin(dist))
         timings["segment"] = (time.perf_counter() - t1) * 1000.0
-        rendered, frames, cf_meas = renders[chosen], grids[chosen], measured[chosen]
+        rendered, cf_meas = renders[chosen], measured[chosen]
+        frames = grids[chosen] if key is None else None
         t1 = time.perf_counter()
         if index not in cine.panels:
             cine.panels[index] = to_uint8(display, clip=True)
@@ -740,14 +744,14 @@ class StudioEngine:
                                     beat=index, original=original)
 
     def measure_frames(self, frames: np.ndarray, like: Echo | None, key: tuple[int, ...] | None) -> Measurement:
-        """The segmenter's EF of a loop read on the frames ``key`` only (all frames when None), one network pass
-        without test-time augmentation (:func:`echolvfm_core.pipelines.render.key_frames`: a sixth of the work on a
-        30 fps beat, and one beat read as one). ED / ES indices are those of
-        ``frames``; per-frame areas and masks are left out (``lv_area`` None) for a subset: see
+        """The segmenter's EF of a loop read on its frames ``key`` only, one network pass without test-time
+        augmentation (:func:`echolvfm_core.pipelines.render.key_frames`: a sixth of the work on a 30 fps beat, and
+        one beat read as one). ``frames`` are the loop's frames at ``key`` (every frame when ``key`` is None); ED /
+        ES indices are the loop's; per-frame areas and masks are left out (``lv_area`` None) for a subset: see
         :meth:`measure_result`."""
         if key is None:
             return self.measure(frames, like, masks_only=True)
-        m = self.measure(frames[list(key)], like, masks_only=True)
+        m = self.measure(frames, like, masks_only=True)
 
         def at(i):
             return None if i is None else int(key[i])
@@ -757,7 +761,7 @@ class StudioEngine:
 
     def _measured_ef(self, frames: np.ndarray, like: Echo | None, key: tuple[int, ...] | None) -> float:
         """The segmentation EF of :meth:`measure_frames`; ValueError when the segmenter could not measure."""
-        ef = self.measure_frames(frames, like, key).ef
+        ef = self.measure_frames(frames if key is None else frames[list(key)], like, key).ef
         if ef is None:
             raise ValueError("The segmenter could not measure this loop.")
         return ef
@@ -767,6 +771,10 @@ class StudioEngine:
         ``result.measurement`` and returned. When the EF on the video was read on key frames
         (:meth:`measure_frames`), every frame is segmented now for the area curve and the masks, and the EF with its
         ED / ES stays the one on the video (the same network on the same frames gives the same areas there)."""
+        if result.frames is None:  # a rendered beat: its model-grid copy is made after the video
+            from echolvfm_core.pipelines.render import to_model_grid
+
+            result.frames = to_model_grid(result.display, self.renderer().grid)
         seg = result.segmentation
         if seg is None:
             result.measurement = self.measure(result.frames, case.echo)
