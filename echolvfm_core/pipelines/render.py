@@ -7,14 +7,19 @@ predicts besides the latents is a displacement field per frame ("warp" predictio
 Rendering moves the acquired frames instead of decoding:
 
 * a cine beat (the acquired frames of one cycle, ``N`` frames at the cine's frame rate): the generator is run with
-  one noise draw at the requested EF (field ``D``) and at the beat's own measured EF (field ``S``, kept per beat
-  and seed, so a slider move runs it once); acquired
-  frame ``j`` is warped by ``D - S`` at its phase of the cycle (fields interpolated in time, upsampled in space):
-  ``out_j(x) = src_j(x + D(x) - S(x))``. The heart then contracts as the request asks while the speckle, the
+  one noise draw at the requested EF (field ``D``) and at the beat's own measured EF (field ``S``); acquired frame
+  ``j`` is warped by ``g (D - S)`` at its phase of the cycle (fields interpolated in time, upsampled in space):
+  ``out_j(x) = src_j(x + g (D(x) - S(x)))``. The heart then contracts as the request asks while the speckle, the
   blood-pool flicker, the valves and the timing of the acquired beat stay those of the acquisition (speckle moves
   with the tissue, as speckle tracking assumes); at the beat's own EF the output is the input.
-* a still (one frame): ``out_k(x) = src(x + D_k(x))`` for the generated frames; the speckle moves with the tissue
+* a still (one frame): ``out_k(x) = src(x + g D_k(x))`` for the generated frames; the speckle moves with the tissue
   but does not decorrelate.
+
+``g`` is the beat's motion gain, 1 unless :meth:`BeatRenderer.calibrate` chose another on the beat itself (the
+generator learnt its motion on CAMUS hearts and can move another heart less than asked). The motion fades out
+near the fan's edge (:data:`EDGE_TAPER`). Fields are kept per beat, seed and EF (:meth:`BeatRenderer.prefetch`
+fills a slider's range at once), so a slider move only warps. A rendered beat's EF is read on its key frames
+(:func:`key_frames`, :func:`beat_ef`).
 
 What warping cannot add (texture that appears, e.g. a valve opening more) is not rendered: the generator's latent
 residual is not used at display resolution. Warps use Lanczos interpolation (8 x 8 taps), which keeps the
@@ -65,8 +70,8 @@ class PreparedBeat:
         frames: number of output frames.
         es: the beat's end-systolic frame (smallest LV area), or None; when given, the generated cycle is
             re-timed so that its own end-systole falls on this frame (see :func:`_phase_positions`).
-        gain: factor on the motion added to the acquired beat, ``D - S`` (1 by default; chosen per beat by
-            :meth:`BeatRenderer.calibrate`).
+        gain: factor on the motion added to the acquired frames, ``D - S`` (``D`` for a still); 1 by default,
+            chosen per beat by :meth:`BeatRenderer.calibrate`.
         filled: ``display`` with each pixel outside the fan set to its nearest pixel inside (what the warp samples,
             so that tissue moved inward at the fan's edge brings texture, not the black outside; the output is cut
             to the fan again).
