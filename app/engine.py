@@ -711,8 +711,7 @@ class StudioEngine:
                 whole = cine.beats.method != "whole_loop"  # a rotated loop's LV area minimum is no beat's ES
                 es = original.es_index if whole and original.es_index and original.es_index > 0 else None
                 beat = renderer.prepare(display, cine.mask, cine.fps, ed=0, source_ef=original.ef, es=es)
-                key = key_frames(len(display), beat.es, cine.fps)
-                renderer.calibrate(beat, lambda g, es: self._measured_ef(g, case.echo, key))
+                renderer.calibrate(beat, lambda g: self._measured_ef(g, case.echo))
                 # every whole EF of the slider at this seed: a slider move then only warps and measures
                 renderer.prefetch(beat, range(int(EF_RANGE[0]), int(EF_RANGE[1]) + 1), seed)
                 cine.prepared[index] = beat
@@ -759,9 +758,10 @@ class StudioEngine:
         return replace(m, lv_area=None, lv_masks=None, ed_index=at(m.ed_index), es_index=at(m.es_index),
                        key_frames=key)
 
-    def _measured_ef(self, frames: np.ndarray, like: Echo | None, key: tuple[int, ...] | None) -> float:
-        """The segmentation EF of :meth:`measure_frames`; ValueError when the segmenter could not measure."""
-        ef = self.measure_frames(frames if key is None else frames[list(key)], like, key).ef
+    def _measured_ef(self, frames: np.ndarray, like: Echo | None) -> float:
+        """The segmentation EF of ``frames`` (one pass, no test-time augmentation); ValueError when the segmenter
+        could not measure."""
+        ef = self.measure(frames, like, masks_only=True).ef
         if ef is None:
             raise ValueError("The segmenter could not measure this loop.")
         return ef

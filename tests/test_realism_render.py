@@ -125,7 +125,7 @@ def test_rendering_the_built_in_cine_keeps_its_size_rate_texture_and_follows_the
     beat = bundled_renderer.prepare(src, mask, echo.fps, source_ef=source.ef, es=source.es_index)
     key = key_frames(len(src), beat.es, echo.fps)
     assert key is not None and len(key) < len(src) // 2 and beat.es in key
-    errors = bundled_renderer.calibrate(beat, lambda g, es: beat_ef(seg, g, key))
+    errors = bundled_renderer.calibrate(beat, lambda g: float(seg.measure(g).ef))
     assert beat.gain in errors and errors[beat.gain] == min(errors.values())
     same = bundled_renderer.render(beat, source.ef, seed=0)
     np.testing.assert_allclose(same.frames, src * mask, atol=1e-6)  # at its own EF the beat is itself

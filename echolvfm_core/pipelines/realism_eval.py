@@ -201,7 +201,7 @@ def evaluate_cine_realism(renderer: BeatRenderer, seg, cines: dict[str, Echo], s
             beat = renderer.prepare(src, mask, echo.fps, ed=b.ed - b.start, source_ef=src_ef,
                                     periodic=beats.method != "whole_loop", es=es)
             key = key_frames(len(src), beat.es, echo.fps)
-            renderer.calibrate(beat, lambda g, es, key=key: beat_ef(seg, g, key))  # as the app does
+            renderer.calibrate(beat, lambda g: float(seg.measure(g).ef))  # as the app does
             real = rz.loop_stats(src, mask, echo.fps)
             for ef in requests:
                 gen = renderer.render(beat, ef, seed=seed).frames

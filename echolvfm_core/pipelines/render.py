@@ -258,7 +258,7 @@ class BeatRenderer:
         return RenderedBeat(frames=self._warp(beat, per_frame), fps=beat.fps, requested_ef=float(ef), seed=int(seed),
                             displacement=per_frame, es=es)
 
-    def calibrate(self, beat: PreparedBeat, measure_ef: Callable[[np.ndarray, int | None], float],
+    def calibrate(self, beat: PreparedBeat, measure_ef: Callable[[np.ndarray], float],
                   requests: Sequence[float] = (30.0, 70.0), gains: Sequence[float] = CALIBRATION_GAINS,
                   seed: int = 0) -> dict[float, float]:
         """Choose the beat's motion gain (``beat.gain``) so that its renderings measure the EF they are asked for.
@@ -266,8 +266,8 @@ class BeatRenderer:
         The generator's fields were learnt on CAMUS hearts; on another heart the motion it adds to the acquired beat
         (``D - S``, or ``D`` for a still) can move the measured EF by less (or more) than asked. Each gain is tried
         at each request on the beat resampled to the model grid (a few milliseconds a rendering) and measured by
-        ``measure_ef`` (a callable: (N, grid, grid) frames in [0, 1] and the output frame of end-systole
-        (:attr:`RenderedBeat.es`) -> EF in %, e.g. the segmenter on :func:`key_frames`); the gain with the smallest
+        ``measure_ef`` on the rendering's :func:`key_frames` (a callable: (K, grid, grid) frames in [0, 1] -> EF in
+        %, e.g. the segmenter's); the gain with the smallest
         mean absolute error is kept. Only the acquired frames and the instrument are used, no label: the same on any
         input.
 
@@ -284,7 +284,8 @@ class BeatRenderer:
             for ef in requests:
                 try:
                     out = self._render_fields(small, self.field(beat, ef, seed), seed, ef)
-                    err.append(abs(measure_ef(out.frames, out.es) - ef))
+                    key = key_frames(len(out.frames), out.es, beat.fps)
+                    err.append(abs(measure_ef(out.frames if key is None else out.frames[list(key)]) - ef))
                 except ValueError:
                     err.append(float("inf"))
             errors[float(gain)] = float(np.mean(err))

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..pipelines.render import beat_ef, key_frames
 from .pool import PoolBeat
 
 __all__ = ["BeatSynth", "model_version"]
@@ -51,6 +50,6 @@ class BeatSynth:
         if key not in self._prepared:  # a beat gives several cases: encode it once
             prepared = self.renderer.prepare(beat.frames, beat.mask, beat.fps, ed=0, source_ef=beat.ef, es=beat.es)
             if self.seg is not None:
-                self.renderer.calibrate(prepared, lambda g, es: beat_ef(self.seg, g, key_frames(len(g), es, beat.fps)))
+                self.renderer.calibrate(prepared, lambda g: float(self.seg.measure(g).ef))
             self._prepared[key] = (beat, prepared)
         return self.renderer.render(self._prepared[key][1], float(ef), seed=int(seed)).frames
