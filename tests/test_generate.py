@@ -407,6 +407,8 @@ def test_linear_baseline_trains_with_the_presets_schedule_and_samples_with_guida
     codec.save_pretrained(tmp_path / "vae")
     torch.manual_seed(0)
     save_generator(EchoVelocityUNet.from_preset(gen_train.train_preset("tiny").model), tmp_path / "init")
+    earlier = ["echolvfm train generator --preset tiny --out runs/first", "echolvfm train generator --out runs/init"]
+    (tmp_path / "init" / "metrics.json").write_text(json.dumps({"lineage": earlier[:1], "command": earlier[1]}))
     out = tmp_path / "linear"
     args = ["train", "generator", "--data", str(data), "--preset", "tiny", "--flow", "linear", "--out", str(out),
             "--device", "cpu", "--vae", str(tmp_path / "vae")]
@@ -420,8 +422,10 @@ def test_linear_baseline_trains_with_the_presets_schedule_and_samples_with_guida
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["objective"] == "linear" and metrics["steps"] == gen_train.train_preset("tiny").steps
     assert "--flow linear" in metrics["command"] and "--init" in metrics["command"]
+    assert metrics["lineage"] == earlier  # the commands that made the warm start, oldest first
     card = (out / "final" / "MODEL_CARD.md").read_text()
     assert "Linear flow-matching baseline" in card and "masked linear flow matching" in card
+    assert "\n".join([*earlier, metrics["command"]]) in card and "The last of the 3 training runs" in card
     with pytest.raises(ValueError, match="displacement"):
         gen_train.GeneratorTrainConfig(model=gen_train.train_preset("cpu").model, objective="linear")
 

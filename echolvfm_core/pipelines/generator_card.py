@@ -98,8 +98,8 @@ Objective: {_linear_objective(flow) if linear else _objective(flow)}{init}
 {measured}
 {realism}
 ## Training
-{metrics.get("steps")} steps, batch {cfg["batch_size"]}, AdamW lr {cfg["lr"]:g} (warm-up {cfg["warmup"]}, cosine),
-EMA {cfg["ema_decay"]:g}, seed {metrics.get("seed")}, device {metrics.get("device")},
+{_run_of(metrics)}{metrics.get("steps")} steps, batch {cfg["batch_size"]}, AdamW lr {cfg["lr"]:g}
+(warm-up {cfg["warmup"]}, cosine), EMA {cfg["ema_decay"]:g}, seed {metrics.get("seed")}, device {metrics.get("device")},
 {metrics.get("seconds", 0) / 60:.0f} min;
 final training loss {final_loss.get("loss", float("nan")):.4f} ({_loss_parts(final_loss)}).
 Configuration: `training_config.json`, flow: `flow.json`.
@@ -107,11 +107,11 @@ Configuration: `training_config.json`, flow: `flow.json`.
 ## Reproduce
 ```bash
 echolvfm prepare --camus CAMUS_DIR --out {metrics.get("data")} --loops-per-patient 4 --phantom 200 --seed 0
-{metrics.get("command")}
+{_commands(metrics)}
 ```
-then copy `OUT/final` to `assets/generator`, choose the sampling motion gain of a warp generator with
-`echolvfm calibrate-gain --prepared {metrics.get("data")}`, and run `echolvfm evaluate --prepared {metrics.get("data")}
---models assets --sections generation,realism --card --out runs/eval_generator`.
+{_lineage_note(metrics)}then copy `OUT/final` to `assets/generator`, choose the sampling motion gain of a warp
+generator with `echolvfm calibrate-gain --prepared {metrics.get("data")}`, and run `echolvfm evaluate --prepared
+{metrics.get("data")} --models assets --sections generation,realism --card --out runs/eval_generator`.
 
 ## Limits
 Trained on synthesised motion of one data set's apical 4CH views; the generated loops are synthetic, for teaching and
@@ -123,6 +123,23 @@ can sit far from the request (docs/models.md reports the built-in DICOM sample).
     path = final / "MODEL_CARD.md"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def _commands(metrics: dict) -> str:
+    """The training commands, oldest first: those that made the warm start (``lineage``), then this run's."""
+    return "\n".join([*metrics.get("lineage", []), str(metrics.get("command"))])
+
+
+def _run_of(metrics: dict) -> str:
+    n = len(metrics.get("lineage", []))
+    return f"The last of the {n + 1} training runs under Reproduce: " if n else ""
+
+
+def _lineage_note(metrics: dict) -> str:
+    if not metrics.get("lineage"):
+        return ""
+    return ("(each command after the first warm-starts, `--init`, from the `final` folder the command before it "
+            "wrote),\n")
 
 
 def realism_summary(realism: dict) -> dict:

@@ -80,6 +80,7 @@ __all__ = [
     "ClipSampler",
     "fit",
     "train",
+    "warm_start_lineage",
 ]
 
 log = logging.getLogger(__name__)
@@ -551,6 +552,16 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
     return metrics
 
 
+def warm_start_lineage(init: str | Path | None) -> list[str]:
+    """The training commands that made the ``--init`` model, oldest first: its own recorded ``lineage`` and then its
+    ``command`` (from its ``metrics.json``); empty without a warm start or when the folder has no metrics."""
+    path = None if init is None else Path(init) / "metrics.json"
+    if path is None or not path.is_file():
+        return []
+    prior = json.loads(path.read_text())
+    return [*prior.get("lineage", []), *([prior["command"]] if prior.get("command") else [])]
+
+
 def train(args: argparse.Namespace) -> int:
     """Entry point of ``echolvfm train generator``."""
     from ..data.prepared import PreparedLoops
@@ -591,7 +602,7 @@ def train(args: argparse.Namespace) -> int:
     flags += " --flow linear" if args.flow == "linear" else ""
     run = {"data": str(args.data), "preset": args.preset, "train_patients": len(set(loops.patient)),
            "command": f"echolvfm train generator --data {args.data} --preset {args.preset} --seed {args.seed}"
-                      f"{flags} --out {args.out}"}
+                      f"{flags} --out {args.out}", "lineage": warm_start_lineage(args.init)}
     metrics.update(run)
     if not accelerator.is_main_process:
         return 0
