@@ -412,7 +412,7 @@ def test_linear_baseline_trains_with_the_presets_schedule_and_samples_with_guida
     out = tmp_path / "linear"
     args = ["train", "generator", "--data", str(data), "--preset", "tiny", "--flow", "linear", "--out", str(out),
             "--device", "cpu", "--vae", str(tmp_path / "vae")]
-    assert main([*args, "--init", str(tmp_path / "init")]) == 0
+    assert main([*args, "--init", str(tmp_path / "init"), "--lr", "1e-4"]) == 0
     spec = json.loads((out / "final" / FLOW_FILE).read_text())
     assert spec["flow"] == "linear" and spec["config"]["ef_dropout"] == 0.1
     loaded = load_generator(out / "final")
@@ -421,7 +421,8 @@ def test_linear_baseline_trains_with_the_presets_schedule_and_samples_with_guida
     assert cf.steps == 25 and cf.frames.shape == (1, 6, 112, 112)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["objective"] == "linear" and metrics["steps"] == gen_train.train_preset("tiny").steps
-    assert "--flow linear" in metrics["command"] and "--init" in metrics["command"]
+    assert all(flag in metrics["command"] for flag in ("--flow linear", "--init", "--lr 0.0001"))
+    assert json.loads((out / "final" / "training_config.json").read_text())["lr"] == 1e-4
     assert metrics["lineage"] == earlier  # the commands that made the warm start, oldest first
     card = (out / "final" / "MODEL_CARD.md").read_text()
     assert "Linear flow-matching baseline" in card and "masked linear flow matching" in card

@@ -12,7 +12,7 @@ def test_warmup_cosine_known_points():
     assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
 
 
-def test_preset_from_args_overrides_only_the_steps():
+def test_preset_from_args_overrides_only_the_steps_and_the_learning_rate():
     from argparse import Namespace
 
     from echolvfm_core.training.common import preset_from_args
@@ -20,8 +20,11 @@ def test_preset_from_args_overrides_only_the_steps():
 
     base = train_preset("cpu")
     assert preset_from_args(train_preset, Namespace(preset="cpu", steps=None)) == base
+    assert preset_from_args(train_preset, Namespace(preset="cpu", steps=None, lr=None)) == base
     cfg = preset_from_args(train_preset, Namespace(preset="cpu", steps=7))
     assert cfg.steps == 7 and cfg.batch_size == base.batch_size and cfg.flow == base.flow
+    cfg = preset_from_args(train_preset, Namespace(preset="cpu", steps=None, lr=5e-5))
+    assert cfg.lr == 5e-5 and cfg.steps == base.steps and cfg.flow == base.flow
 
 
 def test_cpu_meanflow_preset_trains_the_meanflow_term_on_the_bundled_warp_network():

@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                  "on the same data and schedule (EF dropout for classifier-free guidance)")
             mp.add_argument("--init", default=None,
                             help="warm start: a saved generator folder whose matching weights initialise the network")
+            mp.add_argument("--lr", type=float, default=None,
+                            help="override the preset's peak learning rate (e.g. a lower one to continue a warm start)")
         if name == "ef-regressor":
             mp.add_argument("--backbone", default="r2plus1d", choices=("r2plus1d", "jepa"),
                             help="video backbone: a (2+1)D CNN trained with the regressor, or the EchoJEPA encoder "

@@ -203,6 +203,11 @@ def warmup_cosine(warmup: int, steps: int, floor: float = 0.05):
 
 def preset_from_args(train_preset, args):
     """The training configuration of ``echolvfm train``: preset ``args.preset`` (looked up with ``train_preset``),
-    with ``args.steps`` replacing its number of steps when given."""
+    with ``args.steps`` and ``args.lr`` (where the command has it) replacing its number of steps and peak learning
+    rate when given."""
     cfg = train_preset(args.preset)
-    return replace(cfg, steps=int(args.steps)) if args.steps is not None else cfg
+    if args.steps is not None:
+        cfg = replace(cfg, steps=int(args.steps))
+    if getattr(args, "lr", None) is not None:
+        cfg = replace(cfg, lr=float(args.lr))
+    return cfg

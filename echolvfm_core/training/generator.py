@@ -597,8 +597,8 @@ def train(args: argparse.Namespace) -> int:
     deformations = [train_ds.deformation(k) for k in range(len(train_ds))] if supervise_motion else None
     metrics = fit(loops, cfg, out, codec=codec, seed=args.seed, device=args.device, resume=args.resume, preview=preview,
                   deformations=deformations, init=args.init)
-    flags = "".join(f" --{name} {value}" for name, value in (("steps", args.steps), ("vae", args.vae),
-                                                              ("init", args.init)) if value is not None)
+    overrides = (("steps", args.steps), ("lr", args.lr), ("vae", args.vae), ("init", args.init))
+    flags = "".join(f" --{name} {value}" for name, value in overrides if value is not None)
     flags += " --flow linear" if args.flow == "linear" else ""
     run = {"data": str(args.data), "preset": args.preset, "train_patients": len(set(loops.patient)),
            "command": f"echolvfm train generator --data {args.data} --preset {args.preset} --seed {args.seed}"
