@@ -3,6 +3,7 @@ known-answer checks with an oracle velocity, sampling determinism, CFG, observat
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from echolvfm_core.flows import (
     PATTERNS,
     Conditioning,
     LinearFlow,
+    LinearFlowConfig,
     MeanFlow,
     MeanFlowConfig,
     ObservationConfig,
@@ -419,6 +421,7 @@ class WarpNet(nn.Module):
     def __init__(self, residual: torch.Tensor, disp: torch.Tensor):
         super().__init__()
         self.register_buffer("out", torch.cat([residual, disp / MeanFlowConfig().displacement_gain], 1))
+        self.config = SimpleNamespace(displacement_channels=2)
 
     def forward(self, z, t, h, ef, cond, frame_mask, ef_drop=None):
         return self.out.repeat(z.shape[0] // self.out.shape[0], 1, 1, 1, 1)
@@ -621,3 +624,54 @@ def test_linear_flow_training_steps_lower_the_loss_on_a_fixed_batch():
         loss().backward()
         optimizer.step()
     assert 0 < float(loss()) < 0.8 * before  # a squared error, lowered
+
+
+def test_linear_flow_with_warp_prediction_integrates_to_the_warped_anchor():
+    """The baseline can share the one-step model's output: a network whose clean estimate is the anchor moved by a
+    fixed field plus a residual is integrated from noise to exactly that estimate, with and without guidance."""
+    from echolvfm_core.flows.base import anchor_latents, warp_latents
+
+    batch = _batch()
+    b, c, t, h, w = batch.x.shape
+    disp = torch.zeros(b, 2, t, h, w)
+    disp[:, 0] = -0.5
+    residual = torch.randn(b, c, t, h, w, generator=torch.Generator().manual_seed(1)) * 0.1
+    frames = lambda v: v.transpose(1, 2).reshape(b * t, -1, h, w)  # noqa: E731
+    moved = warp_latents(frames(anchor_latents(batch.cond)), frames(disp)).reshape(b, t, c, h, w).transpose(1, 2)
+    expected = (moved + residual) * batch.cond.frame_mask[:, None, :, None, None]
+    flow = LinearFlow(WarpNet(residual, disp), prediction="warp", residual=True)
+    for solver, guidance in (("euler", 1.0), ("midpoint", 2.0)):
+        got = flow.sample(batch.cond, steps=10, solver=solver, guidance=guidance,
+                          generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        LinearFlowConfig(prediction="warp")
+    with pytest.raises(ValueError, match="displacement_weight"):
+        LinearFlowConfig(displacement_weight=1.0)
+    with pytest.raises(ValueError, match="displacement output"):
+        LinearFlow(ConvNet(), prediction="warp", residual=True)
+
+
+def test_linear_flow_with_warp_prediction_learns_on_a_fixed_batch_with_its_motion_supervised():
+    torch.manual_seed(0)
+    net = EchoVelocityUNet.from_preset("tiny", max_frames=8, displacement_channels=2, context_channels=4)
+    batch = _batch(hw=8)
+    b, _, t, h, w = batch.x.shape
+    motion = torch.randn(b, 2, t, h, w, generator=torch.Generator().manual_seed(2)) * 0.5
+    supervised = VideoBatch(batch.x, batch.cond, motion, torch.tensor([True, False, True]))
+    flow = LinearFlow(net, prediction="warp", residual=True, displacement_weight=1.0, ef_dropout=0.5)
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+
+    def loss():
+        return flow(supervised, generator=torch.Generator().manual_seed(0))
+
+    first = loss()
+    assert set(first.parts) == {"mse", "disp"}
+    torch.testing.assert_close(first.loss, first.parts["mse"] + first.parts["disp"])
+    for _ in range(25):
+        optimizer.zero_grad()
+        loss().loss.backward()
+        optimizer.step()
+    last = loss()
+    assert float(last.parts["mse"]) < 0.9 * float(first.parts["mse"])
+    assert float(last.parts["disp"]) < 0.8 * float(first.parts["disp"])

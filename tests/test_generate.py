@@ -488,3 +488,14 @@ def test_model_card_shows_the_realism_of_rendered_counterfactuals(tmp_path):
     assert "| frame-to-frame change | 0.86 | 0.86 | 0.8-1.25 |" in card and "accuracy 0.694 (95 % interval" in card
     row = "| color3d | 120 frames, 30 fps, 513 px | 3 (lv_area) | 1.04 / 0.99 / 0.86 / 1.00 | 27.8 / 50.5 / - |"
     assert row in card
+
+
+def test_linear_baseline_shares_the_one_step_models_output_parameterisation():
+    """A "warp" run's baseline predicts through the same warp, with the same network and motion supervision; a
+    velocity run's baseline is a plain velocity network."""
+    warp = gen_train.as_linear_baseline(gen_train.train_preset("cpu_meanflow"))
+    assert warp.objective == "linear" and warp.model == gen_train.train_preset("cpu_meanflow").model
+    assert (warp.linear.prediction, warp.linear.residual, warp.linear.displacement_weight) == ("warp", True, 3.0)
+    assert warp.linear.ef_dropout == 0.1
+    plain = gen_train.as_linear_baseline(gen_train.train_preset("tiny"))
+    assert plain.model.displacement_channels == 0 and plain.linear.prediction == "u"

@@ -229,6 +229,26 @@ def network_context(net, cond: Conditioning, anchor: torch.Tensor | None = None)
     return {}
 
 
+#: Smallest t in a clean-estimate prediction's velocity ``u = (z_t - x_hat) / t``.
+PREDICTION_T_MIN = 1e-2
+
+
+def warp_estimate(out: torch.Tensor, anchor: torch.Tensor, gain: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean estimate of a "warp" network output ``out`` (B, C + 2, T, h, w), in the residual's frame: the anchor
+    (B, C, T, h, w) moved by the displacement channels (times ``gain``, latent pixels) plus the residual channels,
+    minus the anchor. Returns ``(x_hat, displacement (B, 2, T, h, w))``."""
+    b, c, frames, h, w = anchor.shape
+    frame_anchor = anchor.transpose(1, 2).reshape(b * frames, c, h, w)
+    disp = out[:, c:].transpose(1, 2).reshape(b * frames, 2, h, w) * gain
+    moved = warp_latents(frame_anchor, disp).reshape(b, frames, c, h, w).transpose(1, 2)
+    return moved - anchor + out[:, :c], disp.reshape(b, frames, 2, h, w).transpose(1, 2)
+
+
+def velocity_from_estimate(z: torch.Tensor, x_hat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The velocity ``(z_t - x_hat) / t`` (t (B,) clamped at :data:`PREDICTION_T_MIN`) that a clean estimate means."""
+    return (z - x_hat) / t.clamp_min(PREDICTION_T_MIN)[:, None, None, None, None]
+
+
 def warp_latents(src: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
     """Bilinear backward warp of ``src`` (N, C, H, W) by ``disp`` (N, 2, H, W) in pixels (channel 0: x, 1: y):
     ``out[..., i, j] = src at (i + disp_y, j + disp_x)``, sampling positions clamped to the border.

@@ -48,7 +48,8 @@ from .base import (
     network_context,
     per_video_mse,
     sample_logit_normal,
-    warp_latents,
+    velocity_from_estimate,
+    warp_estimate,
 )
 
 __all__ = ["MeanFlow", "MeanFlowConfig"]
@@ -56,8 +57,6 @@ __all__ = ["MeanFlow", "MeanFlowConfig"]
 RECON_ON = ("instantaneous", "all", "one_step")
 PREDICTIONS = ("u", "x", "warp")
 TANGENTS = ("conditional", "predicted")
-#: Smallest t in the "x" prediction's ``u = (z_t - x_hat) / t``.
-PREDICTION_T_MIN = 1e-2
 
 
 @dataclass(frozen=True)
@@ -214,21 +213,15 @@ class MeanFlow(nn.Module):
             anchor = anchor_latents(cond)
         context = network_context(self.net, cond, anchor)
         prediction = self.config.prediction
-        if prediction == "warp":
-            b, c, frames, h, w = anchor.shape
-            frame_anchor = anchor.transpose(1, 2).reshape(b * frames, c, h, w)
 
         def fn(z, r, t):
             out = self.net(z, t, t - r, cond.ef, cond.cond, cond.frame_mask, **context)
             if prediction == "warp":
-                disp = out[:, c:].transpose(1, 2).reshape(b * frames, 2, h, w) * (self.config.displacement_gain
-                                                                                   * motion_gain)
-                moved = warp_latents(frame_anchor, disp).reshape(b, frames, c, h, w).transpose(1, 2)
-                out = moved - anchor + out[:, :c]
+                out, disp = warp_estimate(out, anchor, self.config.displacement_gain * motion_gain)
             if prediction in ("x", "warp"):
-                out = (z - out) / t.clamp_min(PREDICTION_T_MIN)[:, None, None, None, None]
+                out = velocity_from_estimate(z, out, t)
             if with_displacement:
-                return out, disp.reshape(b, frames, 2, h, w).transpose(1, 2)
+                return out, disp
             return out
 
         return fn

@@ -63,7 +63,8 @@ Paper targets (GPU-trained, EchoNet-Dynamic): Rec R^2 >= 0.6 and MAE <= 7, Gen M
                 f"to {model['max_frames']} frames) and a requested EF, 25 midpoint steps (50 network evaluations, "
                 f"twice that with classifier-free guidance) return the latents of the whole loop")
         options = f'residual {flow["residual"]} (the flow carries each frame\'s difference from the observed frames ' \
-                  f'interpolated in time), EF dropout {flow["ef_dropout"]:g}'
+                  f'interpolated in time), prediction "{flow.get("prediction", "u")}", ' \
+                  f'EF dropout {flow["ef_dropout"]:g}'
     else:
         kind = ("One-step generator trained by regression (it runs the MeanFlow sampler, but its objective has no "
                 "MeanFlow term)" if flow.get("mf_weight", 1.0) == 0 else "One-step latent MeanFlow generator")
@@ -228,8 +229,16 @@ def _spread_and_baseline(gen: dict) -> str:
 
 def _linear_objective(flow: dict) -> str:
     """The training objective of a saved linear flow configuration, for the model card."""
-    return (f"masked linear flow matching (the instantaneous velocity, time logit-normal mean {flow['time_mean']:g}), "
+    text = (f"masked linear flow matching (the instantaneous velocity, time logit-normal mean {flow['time_mean']:g}), "
             f"the EF replaced by the learned null embedding in {flow['ef_dropout']:.0%} of clips.")
+    if flow.get("prediction") == "warp":
+        text += (" The velocity is read from a clean estimate, the observed frames' anchor moved by the network's "
+                 "displacement field plus its residual, as in the one-step model.")
+    if flow.get("displacement_weight", 0.0):
+        text += (f" The displacement field is also supervised (weight {flow['displacement_weight']:g}, squared error "
+                 f"in latent pixels) by the registration field each CAMUS loop was rendered with, on clips with one "
+                 f"observed frame.")
+    return text
 
 
 def _objective(flow: dict) -> str:

@@ -136,18 +136,26 @@ class GeneratorTrainConfig:
     def __post_init__(self) -> None:
         if self.objective not in FLOWS:
             raise ValueError(f"objective must be one of {FLOWS}; got {self.objective!r}.")
-        if self.objective == "linear" and self.model.displacement_channels:
-            raise ValueError("The linear baseline predicts a velocity: its network has no displacement output.")
+        if self.objective == "linear" and bool(self.model.displacement_channels) != (self.linear.prediction == "warp"):
+            raise ValueError("The linear baseline's network has a displacement output exactly when it predicts "
+                             "through a warp (prediction 'warp').")
 
 
 def as_linear_baseline(cfg: GeneratorTrainConfig, ef_dropout: float = 0.1) -> GeneratorTrainConfig:
-    """The linear flow-matching baseline of a MeanFlow run: the same data, clips, schedule and network (without the
-    displacement output, which only MeanFlow's "warp" prediction reads), the same residual flow and observed-frame
-    weight, with the EF dropped for ``ef_dropout`` of clips so that sampling can use classifier-free guidance."""
-    return dataclasses.replace(
-        cfg, objective="linear", model=dataclasses.replace(cfg.model, displacement_channels=0),
-        linear=LinearFlowConfig(residual=cfg.flow.residual, ef_dropout=ef_dropout,
-                                observed_weight=cfg.flow.observed_weight))
+    """The linear flow-matching baseline of a MeanFlow run: the same data, clips, schedule and network, the same
+    residual flow, observed-frame weight and output parameterisation (a "warp" run's baseline predicts through the
+    same warp of the observed frames, its displacement field supervised with the same weight; any other prediction
+    becomes a plain velocity output, without the displacement channels), with the EF dropped for ``ef_dropout`` of
+    clips so that sampling can use classifier-free guidance."""
+    flow = cfg.flow
+    if flow.prediction == "warp":
+        linear = LinearFlowConfig(residual=True, ef_dropout=ef_dropout, observed_weight=flow.observed_weight,
+                                  prediction="warp", displacement_gain=flow.displacement_gain,
+                                  displacement_weight=flow.displacement_weight)
+        return dataclasses.replace(cfg, objective="linear", linear=linear)
+    linear = LinearFlowConfig(residual=flow.residual, ef_dropout=ef_dropout, observed_weight=flow.observed_weight)
+    return dataclasses.replace(cfg, objective="linear", model=dataclasses.replace(cfg.model, displacement_channels=0),
+                               linear=linear)
 
 
 TRAIN_PRESETS = {
@@ -498,7 +506,7 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
         averaged = ema_weights(ema, net)
         return LinearFlow(averaged, cfg.linear) if linear else MeanFlow(averaged, cfg.flow)
 
-    supervise_motion = not linear and cfg.flow.displacement_weight > 0
+    supervise_motion = (cfg.linear if linear else cfg.flow).displacement_weight > 0
     sampler = ClipSampler(loops, cfg.observation, cfg.counterfactual_prob, cfg.random_start_prob, cfg.whole_cycle_prob,
                           deformations if supervise_motion else None)
     per_process = max(1, cfg.batch_size // accelerator.num_processes)
@@ -593,7 +601,7 @@ def train(args: argparse.Namespace) -> int:
                    if len(valid_ds) else None)
     log.info("training loops: %d (%d patients); preview loops: %d", len(loops), len(set(loops.patient)),
              len(preview) if preview is not None else 0)
-    supervise_motion = cfg.objective == "meanflow" and cfg.flow.displacement_weight > 0
+    supervise_motion = (cfg.linear if cfg.objective == "linear" else cfg.flow).displacement_weight > 0
     deformations = [train_ds.deformation(k) for k in range(len(train_ds))] if supervise_motion else None
     metrics = fit(loops, cfg, out, codec=codec, seed=args.seed, device=args.device, resume=args.resume, preview=preview,
                   deformations=deformations, init=args.init)
