@@ -15,7 +15,8 @@
    frame's scale, relative to the observed frame's) for the flow's ``displacement_weight``.
 3. Objective: masked MeanFlow (:class:`~echolvfm_core.flows.MeanFlow`), or with ``--flow linear`` the masked
    linear flow-matching baseline (:class:`~echolvfm_core.flows.LinearFlow`, EF dropout for classifier-free guidance,
-   same data, schedule and network without the displacement output; :func:`as_linear_baseline`), through
+   same data, schedule, network and output parameterisation, the "warp" one included; :func:`as_linear_baseline`),
+   through
    accelerate (CPU, one GPU, or ``accelerate launch --multi_gpu -m echolvfm_core.cli train generator ...``), bf16
    on GPU, AdamW with warm-up
    and cosine decay, gradient clipping, an EMA copy of the weights (what is saved), checkpoint / resume, tqdm with
