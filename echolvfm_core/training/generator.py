@@ -16,11 +16,10 @@
 3. Objective: masked MeanFlow (:class:`~echolvfm_core.flows.MeanFlow`), or with ``--flow linear`` the masked
    linear flow-matching baseline (:class:`~echolvfm_core.flows.LinearFlow`, EF dropout for classifier-free guidance,
    same data, schedule, network and output parameterisation, the "warp" one included; :func:`as_linear_baseline`),
-   through
-   accelerate (CPU, one GPU, or ``accelerate launch --multi_gpu -m echolvfm_core.cli train generator ...``), bf16
-   on GPU, AdamW with warm-up
-   and cosine decay, gradient clipping, an EMA copy of the weights (what is saved), checkpoint / resume, tqdm with
-   the loss parts, and PNG sample grids (observed frame, real loop, generated loop) decoded with the codec.
+   through accelerate (CPU, one GPU, or ``accelerate launch --multi_gpu -m echolvfm_core.cli train generator
+   ...``), bf16 on GPU, AdamW with warm-up and cosine decay, gradient clipping, an EMA copy of the weights (what is
+   saved), checkpoint / resume, tqdm with the loss parts, and PNG sample grids (observed frame, real loop, generated
+   loop) decoded with the codec.
 
 ``--init DIR`` warm-starts the network from a saved generator (every weight whose name and shape match; the rest
 keeps its initialisation). The final EMA model goes to ``DIR/final`` (``save_pretrained`` + ``flow.json`` ("meanflow"
