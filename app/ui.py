@@ -7,6 +7,7 @@ line instead of thrashing the CPU. Other tabs (the quiz, its results) are added 
 """
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -59,14 +60,28 @@ HEAD = """<script>
 </script>"""
 
 
+def generator_kind(engine: StudioEngine) -> str:
+    """What the bundled generator is, as its saved training configuration says."""
+    path = engine.model_dir("generator") / "training_config.json"
+    if not path.is_file():
+        return "a one-step generator"
+    cfg = json.loads(path.read_text())
+    if cfg.get("objective") == "linear":
+        return "a linear flow-matching generator (the bundled one is the 25-step baseline, as its card below says)"
+    if cfg.get("flow", {}).get("mf_weight", 1.0) == 0:
+        return ("a one-step generator (it runs the MeanFlow sampler; the bundled one was trained by regression of the "
+                "one-step sample, as its card below says)")
+    return ("a one-step latent MeanFlow generator (the bundled one was trained with the MeanFlow objective, as its "
+            "card below says)")
+
+
 def about_markdown(engine: StudioEngine) -> str:
     """The About panel: what the model is, its training data, measured EF adherence (from the bundled model cards,
     or their ``metrics.json`` when a card is missing), and the synthetic-data warning."""
     parts = [
         "## About EchoLVFM Studio",
         "**What the model is.** EchoLVFM is a latent video generative model: a video autoencoder compresses the "
-        "echo loop into a small latent video, and a one-step generator (it runs the MeanFlow sampler; the bundled one "
-        "was trained by regression of the one-step sample, as its card below says), conditioned on a target ejection "
+        f"echo loop into a small latent video, and {generator_kind(engine)}, conditioned on a target ejection "
         "fraction and on the frames of the original that you choose to keep (end-diastole by default), produces "
         "the latent of the same heart beating at that EF; the decoder turns it back into a loop. The EF of every "
         "generated loop is measured back by two independent instruments: an LV segmenter with the area-length "

@@ -133,6 +133,14 @@ def test_about_reads_model_cards_and_metrics(tmp_path):
     assert "#### Data\nCAMUS valid split" in about and "# LV segmenter\n" not in about  # title dropped
     assert "| ef_adherence.mae | 4.25 |" in about and "history" not in about
     assert about.count("Not trained yet") == 2
+    assert "and a one-step generator, conditioned" in about  # no training configuration: nothing claimed
+    kinds = {'{"flow": {"mf_weight": 1.0}}': "trained with the MeanFlow objective",
+             '{"flow": {"mf_weight": 0.0}}': "trained by regression of the one-step sample",
+             '{"objective": "linear", "flow": {}}': "the 25-step baseline"}
+    for config, phrase in kinds.items():
+        (tmp_path / "generator" / "training_config.json").write_text(config)
+        about = about_markdown(StudioEngine(tmp_path, device="cpu"))
+        assert phrase in about and sum(p in about for p in kinds.values()) == 1
 
 
 def test_a_failed_load_keeps_the_last_case_and_lets_go_of_its_arrays(loaded, tmp_path, sample_path, monkeypatch):
