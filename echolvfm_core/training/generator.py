@@ -161,18 +161,18 @@ def as_linear_baseline(cfg: GeneratorTrainConfig, ef_dropout: float = 0.1) -> Ge
 TRAIN_PRESETS = {
     "demo": GeneratorTrainConfig(),
     "paper": GeneratorTrainConfig(model=unet_preset("paper"), steps=100000, lr=1e-4, sample_every=5000),
-    # The bundled model when no GPU is lent: the demo network on two idle CPU cores for about 40 minutes.
-    # The flow carries the motion relative to the observed frames (residual), the network sees the anchor at every
-    # frame (context channels) and moves it by a displacement field (prediction "warp"), so the anatomy needs no
-    # learning. The MeanFlow objective did not learn the EF-dependent motion on the CPU: ten runs of up to 1100 steps
-    # gave still hearts at every requested EF (docs/models.md). This preset therefore trains the one-step sample
-    # alone, by regression onto the data (the reconstruction regulariser at (r, t) = (0, 1), no MeanFlow term), which
-    # learns the expected loop given the observed frames and the EF: a close to deterministic generator. Most clips
-    # hold a whole cycle from ED with ED observed (the app's default and the evaluation's protocol), so the clip
-    # length fixes the timing of systole; clips have at most 16 frames (half the work of 32; the app shows 16-frame
-    # loops with this model). The displacement field is also supervised by the registration field each CAMUS loop
-    # was rendered with (displacement_weight): trained on the image error alone, the field stayed too small (the
-    # error of warping the anchor by the true field, 0.13, is above what a blurred loop reaches, 0.10).
+    # The regression the bundled model starts from (the model bundled before issue 27): the demo network on two idle CPU
+    # cores for about 40 minutes. The flow carries the motion relative to the observed frames (residual), the network
+    # sees the anchor at every frame (context channels) and moves it by a displacement field (prediction "warp"), so the
+    # anatomy needs no learning. From scratch, the MeanFlow objective did not learn the EF-dependent motion on the CPU:
+    # ten runs of up to 1100 steps gave still hearts at every requested EF (docs/models.md). This preset therefore
+    # trains the one-step sample alone, by regression onto the data (the reconstruction regulariser at (r, t) = (0, 1),
+    # no MeanFlow term), which learns the expected loop given the observed frames and the EF: a close to deterministic
+    # generator. Most clips hold a whole cycle from ED with ED observed (the app's default and the evaluation's
+    # protocol), so the clip length fixes the timing of systole; clips have at most 16 frames (half the work of 32; the
+    # app shows 16-frame loops with this model). The displacement field is also supervised by the registration field
+    # each CAMUS loop was rendered with (displacement_weight): trained on the image error alone, the field stayed too
+    # small (the error of warping the anchor by the true field, 0.13, is above what a blurred loop reaches, 0.10).
     "cpu": GeneratorTrainConfig(model=dataclasses.replace(unet_preset("demo"), context_channels=4,
                                                           displacement_channels=2, max_frames=16),
                                 steps=3000, batch_size=8, lr=4e-4, warmup=100, ema_decay=0.995, whole_cycle_prob=0.9,
@@ -183,14 +183,15 @@ TRAIN_PRESETS = {
                                                     mf_weight=0.0, recon_weight=1.0, recon_on="one_step",
                                                     displacement_weight=3.0)),
     # The one-step generator trained with the MeanFlow objective on two CPU cores, warm-started from the cpu preset's
-    # regression (`--init assets/generator`; same network, so the motion it learnt is kept). Half of the steps are
+    # regression (`--init DIR`; same network, so the motion it learnt is kept). Half of the steps are
     # MeanFlow steps (JVP target with stop-gradient; tangent from the network's own instantaneous velocity, Improved
     # Mean Flows; adaptive weighting p = 0.5; half of their clips at r < t, the intervals growing from short to full
     # over the first 500 steps; a quarter of their clips at the one-step interval (0, 1) with the reconstruction
     # regulariser on them), the other half masked linear flow matching (r = t); the displacement field stays
-    # supervised by the registration field. 26 min with one thread on two shared cores; its numbers (not bundled: it
-    # misses the Rec targets) are in docs/models.md. `echolvfm train generator --flow linear` with this preset trains
-    # the linear baseline on the same data and schedule. The demo preset is the GPU schedule.
+    # supervised by the registration field. 25 min with one thread on two shared cores. The bundled generator is two
+    # such runs in a row from the regression (its card lists the commands); every run and its numbers are in
+    # docs/models.md. `echolvfm train generator --flow linear` with this preset trains the linear baseline on the same
+    # data, schedule and warp output. The demo preset is the GPU schedule.
     "cpu_meanflow": GeneratorTrainConfig(
         model=dataclasses.replace(unet_preset("demo"), context_channels=4, displacement_channels=2, max_frames=16),
         steps=1000, batch_size=8, lr=2e-4, warmup=100, ema_decay=0.995, whole_cycle_prob=0.9, checkpoint_every=100,
