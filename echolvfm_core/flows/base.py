@@ -249,6 +249,14 @@ def velocity_from_estimate(z: torch.Tensor, x_hat: torch.Tensor, t: torch.Tensor
     return (z - x_hat) / t.clamp_min(PREDICTION_T_MIN)[:, None, None, None, None]
 
 
+def displacement_error(disp: torch.Tensor, batch: VideoBatch) -> torch.Tensor:
+    """Mean squared error (latent pixels^2, per clip over its real frames) of a displacement field (B, 2, T, h, w)
+    against the batch's known motion, over the clips that know it (``batch.displacement_known``)."""
+    known = batch.displacement_known.to(disp.dtype)
+    err = per_video_mse(disp, batch.displacement, frame_weights(batch.cond))
+    return (err * known).sum() / known.sum().clamp_min(1.0)
+
+
 def warp_latents(src: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
     """Bilinear backward warp of ``src`` (N, C, H, W) by ``disp`` (N, 2, H, W) in pixels (channel 0: x, 1: y):
     ``out[..., i, j] = src at (i + disp_y, j + disp_x)``, sampling positions clamped to the border.

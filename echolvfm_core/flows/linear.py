@@ -21,6 +21,7 @@ from .base import (
     FlowLoss,
     VideoBatch,
     anchor_latents,
+    displacement_error,
     frame_weights,
     initial_noise,
     network_context,
@@ -110,9 +111,7 @@ class LinearFlow(nn.Module):
         loss = per_video_mse(u, eps - x, frame_weights(cond, cfg.observed_weight)).mean()
         parts = {"mse": loss.detach()}
         if cfg.displacement_weight > 0 and batch.displacement is not None:
-            known = batch.displacement_known.to(x.dtype)
-            err = per_video_mse(disp, batch.displacement, frame_weights(cond))
-            loss_disp = (err * known).sum() / known.sum().clamp_min(1.0)
+            loss_disp = displacement_error(disp, batch)
             loss = loss + cfg.displacement_weight * loss_disp
             parts["disp"] = loss_disp.detach()
         return FlowLoss(loss, parts)

@@ -43,6 +43,7 @@ from .base import (
     FlowLoss,
     VideoBatch,
     anchor_latents,
+    displacement_error,
     frame_weights,
     initial_noise,
     network_context,
@@ -284,9 +285,7 @@ class MeanFlow(nn.Module):
             loss = loss + cfg.recon_weight * loss_rec
             parts["recon"] = loss_rec.detach()
         if supervise_motion:
-            known = batch.displacement_known.to(x.dtype)
-            err = per_video_mse(disp, batch.displacement, frame_weights(cond))
-            loss_disp = (err * known).sum() / known.sum().clamp_min(1.0)
+            loss_disp = displacement_error(disp, batch)
             loss = loss + cfg.displacement_weight * loss_disp
             parts["disp"] = loss_disp.detach()
         return FlowLoss(loss, parts)
