@@ -117,12 +117,15 @@ class LinearFlow(nn.Module):
         return FlowLoss(loss, parts)
 
     def velocity(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: float = 1.0,
-                 context: dict | None = None) -> torch.Tensor:
+                 context: dict | None = None, anchor: torch.Tensor | None = None) -> torch.Tensor:
         """Instantaneous velocity (B, C, T, h, w) at z, t (B,); with guidance != 1 a conditional + null EF batch.
 
-        ``context``: :func:`~echolvfm_core.flows.base.network_context` of ``cond`` when the caller has it.
+        ``context`` and ``anchor``: :func:`~echolvfm_core.flows.base.network_context` and
+        :func:`~echolvfm_core.flows.base.anchor_latents` of ``cond`` when the caller has them (a sampler computes
+        them once, not at every step).
         """
-        anchor = anchor_latents(cond) if self.config.residual else None
+        if anchor is None and self.config.residual:
+            anchor = anchor_latents(cond)
         if context is None:
             context = network_context(self.net, cond, anchor)
         if guidance == 1.0:
@@ -162,9 +165,9 @@ class LinearFlow(nn.Module):
         times = torch.linspace(1.0, 0.0, steps + 1, device=z.device, dtype=z.dtype)
         for i in range(steps):
             t, dt = times[i], times[i + 1] - times[i]  # dt < 0
-            v = self.velocity(z, t.expand(n), cond, guidance, context)
+            v = self.velocity(z, t.expand(n), cond, guidance, context, anchor)
             if solver == "midpoint":
-                v = self.velocity(z + 0.5 * dt * v, (t + 0.5 * dt).expand(n), cond, guidance, context)
+                v = self.velocity(z + 0.5 * dt * v, (t + 0.5 * dt).expand(n), cond, guidance, context, anchor)
             z = z + dt * v
         if anchor is not None:
             z = z + anchor
