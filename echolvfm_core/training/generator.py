@@ -140,6 +140,11 @@ class GeneratorTrainConfig:
             raise ValueError("The linear baseline's network has a displacement output exactly when it predicts "
                              "through a warp (prediction 'warp').")
 
+    @property
+    def supervises_motion(self) -> bool:
+        """Whether the objective's displacement field is supervised by the clips' known motion."""
+        return (self.linear if self.objective == "linear" else self.flow).displacement_weight > 0
+
 
 def as_linear_baseline(cfg: GeneratorTrainConfig, ef_dropout: float = 0.1) -> GeneratorTrainConfig:
     """The linear flow-matching baseline of a MeanFlow run: the same data, clips, schedule and network, the same
@@ -507,9 +512,8 @@ def fit(loops: LatentLoops, cfg: GeneratorTrainConfig, out: Path, codec=None, se
         averaged = ema_weights(ema, net)
         return LinearFlow(averaged, cfg.linear) if linear else MeanFlow(averaged, cfg.flow)
 
-    supervise_motion = (cfg.linear if linear else cfg.flow).displacement_weight > 0
     sampler = ClipSampler(loops, cfg.observation, cfg.counterfactual_prob, cfg.random_start_prob, cfg.whole_cycle_prob,
-                          deformations if supervise_motion else None)
+                          deformations if cfg.supervises_motion else None)
     per_process = max(1, cfg.batch_size // accelerator.num_processes)
     preview_batch = _preview_batch(preview if preview is not None and len(preview) else loops, cfg)
     parts_log: list[dict[str, float]] = []
@@ -602,8 +606,7 @@ def train(args: argparse.Namespace) -> int:
                    if len(valid_ds) else None)
     log.info("training loops: %d (%d patients); preview loops: %d", len(loops), len(set(loops.patient)),
              len(preview) if preview is not None else 0)
-    supervise_motion = (cfg.linear if cfg.objective == "linear" else cfg.flow).displacement_weight > 0
-    deformations = [train_ds.deformation(k) for k in range(len(train_ds))] if supervise_motion else None
+    deformations = [train_ds.deformation(k) for k in range(len(train_ds))] if cfg.supervises_motion else None
     metrics = fit(loops, cfg, out, codec=codec, seed=args.seed, device=args.device, resume=args.resume, preview=preview,
                   deformations=deformations, init=args.init)
     overrides = (("steps", args.steps), ("lr", args.lr), ("vae", args.vae), ("init", args.init))
