@@ -38,6 +38,20 @@ def test_cpu_meanflow_preset_trains_the_meanflow_term_on_the_bundled_warp_networ
     assert cfg.model == train_preset("cpu").model and cfg.model.displacement_channels == 2
 
 
+def test_cpu_meanflow_recon_half_preset_halves_only_the_regulariser():
+    """The continuation preset keeps the MeanFlow objective, the displacement supervision and the network of
+    cpu_meanflow (so it warm-starts from one of its results) and halves the one-step reconstruction regulariser, the
+    term that pulls every noise draw onto the training loop."""
+    import dataclasses
+
+    from echolvfm_core.training.generator import train_preset
+
+    base, half = train_preset("cpu_meanflow"), train_preset("cpu_meanflow_recon_half")
+    assert half.model == base.model and half.flow.mf_weight == base.flow.mf_weight > 0
+    assert half.flow.recon_weight == base.flow.recon_weight / 2
+    assert dataclasses.replace(half.flow, recon_weight=base.flow.recon_weight) == base.flow
+
+
 def _linear_run(out, steps: int, stop_after: int | None = None, resume: bool = False, decay: float = 0.9):
     """A one-weight model trained by TrainingRun with an EMA; stops early after ``stop_after`` steps (a crash)."""
     import torch
