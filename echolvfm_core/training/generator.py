@@ -1,5 +1,5 @@
 """Train the one-step generator: ``echolvfm train generator --data PREPARED --out DIR [--preset NAME] [--vae DIR]
-[--init DIR] [--flow meanflow|linear]``, NAME one of demo, paper, cpu, cpu_meanflow, cpu_meanflow_recon_half, tiny.
+[--init DIR] [--flow meanflow|linear]``, NAME a key of ``TRAIN_PRESETS`` (below).
 
 1. Latents: every prepared loop is encoded once with the codec (``--vae``, default ``assets/vae``) and cached in
    ``DIR/latents_<split>.pt`` (float16; reused while the data folder and the codec are unchanged), so training
